@@ -1,0 +1,69 @@
+"""A tiny IR of an ONNX graph: nodes in topological order, parameters, static constants, inputs, outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape (None or a string for a symbolic dimension) and numpy dtype of a graph tensor."""
+
+    name: str
+    shape: tuple[int | str | None, ...] | None
+    dtype: np.dtype
+
+
+@dataclass
+class Node:
+    """One ONNX node with its attributes already turned into Python values (tensors as numpy arrays)."""
+
+    name: str
+    op_type: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any]
+    domain: str = ""
+
+
+@dataclass
+class Model:
+    """A loaded ONNX model.
+
+    `params` are the float tensors the forward pass is differentiable in (initializers and Constant-node
+    weights); `constants` are the tensors that stay static under jit (integer initializers, shape
+    arithmetic). `param_sources` says where each parameter lives in the file ("initializer" or
+    "constant_node"), which graph surgery needs to write it back.
+    """
+
+    path: Path | None
+    opset: int
+    nodes: list[Node]
+    params: dict[str, np.ndarray]
+    constants: dict[str, np.ndarray]
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    value_info: dict[str, TensorInfo] = field(default_factory=dict)
+    param_sources: dict[str, str] = field(default_factory=dict)
+    producer: str = ""
+
+    @property
+    def input(self) -> TensorInfo:
+        """The single float input of a classifier."""
+        return self.inputs[0]
+
+    def producer_of(self) -> dict[str, Node]:
+        """Map each tensor name to the node that produces it."""
+        return {out: node for node in self.nodes for out in node.outputs}
+
+    def consumers_of(self) -> dict[str, list[Node]]:
+        """Map each tensor name to the nodes that read it."""
+        table: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            for name in node.inputs:
+                if name:
+                    table.setdefault(name, []).append(node)
+        return table

@@ -1,0 +1,202 @@
+"""ONNX import: read a file (external data too), validate it, and build the IR the JAX forward runs on."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.helper import get_attribute_value, tensor_dtype_to_np_dtype
+
+from .errors import BadInputError, UnsupportedOpError
+from .ir import Model, Node, TensorInfo
+from .ops import REGISTRY
+
+MIN_OPSET, MAX_OPSET = 9, 21
+DEFAULT_DOMAINS = ("", "ai.onnx")
+# Ops whose output is known from shapes alone, whatever their input holds.
+SHAPE_ONLY_OPS = {"Shape", "Size"}
+
+
+def read_model_proto(path: str | Path, load_external: bool = True) -> onnx.ModelProto:
+    """Parse an ONNX file (and its external-data files); every failure names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"model file {path} does not exist")
+    if not path.is_file():
+        raise BadInputError(f"model path {path} is not a file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise BadInputError(f"{path} is not a readable ONNX model (truncated or not ONNX): {exc}") from exc
+    if not proto.HasField("graph") or proto.ir_version == 0 or not proto.graph.node:
+        raise BadInputError(f"{path} is not an ONNX model (no graph or nodes; truncated or another format?)")
+    if load_external:
+        _load_external_data(proto, path)
+    return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    base = path.parent
+    for tensor in _get_all_tensors(proto):
+        if uses_external_data(tensor):
+            location = ExternalDataInfo(tensor).location
+            if not (base / location).is_file():
+                raise BadInputError(f"{path}: external-data file {base / location} (tensor {tensor.name!r}) "
+                                    "is missing")
+    try:
+        onnx.load_external_data_for_model(proto, str(base))
+    except Exception as exc:
+        raise BadInputError(f"{path}: cannot read its external data: {exc}") from exc
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    """The default-domain opset the model was written for."""
+    for entry in proto.opset_import:
+        if entry.domain in DEFAULT_DOMAINS:
+            return int(entry.version)
+    raise BadInputError("the model imports no default-domain (ai.onnx) opset")
+
+
+def _tensor_info(value_info: onnx.ValueInfoProto) -> TensorInfo:
+    ttype = value_info.type.tensor_type
+    shape = None
+    if ttype.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim)
+    dtype = np.dtype(tensor_dtype_to_np_dtype(ttype.elem_type)) if ttype.elem_type else np.dtype(np.float32)
+    return TensorInfo(value_info.name, shape, dtype)
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    attrs = {}
+    for attr in node.attribute:
+        if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            attrs[attr.name] = None  # control flow: reported as unsupported by the registry check
+            continue
+        value = get_attribute_value(attr)
+        if isinstance(value, onnx.TensorProto):
+            value = numpy_helper.to_array(value)
+        elif isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode() for v in value]
+        attrs[attr.name] = value
+    return attrs
+
+
+def _topological(nodes: list[Node], available: set[str]) -> list[Node]:
+    ready = set(available)
+    pending, ordered = list(nodes), []
+    while pending:
+        remaining = []
+        for node in pending:
+            if all(not name or name in ready for name in node.inputs):
+                ordered.append(node)
+                ready.update(node.outputs)
+            else:
+                remaining.append(node)
+        if len(remaining) == len(pending):
+            missing = sorted({n for node in remaining for n in node.inputs if n and n not in ready})
+            raise BadInputError(f"graph is not a DAG or reads undefined tensors: {', '.join(missing[:10])}")
+        pending = remaining
+    return ordered
+
+
+def check_supported(nodes: list[Node]) -> None:
+    """Raise one error naming every op type (and its nodes) the engine cannot run, before any compute."""
+    unsupported: dict[str, list[str]] = {}
+    for node in nodes:
+        if node.domain not in DEFAULT_DOMAINS or node.op_type not in REGISTRY:
+            key = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
+            unsupported.setdefault(key, []).append(node.name)
+    if unsupported:
+        raise UnsupportedOpError(unsupported)
+
+
+def _dynamic_tensors(nodes: list[Node], inputs: list[TensorInfo]) -> set[str]:
+    """Tensors whose value depends on the graph inputs' data (not only their shapes)."""
+    dynamic = {info.name for info in inputs}
+    for node in nodes:
+        if node.op_type in SHAPE_ONLY_OPS:
+            continue
+        if any(name in dynamic for name in node.inputs):
+            dynamic.update(node.outputs)
+    return dynamic
+
+
+def _split_params(nodes, tensors: dict[str, np.ndarray], dynamic: set[str]):
+    """Float tensors read by data-dependent computation (outside static slots) are parameters."""
+    params, constants = {}, {}
+    param_names = set()
+    for node in nodes:
+        if not any(out in dynamic for out in node.outputs):
+            continue
+        static_slots = REGISTRY[node.op_type].static_inputs
+        for slot, name in enumerate(node.inputs):
+            if name in tensors and slot not in static_slots and np.issubdtype(tensors[name].dtype, np.floating):
+                param_names.add(name)
+    for name, value in tensors.items():
+        (params if name in param_names else constants)[name] = value
+    return params, constants
+
+
+def load_model(path: str | Path) -> Model:
+    """Load and validate an ONNX classifier: opset 9-21, supported ops only, at least one float input."""
+    path = Path(path)
+    proto = read_model_proto(path)
+    return model_from_proto(proto, path)
+
+
+def model_from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
+    """Build the IR from an in-memory ModelProto (external data already loaded)."""
+    where = str(path) if path else "the model"
+    opset = default_opset(proto)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise BadInputError(f"{where} uses opset {opset}; supported default-domain opsets are "
+                            f"{MIN_OPSET} to {MAX_OPSET}")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise BadInputError(f"{where} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception as exc:
+        warnings.warn(f"shape inference failed on {where}: {exc}", stacklevel=2)
+        inferred = proto
+    graph = proto.graph
+
+    tensors = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    sources = {name: "initializer" for name in tensors}
+    nodes: list[Node] = []
+    for index, node_proto in enumerate(graph.node):
+        node = Node(node_proto.name or f"{node_proto.op_type}_{index}", node_proto.op_type,
+                    list(node_proto.input), list(node_proto.output), _attributes(node_proto), node_proto.domain)
+        nodes.append(node)
+    check_supported(nodes)
+
+    kept: list[Node] = []
+    for node in nodes:
+        if node.op_type == "Constant" and not node.inputs:
+            from .ops.registry import OpContext
+
+            value = REGISTRY["Constant"].fn([], node.attrs, OpContext(opset, node.name, 1))
+            tensors[node.outputs[0]] = np.asarray(value)
+            sources[node.outputs[0]] = "constant_node"
+        else:
+            kept.append(node)
+
+    inputs = [_tensor_info(v) for v in graph.input if v.name not in tensors]
+    outputs = [_tensor_info(v) for v in graph.output]
+    if not inputs or not any(np.issubdtype(info.dtype, np.floating) for info in inputs):
+        raise BadInputError(f"{where} has no float input: a classifier takes a float tensor "
+                            f"(inputs: {[(i.name, str(i.dtype)) for i in inputs]})")
+    ordered = _topological(kept, set(tensors) | {i.name for i in inputs})
+    params, constants = _split_params(ordered, tensors, _dynamic_tensors(ordered, inputs))
+    value_info = {v.name: _tensor_info(v) for v in list(inferred.graph.value_info) + list(graph.output)}
+    return Model(path=path, opset=opset, nodes=ordered, params=params, constants=constants, inputs=inputs,
+                 outputs=outputs, value_info=value_info,
+                 param_sources={name: sources[name] for name in params},
+                 producer=f"{proto.producer_name} {proto.producer_version}".strip())

@@ -1,0 +1,270 @@
+"""Neural-network ONNX ops: convolution, dense, normalisation, pooling, softmax, reductions."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .registry import int_list, register, xp
+
+# Exact float32 products everywhere (TF32 on GPUs would break parity with onnxruntime).
+PRECISION = lax.Precision.HIGHEST
+
+
+def _spatial_padding(x_spatial, kernel, strides, dilations, attrs) -> list[tuple[int, int]]:
+    """Explicit (begin, end) padding per spatial axis from `pads` or `auto_pad`."""
+    rank = len(kernel)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for size, k, s, d in zip(x_spatial, kernel, strides, dilations):
+            out = -(-size // s)
+            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, big = total // 2, total - total // 2
+            pads.append((small, big) if auto_pad == "SAME_UPPER" else (big, small))
+        return pads
+    if auto_pad == "VALID":
+        return [(0, 0)] * rank
+    flat = list(attrs.get("pads", [0] * (2 * rank)))
+    return list(zip(flat[:rank], flat[rank:]))
+
+
+def _dims(ndim: int) -> lax.ConvDimensionNumbers:
+    axes = tuple(range(ndim))
+    return lax.ConvDimensionNumbers(lhs_spec=axes, rhs_spec=axes, out_spec=axes)
+
+
+@register("Conv")
+def conv(inputs, attrs, ctx):
+    x, w = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    kernel = attrs.get("kernel_shape") or list(w.shape[2:])
+    rank = len(kernel)
+    strides = attrs.get("strides") or [1] * rank
+    dilations = attrs.get("dilations") or [1] * rank
+    padding = _spatial_padding(x.shape[2:], kernel, strides, dilations, attrs)
+    out = lax.conv_general_dilated(
+        x, w, window_strides=strides, padding=padding, rhs_dilation=dilations,
+        dimension_numbers=_dims(x.ndim), feature_group_count=attrs.get("group", 1), precision=PRECISION)
+    if bias is not None:
+        out = out + bias.reshape((1, -1) + (1,) * rank)
+    return out
+
+
+@register("ConvTranspose")
+def conv_transpose(inputs, attrs, ctx):
+    x, w = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    group = attrs.get("group", 1)
+    kernel = attrs.get("kernel_shape") or list(w.shape[2:])
+    rank = len(kernel)
+    strides = attrs.get("strides") or [1] * rank
+    dilations = attrs.get("dilations") or [1] * rank
+    out_pad = attrs.get("output_padding") or [0] * rank
+    flat = list(attrs.get("pads", [0] * (2 * rank)))
+    if attrs.get("output_shape") or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        raise NotImplementedError(f"ConvTranspose {ctx.node_name!r}: output_shape/auto_pad are not supported")
+    # Weight [C_in, C_out/group, k...] -> a forward conv kernel [C_out, C_in/group, k...], flipped.
+    c_in = w.shape[0]
+    wg = w.reshape((group, c_in // group) + w.shape[1:])
+    wg = jnp.swapaxes(wg, 1, 2).reshape((-1, c_in // group) + w.shape[2:])
+    wg = jnp.flip(wg, axis=tuple(range(2, 2 + rank)))
+    padding = [((k - 1) * d - b, (k - 1) * d - e + op)
+               for k, d, b, e, op in zip(kernel, dilations, flat[:rank], flat[rank:], out_pad)]
+    out = lax.conv_general_dilated(
+        x, wg, window_strides=[1] * rank, padding=padding, lhs_dilation=strides, rhs_dilation=dilations,
+        dimension_numbers=_dims(x.ndim), feature_group_count=group, precision=PRECISION)
+    if bias is not None:
+        out = out + bias.reshape((1, -1) + (1,) * rank)
+    return out
+
+
+@register("Gemm")
+def gemm(inputs, attrs, ctx):
+    a, b = inputs[0], inputs[1]
+    c = inputs[2] if len(inputs) > 2 else None
+    if attrs.get("transA", 0):
+        a = a.T
+    if attrs.get("transB", 0):
+        b = b.T
+    out = attrs.get("alpha", 1.0) * jnp.matmul(a, b, precision=PRECISION)
+    if c is not None:
+        out = out + attrs.get("beta", 1.0) * c
+    return out
+
+
+@register("MatMul")
+def matmul(inputs, attrs, ctx):
+    a, b = inputs
+    if xp(a, b) is np:
+        return np.matmul(a, b)
+    return jnp.matmul(a, b, precision=PRECISION)
+
+
+def _channel_shape(x) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (x.ndim - 2)
+
+
+@register("BatchNormalization")
+def batch_norm(inputs, attrs, ctx):
+    x, scale, bias, mean, var = inputs[:5]
+    eps = attrs.get("epsilon", 1e-5)
+    shape = _channel_shape(x)
+    inv = scale.reshape(shape) * lax.rsqrt(var.reshape(shape) + eps)
+    out = (x - mean.reshape(shape)) * inv + bias.reshape(shape)
+    if ctx.num_outputs > 1:  # training-mode outputs of an inference graph: pass the statistics through
+        return (out, mean, var)[: ctx.num_outputs]
+    return out
+
+
+@register("InstanceNormalization")
+def instance_norm(inputs, attrs, ctx):
+    x, scale, bias = inputs
+    axes = tuple(range(2, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    shape = _channel_shape(x)
+    return (x - mean) * lax.rsqrt(var + attrs.get("epsilon", 1e-5)) * scale.reshape(shape) + bias.reshape(shape)
+
+
+@register("LayerNormalization")
+def layer_norm(inputs, attrs, ctx):
+    x, scale = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    axis = attrs.get("axis", -1) % x.ndim
+    axes = tuple(range(axis, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    inv = lax.rsqrt(var + attrs.get("epsilon", 1e-5))
+    out = (x - mean) * inv * scale
+    if bias is not None:
+        out = out + bias
+    return (out, mean, inv)[: ctx.num_outputs] if ctx.num_outputs > 1 else out
+
+
+def _pool_geometry(x, attrs):
+    kernel = list(attrs["kernel_shape"])
+    rank = len(kernel)
+    strides = attrs.get("strides") or [1] * rank
+    dilations = attrs.get("dilations") or [1] * rank
+    padding = _spatial_padding(x.shape[2:], kernel, strides, dilations, attrs)
+    ceil_extra = [0] * rank
+    if attrs.get("ceil_mode", 0):
+        for i, (size, k, s, d, (b, e)) in enumerate(zip(x.shape[2:], kernel, strides, dilations, padding)):
+            span = size + b + e - ((k - 1) * d + 1)
+            out_ceil = -(-span // s) + 1
+            if (out_ceil - 1) * s >= size + b:  # a window must start inside the input or left padding
+                out_ceil -= 1
+            ceil_extra[i] = max((out_ceil - 1) * s + (k - 1) * d + 1 - (size + b + e), 0)
+    return kernel, strides, dilations, padding, ceil_extra
+
+
+@register("MaxPool")
+def max_pool(inputs, attrs, ctx):
+    x = inputs[0]
+    kernel, strides, dilations, padding, extra = _pool_geometry(x, attrs)
+    pads = [(0, 0), (0, 0)] + [(b, e + c) for (b, e), c in zip(padding, extra)]
+    out = lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, *kernel), (1, 1, *strides), pads,
+                            window_dilation=(1, 1, *dilations))
+    if ctx.num_outputs > 1:
+        raise NotImplementedError(f"MaxPool {ctx.node_name!r}: the Indices output is not supported")
+    return out
+
+
+@register("AveragePool")
+def average_pool(inputs, attrs, ctx):
+    x = inputs[0]
+    kernel, strides, dilations, padding, extra = _pool_geometry(x, attrs)
+    pads = [(0, 0), (0, 0)] + [(b, e + c) for (b, e), c in zip(padding, extra)]
+    window = dict(window_dimensions=(1, 1, *kernel), window_strides=(1, 1, *strides), padding=pads,
+                  window_dilation=(1, 1, *dilations))
+    total = lax.reduce_window(x, 0.0, lax.add, **window)
+    if attrs.get("count_include_pad", 0):
+        ones = jnp.pad(jnp.ones((1, 1) + x.shape[2:], x.dtype), [(0, 0), (0, 0)] + padding, constant_values=1)
+        window["padding"] = [(0, 0), (0, 0)] + [(0, c) for c in extra]
+    else:
+        ones = jnp.ones((1, 1) + x.shape[2:], x.dtype)
+    count = lax.reduce_window(ones, 0.0, lax.add, **window)
+    return total / count
+
+
+@register("GlobalAveragePool")
+def global_average_pool(inputs, attrs, ctx):
+    x = inputs[0]
+    return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)
+
+
+@register("GlobalMaxPool")
+def global_max_pool(inputs, attrs, ctx):
+    x = inputs[0]
+    return x.max(axis=tuple(range(2, x.ndim)), keepdims=True)
+
+
+def _softmax_like(fn):
+    def handler(inputs, attrs, ctx):
+        x = inputs[0]
+        if ctx.opset < 13:  # coerced to 2-D at `axis` (default 1)
+            axis = attrs.get("axis", 1) % x.ndim
+            flat = x.reshape(int(np.prod(x.shape[:axis])), -1)
+            return fn(flat, axis=-1).reshape(x.shape)
+        return fn(x, axis=attrs.get("axis", -1))
+
+    return handler
+
+
+register("Softmax")(_softmax_like(jax.nn.softmax))
+register("LogSoftmax")(_softmax_like(jax.nn.log_softmax))
+
+
+def _reduce(fn_name: str, axes_input_from: int):
+    def handler(inputs, attrs, ctx):
+        x = inputs[0]
+        m = xp(x)
+        if ctx.opset >= axes_input_from:
+            axes = int_list(inputs[1], "axes", ctx) if len(inputs) > 1 and inputs[1] is not None else None
+        else:
+            axes = attrs.get("axes")
+        if not axes:
+            if attrs.get("noop_with_empty_axes", 0):
+                return x
+            axes = list(range(np.ndim(x)))
+        keep = bool(attrs.get("keepdims", 1))
+        axes = tuple(a % np.ndim(x) for a in axes)
+        if fn_name == "l2":
+            return m.sqrt(m.sum(x * x, axis=axes, keepdims=keep))
+        if fn_name == "sumsquare":
+            return m.sum(x * x, axis=axes, keepdims=keep)
+        if fn_name == "logsumexp":
+            return jax.nn.logsumexp(x, axis=axes, keepdims=keep)
+        return getattr(m, fn_name)(x, axis=axes, keepdims=keep)
+
+    return handler
+
+
+register("ReduceSum", static_inputs=(1,))(_reduce("sum", 13))
+for _op, _fn in [("ReduceMean", "mean"), ("ReduceMax", "max"), ("ReduceMin", "min"), ("ReduceProd", "prod"),
+                 ("ReduceL2", "l2"), ("ReduceSumSquare", "sumsquare"), ("ReduceLogSumExp", "logsumexp")]:
+    register(_op, static_inputs=(1,))(_reduce(_fn, 18))
+
+
+def _arg(fn_name: str):
+    def handler(inputs, attrs, ctx):
+        x = inputs[0]
+        m = xp(x)
+        axis = attrs.get("axis", 0) % x.ndim
+        if attrs.get("select_last_index", 0):
+            flipped = m.flip(x, axis=axis)
+            out = x.shape[axis] - 1 - getattr(m, fn_name)(flipped, axis=axis)
+        else:
+            out = getattr(m, fn_name)(x, axis=axis)
+        out = out.astype(np.int64)
+        return m.expand_dims(out, axis) if attrs.get("keepdims", 1) else out
+
+    return handler
+
+
+register("ArgMax")(_arg("argmax"))
+register("ArgMin")(_arg("argmin"))
