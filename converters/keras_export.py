@@ -23,12 +23,12 @@ def export_keras(model, example: np.ndarray, path: str | Path, *, opset: int = 1
 
     path = Path(path)
     example = np.ascontiguousarray(example, dtype=np.float32)
-    expected = np.asarray(model(example, training=False))
     spec = [tf.TensorSpec((None, *example.shape[1:]), tf.float32, name="input")]
     function = tf.function(lambda x: model(x, training=False))
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
+        expected = np.asarray(model(example, training=False))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tf2onnx.convert.from_function(function, input_signature=spec, opset=opset, output_path=tmp)

@@ -23,11 +23,11 @@ def export_torch(model: torch.nn.Module, example: np.ndarray, path: str | Path, 
     path = Path(path)
     model = model.eval()
     x = torch.from_numpy(np.ascontiguousarray(example, dtype=np.float32))
-    with torch.no_grad():
-        expected = model(x).numpy()
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
+        with torch.no_grad():
+            expected = model(x).numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(

@@ -158,14 +158,14 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
         raise BadInputError(f"{where} uses opset {opset}; supported default-domain opsets are "
                             f"{MIN_OPSET} to {MAX_OPSET}")
     try:
-        onnx.checker.check_model(proto)
-    except Exception as exc:
-        raise BadInputError(f"{where} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    try:
         inferred = onnx.shape_inference.infer_shapes(proto)
     except Exception as exc:
         warnings.warn(f"shape inference failed on {where}: {exc}", stacklevel=2)
         inferred = proto
+    try:
+        onnx.checker.check_model(inferred)
+    except Exception as exc:
+        raise BadInputError(f"{where} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     graph = proto.graph
 
     tensors = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
@@ -189,7 +189,7 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
             kept.append(node)
 
     inputs = [_tensor_info(v) for v in graph.input if v.name not in tensors]
-    outputs = [_tensor_info(v) for v in graph.output]
+    outputs = [_tensor_info(v) for v in inferred.graph.output]
     if not inputs or not any(np.issubdtype(info.dtype, np.floating) for info in inputs):
         raise BadInputError(f"{where} has no float input: a classifier takes a float tensor "
                             f"(inputs: {[(i.name, str(i.dtype)) for i in inputs]})")

@@ -1,0 +1,86 @@
+"""Accuracy of a model on a case's sets, through onnxruntime or the JAX engine."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .case import Case
+from .errors import BadInputError
+from .forward import Forward
+from .ir import Model
+from .runtime import ort_session
+
+
+def static_batch(model: Model) -> int | None:
+    """The input's fixed batch size, if the file hard-codes one (then every run must use it)."""
+    shape = model.input.shape
+    first = shape[0] if shape else None
+    return first if isinstance(first, int) and first > 0 else None
+
+
+def _chunks(x: np.ndarray, size: int):
+    for start in range(0, len(x), size):
+        yield x[start:start + size]
+
+
+class OrtPredictor:
+    """Arg-max predictions through onnxruntime (the reference the JAX engine must match)."""
+
+    def __init__(self, model: Model, path: str | Path | bytes):
+        self.session = ort_session(path)
+        self.input_name = model.input.name
+        self.batch = static_batch(model) or 256
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Raw first outputs for a numpy batch of any length."""
+        outs = [self.session.run(None, {self.input_name: chunk})[0] for chunk in _chunks(x, self.batch)]
+        return np.concatenate(outs)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Arg-max labels."""
+        return self.logits(x).argmax(axis=-1)
+
+
+class JaxPredictor:
+    """Arg-max predictions through the JAX engine."""
+
+    def __init__(self, model: Model, forward: Forward | None = None):
+        self.forward = forward or Forward(model)
+        self.batch = static_batch(model) or 256
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Raw first outputs for a numpy batch of any length."""
+        return np.concatenate([np.asarray(self.forward.logits(chunk)) for chunk in _chunks(x, self.batch)])
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Arg-max labels."""
+        return self.logits(x).argmax(axis=-1)
+
+
+def make_predictor(model: Model, backend: str, path: str | Path | bytes | None = None):
+    """A predictor for `backend` ('ort' or 'jax')."""
+    if backend == "ort":
+        source = path if path is not None else model.path
+        if source is None:
+            raise BadInputError("the ort backend needs the model's file or bytes")
+        return OrtPredictor(model, source)
+    if backend == "jax":
+        return JaxPredictor(model)
+    raise BadInputError(f"unknown backend {backend!r}; use 'ort' or 'jax'")
+
+
+def accuracy(predictor, x: np.ndarray, y: np.ndarray) -> float:
+    """Share of `x` predicted as `y`."""
+    return float(np.mean(predictor.predict(x) == y)) if len(x) else float("nan")
+
+
+def evaluate_case(predictor, case: Case) -> dict:
+    """clean_accuracy on x_clean and error_accuracy on x_error (share predicted as y_error), with counts."""
+    report = {"clean_accuracy": accuracy(predictor, case.x_clean, case.y_clean), "clean_count": len(case.x_clean)}
+    if case.x_error is not None:
+        report["error_accuracy"] = accuracy(predictor, case.x_error, case.y_error)
+        report["error_count"] = len(case.x_error)
+    if case.x_companion is not None:
+        report["companion_accuracy"] = accuracy(predictor, case.x_companion, case.y_error)
+    return report

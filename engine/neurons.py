@@ -1,0 +1,101 @@
+"""Neurons of a loaded model.
+
+A *layer* is a Conv, ConvTranspose, Gemm or MatMul whose weight is a parameter, together with the bias
+that completes it (the op's own bias input, an `Add` of a parameter right after a MatMul, and a
+BatchNormalization right after a convolution). Its *tensor* is the output of that chain (pre-activation).
+A *channel neuron* is (layer tensor, channel), the channel on axis 1 for convolutions and on the last axis
+for dense layers; a *weight neuron* is (initializer, flat index).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .ir import Model, Node
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One neuron layer: where its channels live and which parameters produce them."""
+
+    name: str            # the layer tensor (channel neurons live here)
+    node: str            # the Conv/Gemm/MatMul node
+    op_type: str
+    channels: int
+    channel_axis: int    # 1 for convolutions, -1 for dense layers
+    weight: str          # weight initializer
+    bias: str | None     # bias parameter (own input or a following Add)
+    batchnorm: str | None  # the following BatchNormalization node, if any
+    weight_shape: tuple[int, ...]
+    parameters: int      # weight + bias (+ BatchNorm scale and shift) element count
+
+    def as_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def _weight_channels(node: Node, weight: np.ndarray) -> int:
+    if node.op_type == "Conv":
+        return int(weight.shape[0])
+    if node.op_type == "ConvTranspose":
+        return int(weight.shape[1] * node.attrs.get("group", 1))
+    if node.op_type == "Gemm":
+        return int(weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[-1])
+    return int(weight.shape[-1])
+
+
+def find_layers(model: Model) -> list[Layer]:
+    """All neuron layers of the model, in graph order."""
+    consumers = model.consumers_of()
+    layers = []
+    for node in model.nodes:
+        if node.op_type not in LAYER_OPS or len(node.inputs) < 2 or node.inputs[1] not in model.params:
+            continue
+        weight = model.params[node.inputs[1]]
+        if node.op_type == "MatMul" and weight.ndim != 2:
+            continue
+        channels = _weight_channels(node, weight)
+        tensor = node.outputs[0]
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] in model.params else None
+        batchnorm = None
+        follower = consumers.get(tensor, [])
+        if len(follower) == 1:
+            nxt = follower[0]
+            if node.op_type == "MatMul" and bias is None and nxt.op_type == "Add":
+                other = [name for name in nxt.inputs if name != tensor]
+                if other and other[0] in model.params and model.params[other[0]].size == channels:
+                    bias, tensor = other[0], nxt.outputs[0]
+            elif node.op_type in ("Conv", "ConvTranspose") and nxt.op_type == "BatchNormalization":
+                batchnorm, tensor = nxt.name, nxt.outputs[0]
+        count = weight.size + (model.params[bias].size if bias else 0) + (2 * channels if batchnorm else 0)
+        axis = 1 if node.op_type in ("Conv", "ConvTranspose") else -1
+        layers.append(Layer(tensor, node.name, node.op_type, channels, axis, node.inputs[1], bias, batchnorm,
+                            tuple(int(d) for d in weight.shape), int(count)))
+    return layers
+
+
+def summary(model: Model) -> dict:
+    """What `lancet inspect` reports: inputs, outputs, layers, neuron and parameter counts, op coverage."""
+    from .ops import REGISTRY
+
+    layers = find_layers(model)
+    op_counts: dict[str, int] = {}
+    for node in model.nodes:
+        op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
+    layer_weights = {layer.weight for layer in layers}
+    return {
+        "path": str(model.path) if model.path else None,
+        "producer": model.producer,
+        "opset": model.opset,
+        "inputs": [{"name": i.name, "shape": list(i.shape or []), "dtype": str(i.dtype)} for i in model.inputs],
+        "outputs": [{"name": o.name, "shape": list(o.shape or []), "dtype": str(o.dtype)} for o in model.outputs],
+        "nodes": len(model.nodes),
+        "layers": [layer.as_dict() for layer in layers],
+        "channel_neurons": sum(layer.channels for layer in layers),
+        "weight_neurons": int(sum(model.params[w].size for w in layer_weights)),
+        "parameters": int(sum(v.size for v in model.params.values())),
+        "op_coverage": {op: {"count": n, "supported": op in REGISTRY} for op, n in sorted(op_counts.items())},
+    }

@@ -1,0 +1,188 @@
+"""Recipes that train clean, backdoored and defective models on real data, cached on disk by recipe.
+
+`build_case(recipe)` returns the exported ONNX model, the defender's case file (the format of
+shared/CASE_FORMAT.md) and a held-out file for honest before/after figures. Nothing is committed: the
+cache lives in $LANCET_CACHE or ~/.cache/onnx-lancet.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+RECIPE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where trained models and cases are kept ($LANCET_CACHE, default ~/.cache/onnx-lancet)."""
+    root = Path(os.environ.get("LANCET_CACHE", Path.home() / ".cache" / "onnx-lancet"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to build one model and case. attack: 'none', 'badnets', 'blended', 'trojan' or 'spurious'."""
+
+    dataset: str = "mnist_digits"
+    arch: str = "lenet5"
+    attack: str = "badnets"
+    mode: str = "all_to_one"
+    target: int = 0
+    rate: float = 0.1
+    epochs: int = 6
+    train_size: int = 3500
+    defender_clean: int = 400
+    defender_error: int = 100
+    test_size: int = 1000
+    lr: float = 3e-3
+    seed: int = 0
+    opset: int = 17
+
+    def key(self) -> str:
+        """A short stable hash of the recipe (and the recipe code version)."""
+        text = json.dumps({**asdict(self), "version": RECIPE_VERSION}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-{self.arch}-{self.attack}-{self.key()}"
+
+
+@dataclass(frozen=True)
+class BuiltCase:
+    """Paths of a built recipe: model.onnx, case.npz (defender's), heldout.npz, meta.json."""
+
+    folder: Path
+
+    @property
+    def model(self) -> Path:
+        return self.folder / "model.onnx"
+
+    @property
+    def case(self) -> Path:
+        return self.folder / "case.npz"
+
+    @property
+    def heldout(self) -> Path:
+        return self.folder / "heldout.npz"
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.folder / "meta.json").read_text())
+
+
+def _dataset(name: str):
+    from . import data
+
+    if name == "mnist_digits":
+        x, y = data.mnist_digits()
+        return x, y
+    if name == "fashion_mnist":
+        x_train, y_train = data.fashion_mnist("train")
+        x_test, y_test = data.fashion_mnist("test")
+        return np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test])
+    raise KeyError(f"unknown dataset {name!r}")
+
+
+def _splits(recipe: Recipe, x: np.ndarray, y: np.ndarray):
+    """Disjoint train / defender / test index sets, drawn with the recipe's seed."""
+    order = np.random.default_rng(recipe.seed).permutation(len(x))
+    need = recipe.train_size + recipe.defender_clean + recipe.defender_error + recipe.test_size
+    if need > len(x):
+        raise ValueError(f"recipe needs {need} images; {recipe.dataset} has {len(x)}")
+    a = recipe.train_size
+    b = a + recipe.defender_clean + recipe.defender_error
+    return order[:a], order[a:b], order[b:b + recipe.test_size]
+
+
+def spurious_mark(shape: tuple[int, ...]):
+    """The general-defect recipe's spurious feature: a small solid square near the top-left corner."""
+    from .attacks import Trigger
+
+    mask = np.zeros(shape, np.float32)
+    mask[:, 1:4, 1:4] = 1
+    return Trigger("spurious", np.ones(shape, np.float32), mask, 1.0)
+
+
+def _trigger(recipe: Recipe, shape: tuple[int, ...]):
+    from .attacks import TRIGGERS
+
+    if recipe.attack == "spurious":
+        return spurious_mark(shape)
+    return TRIGGERS[recipe.attack](shape)
+
+
+def _train_set(recipe: Recipe, x: np.ndarray, y: np.ndarray, trigger):
+    from .attacks import poison
+
+    if recipe.attack == "none":
+        return x, y
+    if recipe.attack == "spurious":
+        # A data-source artefact: most images of the target class carry the mark, no other image does.
+        rng = np.random.default_rng(recipe.seed + 1)
+        members = np.flatnonzero(y == recipe.target)
+        marked = rng.choice(members, size=int(0.9 * len(members)), replace=False)
+        x = x.copy()
+        x[marked] = trigger.apply(x[marked])
+        return x, y
+    x_p, y_p, _ = poison(x, y, trigger, target=recipe.target, rate=recipe.rate, mode=recipe.mode,
+                         seed=recipe.seed + 1)
+    return x_p, y_p
+
+
+def _error_set(recipe: Recipe, x: np.ndarray, y: np.ndarray, trigger) -> tuple[np.ndarray, np.ndarray]:
+    """Triggered (or marked) versions of images whose true label is not the target, with true labels."""
+    keep = y != recipe.target if recipe.mode == "all_to_one" else np.ones(len(y), bool)
+    return trigger.apply(x[keep]), y[keep]
+
+
+def build_case(recipe: Recipe, *, force: bool = False) -> BuiltCase:
+    """Train (or reuse from the cache) the recipe's model and write its case files."""
+    folder = cache_dir() / recipe.name
+    if (folder / "meta.json").is_file() and not force:
+        return BuiltCase(folder)
+    import torch
+
+    from lancet.converters.torch_export import export_torch
+
+    from .torch_zoo import build
+    from .train import train_classifier
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    x, y = _dataset(recipe.dataset)
+    train_idx, defender_idx, test_idx = _splits(recipe, x, y)
+    shape = x.shape[1:]
+    trigger = _trigger(recipe, shape) if recipe.attack != "none" else None
+    x_train, y_train = _train_set(recipe, x[train_idx], y[train_idx], trigger)
+    net = build(recipe.arch, shape[0], shape[1], 10, seed=recipe.seed)
+    train_classifier(net, x_train, y_train, epochs=recipe.epochs, lr=recipe.lr, seed=recipe.seed)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", dir=cache_dir()))
+    try:
+        export_torch(net, x[test_idx[:4]], tmp / "model.onnx", opset=recipe.opset)
+        clean_idx = defender_idx[:recipe.defender_clean]
+        case = {"x_clean": x[clean_idx], "y_clean": y[clean_idx]}
+        heldout = {"x_test": x[test_idx], "y_test": y[test_idx]}
+        if trigger is not None:
+            err_x, err_y = _error_set(recipe, x[defender_idx[recipe.defender_clean:]],
+                                      y[defender_idx[recipe.defender_clean:]], trigger)
+            case.update(x_error=err_x, y_error=err_y, trigger_mask=trigger.mask)
+            hx, hy = _error_set(recipe, x[test_idx], y[test_idx], trigger)
+            heldout.update(x_error=hx, y_error=hy, target=np.int64(recipe.target))
+        np.savez(tmp / "case.npz", **case)
+        np.savez(tmp / "heldout.npz", **heldout)
+        (tmp / "meta.json").write_text(json.dumps({"recipe": asdict(recipe), "key": recipe.key()}, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return BuiltCase(folder)

@@ -1,0 +1,101 @@
+"""The forward pass is jittable, differentiable in params and intermediates, and taps/edits work."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lancet import Edit, Forward, load_model
+from lancet.neurons import find_layers
+
+from .conftest import max_diff
+
+
+@pytest.fixture(scope="module")
+def lenet(backdoor_case):
+    model = load_model(backdoor_case.model)
+    return model, Forward(model), np.load(backdoor_case.case)["x_clean"][:16]
+
+
+def test_layers_found(lenet):
+    model, _, _ = lenet
+    layers = find_layers(model)
+    assert [layer.op_type for layer in layers] == ["Conv", "Conv", "Gemm", "Gemm", "Gemm"]
+    assert [layer.channels for layer in layers] == [6, 16, 120, 84, 10]
+    assert [layer.channel_axis for layer in layers] == [1, 1, -1, -1, -1]
+
+
+def test_taps_return_intermediates(lenet):
+    model, forward, x = lenet
+    layers = find_layers(model)
+    out = forward(x, taps=[layers[0].name, layers[2].name])
+    assert out[layers[0].name].shape == (16, 6, 24, 24)
+    assert out[layers[2].name].shape == (16, 120)
+    with pytest.raises(Exception, match="no tensor named"):
+        forward(x, taps=["not-a-tensor"])
+
+
+def test_channel_ablation_equals_zeroed_parameters(lenet):
+    model, forward, x = lenet
+    layer = find_layers(model)[1]
+    scale = np.ones(layer.channels, np.float32)
+    scale[[3, 7]] = 0
+    edited = forward.logits(x, edits={layer.name: Edit(scale=jnp.asarray(scale))})
+    params = dict(forward.params)
+    params[layer.weight] = params[layer.weight].at[jnp.array([3, 7])].set(0)
+    params[layer.bias] = params[layer.bias].at[jnp.array([3, 7])].set(0)
+    assert max_diff(edited, forward.logits(x, params=params)) <= 1e-5
+    assert max_diff(edited, forward.logits(x)) > 1e-3
+
+
+def test_edit_values_do_not_retrace(lenet):
+    model, forward, x = lenet
+    layer = find_layers(model)[2]
+    before = forward._jitted._cache_size()
+    for k in range(3):
+        scale = jnp.ones(layer.channels).at[k].set(0)
+        forward.logits(x, edits={layer.name: Edit(scale=scale)})
+    assert forward._jitted._cache_size() - before <= 1
+
+
+def test_gradient_wrt_params_matches_finite_difference(lenet):
+    model, forward, x = lenet
+    layer = find_layers(model)[2]
+
+    def loss(params):
+        return jnp.sum(forward.logits(x, params=params)[:, 3])
+
+    grads = jax.jit(jax.grad(loss))(forward.params)
+    assert set(grads) == set(forward.params)
+    index = (5, 100)
+    eps = 1e-2
+    bumped = dict(forward.params)
+    bumped[layer.weight] = bumped[layer.weight].at[index].add(eps)
+    lowered = dict(forward.params)
+    lowered[layer.weight] = lowered[layer.weight].at[index].add(-eps)
+    numeric = (loss(bumped) - loss(lowered)) / (2 * eps)
+    assert abs(float(grads[layer.weight][index]) - float(numeric)) <= 1e-2 * max(1.0, abs(float(numeric)))
+
+
+def test_gradient_wrt_intermediate_via_shift(lenet):
+    model, forward, x = lenet
+    layer = find_layers(model)[1]
+    shape = forward(x, taps=[layer.name])[layer.name].shape
+
+    def loss(shift):
+        return jnp.sum(forward.logits(x, edits={layer.name: Edit(shift=shift)})[:, 0])
+
+    grad = jax.grad(loss)(jnp.zeros(shape))
+    assert grad.shape == shape and float(jnp.abs(grad).sum()) > 0
+    direction = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+    eps = 1e-2
+    numeric = (loss(eps * direction) - loss(-eps * direction)) / (2 * eps)
+    assert abs(float(jnp.sum(grad * direction)) - float(numeric)) <= 2e-2 * max(1.0, abs(float(numeric)))
+
+
+def test_batch_shapes_and_predict(lenet):
+    model, forward, x = lenet
+    full = forward.predict(np.concatenate([x] * 20), batch_size=64)
+    assert full.shape == (320,)
+    assert np.array_equal(full[:16], np.asarray(jnp.argmax(forward.logits(x), -1)))

@@ -1,0 +1,176 @@
+"""Single-node and small graphs built with onnx.helper, run by the JAX engine and by onnxruntime.
+
+Covers the attribute forms that changed across opsets 9-21 and the geometry of conv/pool ops.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from lancet import Forward
+from lancet.loader import model_from_proto
+from lancet.runtime import ort_session
+
+from .conftest import max_diff
+
+F = TensorProto.FLOAT
+
+
+def make(nodes, inputs, opset, initializers=(), n_outputs=1, out_shape=None):
+    """A model whose graph input(s) are float tensors of the given shapes; output shapes are inferred."""
+    graph_inputs = [helper.make_tensor_value_info(name, F, list(shape)) for name, shape in inputs]
+    outs = [helper.make_tensor_value_info(f"y{i}" if n_outputs > 1 else "y", F, out_shape)
+            for i in range(n_outputs)]
+    graph = helper.make_graph(nodes, "g", graph_inputs, outs,
+                              initializer=[numpy_helper.from_array(v, k) for k, v in initializers])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 8 if opset <= 17 else 10)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def compare(model, feeds, atol=1e-5):
+    session = ort_session(model.SerializeToString())
+    expected = session.run(None, feeds)
+    got = Forward(model_from_proto(model)).apply(Forward(model_from_proto(model)).params, feeds)
+    names = [o.name for o in model.graph.output]
+    for name, ref in zip(names, expected):
+        assert np.asarray(got[name]).shape == ref.shape, name
+        assert max_diff(got[name], ref) <= atol, name
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def i64(*values):
+    return np.asarray(values, dtype=np.int64)
+
+
+CASES = {
+    "slice-op9-attrs": (9, [helper.make_node("Slice", ["x"], ["y"], starts=[1, 0], ends=[3, 100], axes=[1, 2])], {}),
+    "slice-op13-neg-step": (13, [helper.make_node("Slice", ["x", "s", "e", "a", "st"], ["y"])],
+                            {"s": i64(-1, 3), "e": i64(-1000, 0), "a": i64(2, 1), "st": i64(-2, -1)}),
+    "squeeze-op11": (11, [helper.make_node("Unsqueeze", ["x"], ["u"], axes=[0, 3]),
+                          helper.make_node("Squeeze", ["u"], ["y"], axes=[0])], {}),
+    "squeeze-op13": (13, [helper.make_node("Unsqueeze", ["x", "a"], ["u"]),
+                          helper.make_node("Squeeze", ["u", "b"], ["y"])], {"a": i64(-1), "b": i64(4)}),
+    "clip-op9": (9, [helper.make_node("Clip", ["x"], ["y"], min=-0.5, max=0.7)], {}),
+    "clip-op13": (13, [helper.make_node("Clip", ["x", "lo", "hi"], ["y"])],
+                  {"lo": np.float32(-0.3), "hi": np.float32(0.2)}),
+    "pad-op9-reflect": (9, [helper.make_node("Pad", ["x"], ["y"], pads=[0, 1, 2, 0, 0, 1, 1, 0], mode="reflect")],
+                        {}),
+    "pad-op13-constant": (13, [helper.make_node("Pad", ["x", "p", "v"], ["y"])],
+                          {"p": i64(0, 0, 1, 2, 0, 0, 3, 0), "v": np.float32(0.5)}),
+    "pad-op18-edge-axes": (18, [helper.make_node("Pad", ["x", "p", "", "a"], ["y"], mode="edge")],
+                           {"p": i64(1, 2, 2, 0), "a": i64(2, 3)}),
+    "softmax-op11-coerced": (11, [helper.make_node("Softmax", ["x"], ["y"], axis=1)], {}),
+    "softmax-op13": (13, [helper.make_node("Softmax", ["x"], ["y"], axis=1)], {}),
+    "logsoftmax-op13": (13, [helper.make_node("LogSoftmax", ["x"], ["y"])], {}),
+    "reducemean-op13": (13, [helper.make_node("ReduceMean", ["x"], ["y"], axes=[1, -1], keepdims=0)], {}),
+    "reducemean-op18": (18, [helper.make_node("ReduceMean", ["x", "a"], ["y"])], {"a": i64(2)}),
+    "reducesum-op13": (13, [helper.make_node("ReduceSum", ["x", "a"], ["y"], keepdims=0)], {"a": i64(1, 3)}),
+    "reducemax-op11": (11, [helper.make_node("ReduceMax", ["x"], ["y"])], {}),
+    "split-op11": (11, [helper.make_node("Split", ["x"], ["s0", "s1"], axis=3, split=[2, 4]),
+                        helper.make_node("Mul", ["s0", "s0"], ["y"])], {}),
+    "split-op13": (13, [helper.make_node("Split", ["x", "sp"], ["s0", "s1"], axis=1),
+                        helper.make_node("Add", ["s1", "s1"], ["y"])], {"sp": i64(1, 2)}),
+    "split-op18-num-outputs": (18, [helper.make_node("Split", ["x"], ["s0", "s1"], axis=3, num_outputs=2),
+                                    helper.make_node("Sub", ["s0", "s1"], ["y"])], {}),
+    "gather-negative": (13, [helper.make_node("Gather", ["x", "i"], ["y"], axis=2)], {"i": i64(-1, 0, 2)}),
+    "transpose-default": (13, [helper.make_node("Transpose", ["x"], ["y"])], {}),
+    "flatten-axis2": (13, [helper.make_node("Flatten", ["x"], ["y"], axis=2)], {}),
+    "expand-tile": (13, [helper.make_node("ReduceMax", ["x"], ["m"], axes=[1], keepdims=1),
+                         helper.make_node("Expand", ["m", "sh"], ["e"]),
+                         helper.make_node("Tile", ["e", "r"], ["y"])], {"sh": i64(2, 3, 1, 1), "r": i64(1, 1, 2, 1)}),
+    "activations": (13, [helper.make_node("LeakyRelu", ["x"], ["a"], alpha=0.2),
+                         helper.make_node("Elu", ["a"], ["b"], alpha=0.7),
+                         helper.make_node("HardSigmoid", ["b"], ["c"]),
+                         helper.make_node("Softplus", ["c"], ["d"]),
+                         helper.make_node("Tanh", ["d"], ["e"]),
+                         helper.make_node("Erf", ["x"], ["f"]),
+                         helper.make_node("Sum", ["e", "f", "x"], ["y"])], {}),
+    "hardswish-selu-prelu": (14, [helper.make_node("HardSwish", ["x"], ["a"]),
+                                  helper.make_node("Selu", ["a"], ["b"]),
+                                  helper.make_node("PRelu", ["b", "slope"], ["y"])],
+                             {"slope": rand(3, 1, 1, seed=3)}),
+    "gelu-op20": (20, [helper.make_node("Gelu", ["x"], ["a"]),
+                       helper.make_node("Gelu", ["x"], ["b"], approximate="tanh"),
+                       helper.make_node("Add", ["a", "b"], ["y"])], {}),
+    "layernorm-op17": (17, [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-2, epsilon=1e-3)],
+                       {"g": rand(5, 6, seed=1), "b": rand(5, 6, seed=2)}),
+    "instancenorm": (13, [helper.make_node("InstanceNormalization", ["x", "g", "b"], ["y"])],
+                     {"g": rand(3, seed=1), "b": rand(3, seed=2)}),
+    "batchnorm-op9": (9, [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"], epsilon=1e-3)],
+                      {"g": rand(3, seed=1), "b": rand(3, seed=2), "m": rand(3, seed=3),
+                       "v": np.abs(rand(3, seed=4)) + 0.1}),
+    "einsum-where-compare": (13, [helper.make_node("Einsum", ["x", "x"], ["e"], equation="bchw,bcgw->bchg"),
+                                  helper.make_node("Greater", ["e", "z"], ["c"]),
+                                  helper.make_node("Where", ["c", "e", "z"], ["y"])], {"z": np.float32(0.5)}),
+    "gemm-trans-alpha-beta": (13, [helper.make_node("Flatten", ["x"], ["f"]),
+                                   helper.make_node("Gemm", ["f", "w", "c"], ["y"], transB=1, alpha=0.5, beta=2.0)],
+                              {"w": rand(7, 90, seed=5), "c": rand(7, seed=6)}),
+    "shape-arith-reshape": (13, [helper.make_node("Shape", ["x"], ["s"]),
+                                 helper.make_node("Gather", ["s", "zero"], ["n"]),
+                                 helper.make_node("Unsqueeze", ["n", "zero1"], ["n1"]),
+                                 helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+                                 helper.make_node("Reshape", ["x", "target"], ["y"])],
+                            {"zero": np.asarray(0, np.int64), "zero1": i64(0), "minus1": i64(-1)}),
+    "constantofshape-range-cast": (13, [helper.make_node("Shape", ["x"], ["s"], ),
+                                        helper.make_node("Slice", ["s", "one", "two"], ["c"]),
+                                        helper.make_node("ConstantOfShape", ["c"], ["k"],
+                                                         value=numpy_helper.from_array(np.array([2.0], np.float32))),
+                                        helper.make_node("Squeeze", ["c"], ["cs"]),
+                                        helper.make_node("Range", ["zero", "cs", "one_s"], ["r"]),
+                                        helper.make_node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
+                                        helper.make_node("Mul", ["k", "rf"], ["kr"]),
+                                        helper.make_node("Reshape", ["kr", "shp"], ["kr4"]),
+                                        helper.make_node("Add", ["x", "kr4"], ["y"])],
+                                   {"one": i64(1), "two": i64(2), "zero": np.asarray(0, np.int64),
+                                    "one_s": np.asarray(1, np.int64), "shp": i64(1, 3, 1, 1)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_op_matches_onnxruntime(name):
+    opset, nodes, consts = CASES[name]
+    shape = (2, 5, 6) if name.startswith("layernorm") else (2, 3, 5, 6)
+    out_shape = [2, 90] if name == "shape-arith-reshape" else None
+    model = make(nodes, [("x", shape)], opset, initializers=list(consts.items()), out_shape=out_shape)
+    onnx.checker.check_model(model)
+    compare(model, {"x": rand(*shape)})
+
+
+@settings(max_examples=25, deadline=None)
+@given(kernel=st.integers(1, 4), stride=st.integers(1, 3), dilation=st.integers(1, 2), pad=st.integers(0, 1),
+       ceil=st.booleans(), include_pad=st.booleans(), size=st.integers(6, 11), group=st.sampled_from([1, 3]))
+def test_conv_and_pool_geometry(kernel, stride, dilation, pad, ceil, include_pad, size, group):
+    pad = min(pad, kernel - 1) if kernel > 1 else 0
+    assume((kernel - 1) * dilation + 1 <= size)
+    x = rand(2, 3, size, size + 1)
+    w = rand(6, 3 // group, kernel, kernel, seed=1)
+    common = dict(kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], group=group, dilations=[dilation] * 2, **common),
+        helper.make_node("MaxPool", ["x"], ["y0"], ceil_mode=int(ceil), dilations=[dilation] * 2, **common),
+        helper.make_node("AveragePool", ["x"], ["y1"], ceil_mode=int(ceil), count_include_pad=int(include_pad),
+                         **common),
+        helper.make_node("ConvTranspose", ["x", "wt"], ["y2"], group=group, dilations=[dilation] * 2,
+                         output_padding=[stride - 1, 0], **common),
+        helper.make_node("Relu", ["c"], ["y3"]),
+    ]
+    model = make(nodes, [("x", x.shape)], 19, n_outputs=4,
+                 initializers=[("w", w), ("b", rand(6, seed=2)), ("wt", rand(3, 6 // group, kernel, kernel, seed=3))])
+    compare(model, {"x": x}, atol=1e-4)
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_auto_pad(auto_pad):
+    x = rand(1, 2, 7, 8)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y0"], auto_pad=auto_pad, strides=[2, 2]),
+             helper.make_node("MaxPool", ["x"], ["y1"], auto_pad=auto_pad, kernel_shape=[2, 3], strides=[2, 2])]
+    model = make(nodes, [("x", x.shape)], 13, n_outputs=2, initializers=[("w", rand(4, 2, 3, 2, seed=1))])
+    compare(model, {"x": x})
