@@ -1,0 +1,61 @@
+"""JAX-jit vs onnxruntime CPU throughput (images/s) on ResNet-18 (CIFAR) and LeNet-5.
+
+    python benchmarks/forward.py [--out benchmarks/results/forward.json] [--width 64]
+
+Goal (issue 2): the JAX forward no slower than 1.5x onnxruntime.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_of, environment, write_json  # noqa: E402
+
+
+def measure(name: str, net, shape, batch: int, folder: Path) -> dict:
+    from lancet import Forward, load_model
+    from lancet.converters.torch_export import export_torch
+    from lancet.runtime import ort_session
+
+    x = np.random.default_rng(0).normal(size=(batch, *shape)).astype(np.float32)
+    path = export_torch(net, x[:2], folder / f"{name}.onnx")
+    session = ort_session(path)
+    forward = Forward(load_model(path))
+    jax_s = best_of(lambda: jax.block_until_ready(forward.logits(x)))
+    ort_s = best_of(lambda: session.run(None, {"input": x}))
+    return {"model": name, "batch": batch, "jax_images_per_s": batch / jax_s, "ort_images_per_s": batch / ort_s,
+            "jax_over_ort_time": jax_s / ort_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/forward.json")
+    parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width (64 as in the paper)")
+    args = parser.parse_args()
+    import torch
+
+    from lancet.models.torch_zoo import build, resnet18
+
+    torch.manual_seed(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.append(measure(f"resnet18-w{args.width}", resnet18(3, 32, 10, width=args.width).eval(), (3, 32, 32), 64,
+                            Path(tmp)))
+        rows.append(measure("lenet5", build("lenet5", 1, 28), (1, 28, 28), 256, Path(tmp)))
+    print(f"{'model':<16}{'batch':>6}{'JAX img/s':>12}{'ORT img/s':>12}{'JAX time / ORT':>16}")
+    for row in rows:
+        print(f"{row['model']:<16}{row['batch']:>6}{row['jax_images_per_s']:>12.0f}{row['ort_images_per_s']:>12.0f}"
+              f"{row['jax_over_ort_time']:>16.2f}")
+    write_json(args.out, {"benchmark": "forward", "goal": "jax_over_ort_time <= 1.5", "rows": rows,
+                          "environment": environment()})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
