@@ -88,10 +88,13 @@ def test_gradient_wrt_intermediate_via_shift(lenet):
 
     grad = jax.grad(loss)(jnp.zeros(shape))
     assert grad.shape == shape and float(jnp.abs(grad).sum()) > 0
-    direction = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
-    eps = 1e-2
-    numeric = (loss(eps * direction) - loss(-eps * direction)) / (2 * eps)
-    assert abs(float(jnp.sum(grad * direction)) - float(numeric)) <= 2e-2 * max(1.0, abs(float(numeric)))
+    # One element at a time: a random direction over the whole tensor crosses ReLU/max-pool kinks.
+    flat = np.argsort(-np.abs(np.asarray(grad)).reshape(-1))[:3]
+    for index in flat:
+        direction = jnp.zeros(grad.size).at[index].set(1.0).reshape(shape)
+        eps = 1e-2
+        numeric = (loss(eps * direction) - loss(-eps * direction)) / (2 * eps)
+        assert abs(float(grad.reshape(-1)[index]) - float(numeric)) <= 2e-2 * max(1.0, abs(float(numeric)))
 
 
 def test_batch_shapes_and_predict(lenet):

@@ -1,0 +1,204 @@
+"""Step 4, progressive neuron ablation: ablate neurons in score order until the error disappears.
+
+The top-k neurons (weight neurons zeroed, channel neurons masked) are ablated for k = 1, 2, 4, ... until the
+fix rate on the pairs (share of error inputs that no longer get the wrong label) reaches the target; then the
+gap is narrowed by batched bisection. Each step evaluates every pair and the clean set, for several k at once
+(vmap over k), in one jitted call per sample chunk. The minimal such set is the EIN set when clean accuracy
+drops by at most the bound. Done globally (all layers ranked together) and within each layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..forward import Edit, Forward
+from .common import chunks, make_logits_fn, pad_to
+from .pairs import Pairs
+from .valuation import NeuronScores
+
+NOT_CANDIDATE = np.iinfo(np.int32).max
+BISECTION_POINTS = 7  # k values tried per bisection round (one batched call)
+
+
+@dataclass
+class AblationResult:
+    """The outcome of one search scope ('global' or one layer)."""
+
+    scope: str
+    granularity: str
+    candidates: int
+    k: int | None
+    fix_rate: float
+    clean_accuracy: float
+    clean_accuracy_before: float
+    success: bool
+    curve: list[dict] = field(default_factory=list)
+    eins: list[dict] = field(default_factory=list)
+
+    @property
+    def clean_drop_points(self) -> float:
+        return 100.0 * (self.clean_accuracy_before - self.clean_accuracy)
+
+    def summary(self) -> dict:
+        """JSON-ready form without the EIN list."""
+        return {"scope": self.scope, "granularity": self.granularity, "candidates": self.candidates, "k": self.k,
+                "fix_rate": self.fix_rate, "clean_accuracy": self.clean_accuracy,
+                "clean_accuracy_before": self.clean_accuracy_before,
+                "clean_drop_points": self.clean_drop_points, "success": self.success}
+
+
+class Ablator:
+    """Evaluates top-k ablations for a rank assignment; jitted once per model, granularity and chunk size."""
+
+    def __init__(self, forward: Forward, scores: NeuronScores, pairs: Pairs, x_clean: np.ndarray,
+                 y_clean: np.ndarray, batch: int = 256, k_chunk: int = 8):
+        self.forward = forward
+        self.scores = scores
+        self.granularity = scores.granularity
+        self.units = list(scores.scores)
+        self.batch = batch
+        self.k_chunk = k_chunk
+        self.n_pairs = pairs.used
+        self.x = np.concatenate([pairs.x_error, x_clean])
+        self.wrong = np.concatenate([pairs.y_wrong, np.full(len(x_clean), -1, np.int64)])
+        self.right = np.concatenate([pairs.y_right, y_clean])
+        self.is_pair = np.concatenate([np.ones(pairs.used, np.float32), np.zeros(len(x_clean), np.float32)])
+        self.n_clean = len(x_clean)
+        self._counts = jax.jit(self._build_counts())
+
+    def _build_counts(self):
+        logits_fn = make_logits_fn(self.forward)
+        granularity, units = self.granularity, self.units
+
+        def one_k(params, ranks, k, x, wrong, right, is_pair, valid):
+            keep = {u: (ranks[u] >= k).astype(jnp.float32) for u in units}
+            if granularity == "weight":
+                params = {**params, **{u: params[u] * keep[u] for u in units}}
+                logits = logits_fn(params, x)
+            else:
+                logits = logits_fn(params, x, edits={u: Edit(scale=keep[u]) for u in units})
+            pred = jnp.argmax(logits, axis=-1)
+            fixed = jnp.sum(valid * is_pair * (pred != wrong))
+            correct = jnp.sum(valid * (1 - is_pair) * (pred == right))
+            return jnp.stack([fixed, correct])
+
+        def counts(params, ranks, ks, x, wrong, right, is_pair, valid):
+            return jax.vmap(one_k, in_axes=(None, None, 0, None, None, None, None, None))(
+                params, ranks, ks, x, wrong, right, is_pair, valid)
+
+        return counts
+
+    def ranks(self, scope: str) -> tuple[dict[str, np.ndarray], int]:
+        """Rank of every neuron in descending score order within `scope` (NOT_CANDIDATE outside it)."""
+        units = self.units if scope == "global" else [scope]
+        flat = np.concatenate([self.scores.scores[u].reshape(-1) for u in units])
+        order = np.argsort(-flat, kind="stable")
+        n_candidates = int(np.isfinite(flat).sum())
+        rank_flat = np.full(flat.size, NOT_CANDIDATE, np.int64)
+        rank_flat[order[:n_candidates]] = np.arange(n_candidates)
+        ranks, offset = {}, 0
+        for unit in self.units:
+            size = self.scores.scores[unit].size
+            if unit in units:
+                ranks[unit] = rank_flat[offset:offset + size].reshape(self.scores.scores[unit].shape)
+                offset += size
+            else:
+                ranks[unit] = np.full(self.scores.scores[unit].shape, NOT_CANDIDATE, np.int64)
+        return {u: jnp.asarray(r.astype(np.int32)) for u, r in ranks.items()}, n_candidates
+
+    def evaluate(self, ranks: dict, ks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(fix rate, clean accuracy) for each k, in batched calls."""
+        totals = np.zeros((len(ks), 2))
+        size = min(self.batch, len(self.x))
+        for k_start, k_stop in chunks(len(ks), self.k_chunk):
+            k_arr = np.asarray(ks[k_start:k_stop], np.int32)
+            k_arr = pad_to(k_arr, self.k_chunk) if len(ks) > self.k_chunk else k_arr
+            for start, stop in chunks(len(self.x), self.batch):
+                valid = pad_to(np.ones(stop - start, np.float32), size)
+                part = self._counts(self.forward.params, ranks, jnp.asarray(k_arr),
+                                    pad_to(self.x[start:stop], size), pad_to(self.wrong[start:stop], size),
+                                    pad_to(self.right[start:stop], size), pad_to(self.is_pair[start:stop], size),
+                                    valid)
+                totals[k_start:k_stop] += np.asarray(part)[: k_stop - k_start]
+        return totals[:, 0] / max(1, self.n_pairs), totals[:, 1] / max(1, self.n_clean)
+
+    def search(self, scope: str, target_fix: float, max_drop_points: float, base_accuracy: float) -> AblationResult:
+        """Smallest k whose ablation reaches `target_fix` (doubling, then batched bisection)."""
+        ranks, n_candidates = self.ranks(scope)
+        curve: dict[int, tuple[float, float]] = {}
+
+        def run(ks):
+            ks = sorted({int(k) for k in ks if 0 < k <= n_candidates and k not in curve})
+            if ks:
+                fix, acc = self.evaluate(ranks, ks)
+                curve.update({k: (float(f), float(a)) for k, f, a in zip(ks, fix, acc)})
+
+        if n_candidates == 0:
+            return AblationResult(scope, self.granularity, 0, None, 0.0, base_accuracy, base_accuracy, False)
+        doubling = [2**i for i in range(int(np.ceil(np.log2(n_candidates))) + 1) if 2**i < n_candidates]
+        run(doubling + [n_candidates])
+        reached = [k for k in sorted(curve) if curve[k][0] >= target_fix]
+        if not reached:
+            best = max(curve, key=lambda k: curve[k][0])
+            return self._result(scope, n_candidates, best, curve, ranks, False, base_accuracy)
+        hi = reached[0]
+        lo = max([k for k in curve if k < hi], default=0)
+        while hi - lo > 1:
+            run(np.unique(np.linspace(lo, hi, BISECTION_POINTS + 2).round().astype(int))[1:-1])
+            hi = min(k for k in curve if lo < k <= hi and curve[k][0] >= target_fix)
+            lo = max([k for k in curve if k < hi], default=0)
+        success = 100.0 * (base_accuracy - curve[hi][1]) <= max_drop_points
+        return self._result(scope, n_candidates, hi, curve, ranks, success, base_accuracy)
+
+    def _result(self, scope, n_candidates, k, curve, ranks, success, base_accuracy) -> AblationResult:
+        points = [{"k": 0, "fix_rate": 0.0, "clean_accuracy": base_accuracy}]
+        points += [{"k": kk, "fix_rate": f, "clean_accuracy": a} for kk, (f, a) in sorted(curve.items())]
+        return AblationResult(scope, self.granularity, n_candidates, k, curve[k][0], curve[k][1], base_accuracy,
+                              success, points, self.eins(ranks, k))
+
+    def eins(self, ranks: dict, k: int) -> list[dict]:
+        """The top-k neurons of a rank assignment, best first."""
+        key = "initializer" if self.granularity == "weight" else "layer"
+        found = []
+        for unit, rank in ranks.items():
+            rank = np.asarray(rank)
+            for index in np.flatnonzero(rank.reshape(-1) < k):
+                found.append((int(rank.reshape(-1)[index]),
+                              {key: unit, "index": int(index),
+                               "score": float(self.scores.scores[unit].reshape(-1)[index])}))
+        return [entry for _, entry in sorted(found, key=lambda item: item[0])]
+
+
+def progressive_ablation(forward: Forward, scores: NeuronScores, pairs: Pairs, x_clean: np.ndarray,
+                         y_clean: np.ndarray, *, target_fix: float = 0.95, max_acc_drop: float = 2.0,
+                         scopes: str = "all", base_accuracy: float | None = None,
+                         progress=None) -> tuple[AblationResult, list[AblationResult]]:
+    """Search each scope; return (the chosen result, every scope's result).
+
+    `scopes`: 'global', 'per-layer' or 'all'. The chosen result is the smallest successful set (ties: the
+    smaller clean-accuracy drop); with none successful, the one with the highest fix rate.
+    """
+    from .common import predict_labels
+
+    ablator = Ablator(forward, scores, pairs, x_clean, y_clean)
+    if base_accuracy is None:
+        base_accuracy = float(np.mean(predict_labels(forward, x_clean) == y_clean))
+    names = []
+    if scopes in ("global", "all"):
+        names.append("global")
+    if scopes in ("per-layer", "all"):
+        names += [u for u in ablator.units if np.isfinite(scores.scores[u]).any()]
+    results = []
+    for name in names:
+        results.append(ablator.search(name, target_fix, max_acc_drop, base_accuracy))
+        if progress is not None:
+            progress(name)
+    good = [r for r in results if r.success]
+    if good:
+        chosen = min(good, key=lambda r: (r.k, -r.clean_accuracy))
+    else:
+        chosen = max(results, key=lambda r: (r.fix_rate, r.clean_accuracy))
+    return chosen, results
