@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+import numpy as np
 
 from .errors import LancetError
 
@@ -116,6 +117,107 @@ def eval_command(model_path: str, data_path: str, backend: str, as_json: bool) -
     from .report import key_value_table
 
     key_value_table("lancet eval", result, _console())
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="The case .npz file.")
+@click.option("--granularity", type=click.Choice(["weight", "channel"]), default="weight", show_default=True)
+@click.option("--target-fix", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Share of error inputs that must lose the wrong label.")
+@click.option("--max-acc-drop", type=click.FloatRange(0, 100), default=2.0, show_default=True,
+              help="Largest clean-accuracy drop (points) an EIN set may cause.")
+@click.option("--fill", type=click.Choice(["median", "inpaint"]), default="median", show_default=True,
+              help="How a trigger region is refilled to build companions.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the ablation curve PNG here.")
+@click.option("--mask-png", "mask_path", type=click.Path(dir_okay=False),
+              help="Write the restored trigger mask PNG here (cases without x_error).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
+@handle_errors
+def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, report_path, plot_path, mask_path,
+           seed, as_json) -> None:
+    """Find the error-inducing neurons: pairs, EI features, scores, progressive ablation."""
+    from .io import check_output_path
+    from .locate.pipeline import locate as run_locate
+    from .locate.pipeline import plot_curve
+
+    for path in (report_path, plot_path, mask_path):
+        if path:
+            check_output_path(Path(path), inputs=(Path(model_path), Path(data_path)))
+    if plot_path or mask_path:
+        _require_matplotlib()
+    result = run_locate(model_path, data_path, granularity=granularity, target_fix=target_fix,
+                        max_acc_drop=max_acc_drop, fill=fill, seed=seed, progress=not as_json)
+    report = result.to_json()
+    if plot_path:
+        plot_curve(result, plot_path)
+        report["plot"] = plot_path
+    if mask_path and result.restore is not None:
+        from .locate.restore import save_mask_png
+
+        target = result.restore.flagged
+        if target is None:
+            target = int(np.argmax(result.restore.anomaly))
+        save_mask_png(result.restore, mask_path, target)
+        report["mask_png"] = mask_path
+    if report_path:
+        emit_json(report, report_path)
+    if as_json:
+        emit_json(report)
+    else:
+        from .report import locate_tables
+
+        locate_tables(report, _console())
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="The case .npz file.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The repaired ONNX file.")
+@click.option("--method", type=click.Choice(["flip", "finetune"]), default="flip", show_default=True)
+@click.option("--granularity", type=click.Choice(["weight", "channel"]), default="weight", show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--max-acc-drop", type=click.FloatRange(0, 100), default=2.0, show_default=True,
+              help="Largest clean-accuracy drop (points) accepted.")
+@click.option("--target-fix", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Smallest error-fix rate accepted.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Write the repaired model even when it misses the bounds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
+@handle_errors
+def repair(model_path, data_path, out_path, method, granularity, report_path, max_acc_drop, target_fix, seed, force,
+           as_json) -> None:
+    """Locate the EINs, fix them (flip or fine-tune), export the repaired ONNX file, compare before/after."""
+    from .io import check_output_path
+    from .repair import repair as run_repair
+
+    if report_path:
+        check_output_path(Path(report_path), inputs=(Path(model_path), Path(data_path)))
+    result = run_repair(model_path, data_path, out_path, method=method, granularity=granularity,
+                        max_acc_drop=max_acc_drop, target_fix=target_fix, seed=seed, force=force,
+                        progress=not as_json)
+    report = result.to_json()
+    if report_path:
+        emit_json(report, report_path)
+    if as_json:
+        emit_json(report)
+    else:
+        from .report import repair_tables
+
+        repair_tables(report, _console())
+    if not result.accepted:
+        click.echo(f"lancet: repair rejected: {'; '.join(result.reasons)}"
+                   + ("; written anyway (--force)" if result.written else "; nothing written"), err=True)
+        sys.exit(3)
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise LancetError("plots need matplotlib: pip install 'onnx-lancet[plot]'") from exc
 
 
 @main.command()

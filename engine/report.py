@@ -48,3 +48,61 @@ def inspect_tables(info: dict, console) -> None:
     for op, entry in info["op_coverage"].items():
         ops.add_row(op, str(entry["count"]), "yes" if entry["supported"] else "NO")
     console.print(ops)
+
+
+def _stage_line(seconds: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items())
+
+
+def locate_tables(report: dict, console, top: int = 20) -> None:
+    """`lancet locate` for people: outcome, pairs, restored trigger, EINs per layer and the top EINs."""
+    from rich.table import Table
+
+    facts = {"model": report["model"], "status": report["status"], "granularity": report["granularity"],
+             "clean accuracy": report["clean_accuracy"]}
+    if report.get("restore"):
+        restore = report["restore"]
+        facts["restored trigger: flagged class"] = restore["flagged_class"]
+        facts["anomaly index (max)"] = max(restore["anomaly_index"])
+    if report.get("pairs"):
+        pairs = report["pairs"]
+        facts["pairs"] = f"{pairs['used']} used of {pairs['given']} ({pairs['source']}), {pairs['dropped']} dropped"
+    if "chosen" in report:
+        chosen = report["chosen"]
+        facts["EINs"] = (f"{report['ein_count']} of {report['total_neurons']} neurons "
+                         f"({100 * report['ein_share']:.3f} %), scope {chosen['scope']}")
+        facts["error-fix rate (pairs)"] = chosen["fix_rate"]
+        facts["clean accuracy after ablation"] = chosen["clean_accuracy"]
+        facts["within bounds"] = "yes" if chosen["success"] else "NO"
+    facts["seconds"] = _stage_line(report["seconds"])
+    key_value_table("lancet locate", facts, console)
+    if not report.get("eins"):
+        return
+    key = "initializer" if report["granularity"] == "weight" else "layer"
+    table = Table(title=f"top {min(top, len(report['eins']))} EINs (of {len(report['eins'])})")
+    for column in ("rank", key, "index", "score"):
+        table.add_column(column, justify="left" if column == key else "right")
+    for rank, ein in enumerate(report["eins"][:top], 1):
+        table.add_row(str(rank), ein[key], str(ein["index"]), f"{ein['score']:.4g}")
+    console.print(table)
+
+
+def repair_tables(report: dict, console) -> None:
+    """`lancet repair` for people: the before/after table and the outcome."""
+    from rich.table import Table
+
+    table = Table(title=f"lancet repair ({report['method']}): {report['status']}")
+    table.add_column("metric (given data)")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for metric in ("clean_accuracy", "error_accuracy", "error_fix_rate"):
+        if metric in report.get("before", {}) or metric in report.get("after", {}):
+            table.add_row(metric, _fmt(report["before"].get(metric, "")), _fmt(report["after"].get(metric, "")))
+    console.print(table)
+    facts = {"EINs": report["ein_count"], "changed parameters": report["changed_parameter_count"],
+             "pairs": f"{report['pairs_used']} used, {report['pairs_dropped']} dropped",
+             "output": report["output"] if report["written"] else "not written",
+             "seconds": _stage_line(report["seconds"])}
+    if report["reasons"]:
+        facts["reasons"] = "; ".join(report["reasons"])
+    key_value_table("outcome", facts, console)

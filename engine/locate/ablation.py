@@ -54,8 +54,9 @@ class Ablator:
     """Evaluates top-k ablations for a rank assignment; jitted once per model, granularity and chunk size."""
 
     def __init__(self, forward: Forward, scores: NeuronScores, pairs: Pairs, x_clean: np.ndarray,
-                 y_clean: np.ndarray, batch: int = 256, k_chunk: int = 8):
+                 y_clean: np.ndarray, batch: int = 256, k_chunk: int = 8, factor: float = 0.0):
         self.forward = forward
+        self.factor = factor  # what the top-k neurons are multiplied by: 0 ablates, -1 flips
         self.scores = scores
         self.granularity = scores.granularity
         self.units = list(scores.scores)
@@ -71,10 +72,10 @@ class Ablator:
 
     def _build_counts(self):
         logits_fn = make_logits_fn(self.forward)
-        granularity, units = self.granularity, self.units
+        granularity, units, factor = self.granularity, self.units, self.factor
 
         def one_k(params, ranks, k, x, wrong, right, is_pair, valid):
-            keep = {u: (ranks[u] >= k).astype(jnp.float32) for u in units}
+            keep = {u: jnp.where(ranks[u] < k, factor, 1.0).astype(jnp.float32) for u in units}
             if granularity == "weight":
                 params = {**params, **{u: params[u] * keep[u] for u in units}}
                 logits = logits_fn(params, x)
@@ -166,24 +167,26 @@ class Ablator:
         for unit, rank in ranks.items():
             rank = np.asarray(rank)
             for index in np.flatnonzero(rank.reshape(-1) < k):
+                position = [int(i) for i in np.unravel_index(index, rank.shape)]
                 found.append((int(rank.reshape(-1)[index]),
-                              {key: unit, "index": int(index),
+                              {key: unit, "index": int(index), "position": position,
                                "score": float(self.scores.scores[unit].reshape(-1)[index])}))
         return [entry for _, entry in sorted(found, key=lambda item: item[0])]
 
 
 def progressive_ablation(forward: Forward, scores: NeuronScores, pairs: Pairs, x_clean: np.ndarray,
                          y_clean: np.ndarray, *, target_fix: float = 0.95, max_acc_drop: float = 2.0,
-                         scopes: str = "all", base_accuracy: float | None = None,
+                         scopes: str = "all", base_accuracy: float | None = None, factor: float = 0.0,
                          progress=None) -> tuple[AblationResult, list[AblationResult]]:
     """Search each scope; return (the chosen result, every scope's result).
 
-    `scopes`: 'global', 'per-layer' or 'all'. The chosen result is the smallest successful set (ties: the
+    `scopes`: 'global', 'per-layer' or 'all'; `factor` 0 ablates the top-k neurons, -1 flips their sign.
+    The chosen result is the smallest successful set (ties: the
     smaller clean-accuracy drop); with none successful, the one with the highest fix rate.
     """
     from .common import predict_labels
 
-    ablator = Ablator(forward, scores, pairs, x_clean, y_clean)
+    ablator = Ablator(forward, scores, pairs, x_clean, y_clean, factor=factor)
     if base_accuracy is None:
         base_accuracy = float(np.mean(predict_labels(forward, x_clean) == y_clean))
     names = []

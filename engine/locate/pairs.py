@@ -159,16 +159,24 @@ def find_regions(forward: Forward, x_error: np.ndarray, y_right: np.ndarray, y_w
 
 
 def build_pairs(forward: Forward, case: Case, *, fill: str = "median", restored=None) -> Pairs:
-    """Pairs for `case` (see the module docstring); `restored` is a RestoredTrigger when x_error is absent."""
+    """Pairs for `case` (see the module docstring).
+
+    `restored` is a RestoreResult with a flagged class, required when the case has no x_error: the error
+    inputs are then clean inputs stamped with the restored trigger, and their companions the clean inputs.
+    """
+    companions = None
+    mask = None
     if case.x_error is None:
-        if restored is None:
+        if restored is None or restored.flagged is None:
             raise BadInputError("the case has no x_error: restore a trigger first (lancet.locate.restore)")
-        x_error, y_right = restored.x_error, restored.y_right
-        mask = restored.mask_full
+        from .restore import restored_pairs_inputs
+
+        x_error, y_right, companions = restored_pairs_inputs(restored, case.x_clean, case.y_clean)
         source = "restored"
     else:
         x_error, y_right, mask = case.x_error, case.y_error, case.trigger_mask
-        source = "companion" if case.x_companion is not None else ("trigger_mask" if mask is not None else "saliency")
+        companions = case.x_companion
+        source = "companion" if companions is not None else ("trigger_mask" if mask is not None else "saliency")
     given = len(x_error)
     y_wrong = predict_labels(forward, x_error)
     wrong = y_wrong != y_right
@@ -178,10 +186,10 @@ def build_pairs(forward: Forward, case: Case, *, fill: str = "median", restored=
     index = np.flatnonzero(wrong)
     x_e, y_r, y_w = x_error[index], y_right[index], y_wrong[index]
     masks = None
-    if source == "companion":
-        companion = case.x_companion[index]
+    if source in ("companion", "restored"):
+        companion = companions[index]
         keep = predict_labels(forward, companion) == y_r
-    elif source in ("trigger_mask", "restored"):
+    elif source == "trigger_mask":
         masks = np.broadcast_to(mask, x_e.shape).astype(np.float32)
         companion = refill(x_e, masks, fill, case.x_clean)
         keep = predict_labels(forward, companion) == y_r
@@ -190,7 +198,7 @@ def build_pairs(forward: Forward, case: Case, *, fill: str = "median", restored=
     pairs = Pairs(x_e[keep], companion[keep], y_r[keep], y_w[keep], source, given,
                   dropped_already_right=int((~wrong).sum()), dropped_companion_wrong=int((~keep).sum()),
                   masks=None if masks is None else masks[keep])
-    if source != "companion":
+    if source in ("trigger_mask", "saliency"):
         pairs.details["fill"] = fill
     if source == "saliency" and pairs.used:
         pairs.details["mean_region_share"] = float(pairs.masks.mean())

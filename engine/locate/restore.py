@@ -1,0 +1,156 @@
+"""Trigger restoration from clean data only (Neural-Cleanse style), for a case without error inputs.
+
+For every candidate target class t a mask m (one value per pixel, shared by the channels) and a pattern p
+are optimised so that x' = (1 - m) * x + m * p sends clean inputs to t:
+
+    loss_t = CE(f(x'), t) + lam * |m|_1 / pixels
+
+All classes are optimised at once (vmap over t) in one jitted Adam step (optax), on minibatches of x_clean.
+A backdoor target needs a much smaller mask than any honest class: with the L1 norms |m_t|, the anomaly
+index of t is (median - |m_t|) / (1.4826 * MAD); a class with index above `threshold` (default 2, as
+Neural Cleanse) whose restored trigger flips most inputs is flagged. Its trigger makes the pairs:
+clean input + restored trigger (error input) vs the clean input (companion).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..forward import Forward
+from .common import make_logits_fn, predict_labels, spatial_axes
+
+MAD_CONSISTENCY = 1.4826
+
+
+@dataclass
+class RestoreResult:
+    """Restored masks and patterns of every class, their norms, anomaly indices and the flagged class."""
+
+    masks: np.ndarray          # [classes, *input_shape], values in [0, 1]
+    patterns: np.ndarray       # [classes, *input_shape]
+    norms: np.ndarray          # L1 norm of each class's mask (pixels)
+    attack_rates: np.ndarray   # share of clean inputs the restored trigger sends to the class
+    anomaly: np.ndarray        # anomaly index per class (large = suspiciously small mask)
+    flagged: int | None
+    threshold: float
+    details: dict = field(default_factory=dict)
+
+    def apply(self, x: np.ndarray, target: int) -> np.ndarray:
+        """Stamp class `target`'s restored trigger on `x`."""
+        mask = self.masks[target]
+        return ((1 - mask) * x + mask * self.patterns[target]).astype(np.float32)
+
+    def summary(self) -> dict:
+        """JSON-ready figures (no arrays but the per-class norms)."""
+        return {"flagged_class": self.flagged, "anomaly_threshold": self.threshold,
+                "anomaly_index": [round(float(a), 3) for a in self.anomaly],
+                "mask_l1": [round(float(n), 2) for n in self.norms],
+                "attack_rate": [round(float(r), 3) for r in self.attack_rates],
+                "backdoor_found": self.flagged is not None, **self.details}
+
+
+def anomaly_index(norms: np.ndarray) -> np.ndarray:
+    """Median-absolute-deviation anomaly index, positive for norms below the median."""
+    median = np.median(norms)
+    mad = MAD_CONSISTENCY * np.median(np.abs(norms - median)) + 1e-12
+    return (median - norms) / mad
+
+
+def restore_triggers(forward: Forward, x_clean: np.ndarray, num_classes: int, *, steps: int = 300,
+                     batch: int = 64, lr: float = 0.1, lam: float = 0.02, threshold: float = 2.0,
+                     min_attack_rate: float = 0.8, seed: int = 0, progress=None) -> RestoreResult:
+    """Reverse-engineer one trigger per class and flag the anomalous one (see the module docstring)."""
+    shape = x_clean.shape[1:]
+    channel, spatial = spatial_axes(shape)
+    mask_shape = tuple(1 if axis == channel else size for axis, size in enumerate(shape))
+    pixels = float(np.prod(mask_shape))
+    low, high = float(x_clean.min()), float(x_clean.max())
+    logits_fn = make_logits_fn(forward)
+    params = forward.params
+    classes = jnp.arange(num_classes)
+    key = jax.random.PRNGKey(seed)
+    theta = {"mask": jnp.full((num_classes, *mask_shape), -3.0),
+             "pattern": 0.1 * jax.random.normal(key, (num_classes, *shape))}
+    optimizer = optax.adam(lr)
+
+    def stamp(theta_t, x):
+        mask = jax.nn.sigmoid(theta_t["mask"])
+        pattern = low + (high - low) * jax.nn.sigmoid(theta_t["pattern"])
+        return (1 - mask) * x + mask * pattern, mask
+
+    def loss_one(theta_t, target, x):
+        stamped, mask = stamp(theta_t, x)
+        logits = logits_fn(params, stamped)
+        ce = -jnp.mean(jax.nn.log_softmax(logits)[:, target])
+        return ce + lam * jnp.sum(mask) / pixels * 100.0
+
+    @jax.jit
+    def step(theta, opt_state, x):
+        grads = jax.vmap(jax.grad(loss_one), in_axes=(0, 0, None))(theta, classes, x)
+        updates, opt_state = optimizer.update(grads, opt_state, theta)
+        return optax.apply_updates(theta, updates), opt_state
+
+    opt_state = optimizer.init(theta)
+    rng = np.random.default_rng(seed)
+    size = min(batch, len(x_clean))
+    for index in range(steps):
+        picks = rng.choice(len(x_clean), size=size, replace=False)
+        theta, opt_state = step(theta, opt_state, jnp.asarray(x_clean[picks]))
+        if progress is not None:
+            progress(index)
+    masks = np.asarray(jax.nn.sigmoid(theta["mask"]))
+    masks = np.broadcast_to(masks, (num_classes, *shape)).astype(np.float32)
+    patterns = np.asarray(low + (high - low) * jax.nn.sigmoid(theta["pattern"]), np.float32)
+    norms = np.asarray(jax.nn.sigmoid(theta["mask"])).reshape(num_classes, -1).sum(axis=1)
+    rates = np.zeros(num_classes)
+    for target in range(num_classes):
+        stamped = (1 - masks[target]) * x_clean + masks[target] * patterns[target]
+        rates[target] = float(np.mean(predict_labels(forward, stamped.astype(np.float32)) == target))
+    anomaly = anomaly_index(norms)
+    eligible = [t for t in range(num_classes) if anomaly[t] > threshold and rates[t] >= min_attack_rate]
+    flagged = max(eligible, key=lambda t: anomaly[t]) if eligible else None
+    return RestoreResult(masks, patterns, norms, rates, anomaly, flagged, threshold,
+                         details={"steps": steps, "lambda": lam, "mask_shape": list(mask_shape)})
+
+
+def restored_pairs_inputs(result: RestoreResult, x_clean: np.ndarray, y_clean: np.ndarray):
+    """(x_error, y_right, x_companion) from the flagged trigger: stamped clean inputs not of the target class."""
+    target = result.flagged
+    keep = y_clean != target
+    return result.apply(x_clean[keep], target), y_clean[keep], x_clean[keep]
+
+
+def save_mask_png(result: RestoreResult, path, target: int | None = None) -> None:
+    """The restored mask (and trigger = mask x pattern) of `target` (default: the flagged class) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import write_bytes_atomic
+
+    target = result.flagged if target is None else target
+    channel, _ = spatial_axes(result.masks.shape[1:])
+    mask = result.masks[target]
+    trigger = mask * result.patterns[target]
+    if channel is not None:
+        mask = mask.take(0, axis=channel)
+        trigger = np.moveaxis(trigger, channel, -1)
+        trigger = trigger[..., 0] if trigger.shape[-1] != 3 else trigger
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+    axes[0].imshow(mask, cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title(f"mask, class {target}")
+    axes[1].imshow(trigger, cmap="gray" if trigger.ndim == 2 else None)
+    axes[1].set_title(f"anomaly index {result.anomaly[target]:.2f}")
+    for axis in axes:
+        axis.axis("off")
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())

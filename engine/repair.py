@@ -1,0 +1,196 @@
+"""`repair()`: locate the EINs, fix them (flip or fine-tune), export by graph surgery, evaluate before/after.
+
+Acceptance: the clean-accuracy drop on x_clean is at most `max_acc_drop` points and at least `target_fix`
+of the error inputs the model got wrong no longer get their wrong label. A repair that misses is not
+written unless `force`; a repaired file that fails the checker, onnxruntime or parity is never written.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import __version__
+from .case import Case, load_case
+from .errors import BadInputError, RepairRejectedError
+from .evaluate import static_batch
+from .fix import ein_masks, finetune, flip
+from .forward import Forward
+from .io import check_output_path, write_bytes_atomic
+from .loader import load_model
+from .locate.common import predict_labels
+from .locate.pipeline import LocateResult, locate
+from .neurons import find_layers
+
+METHODS = ("flip", "finetune")
+# Ablation-search fix-rate target on the pairs per method: a flip search can afford a stricter target
+# (flipping pushes the trigger's evidence the other way); fine-tuning then trains the ablated set.
+SEARCH_TARGET = {"flip": 0.99, "finetune": 0.95}
+SEARCH_FACTOR = {"flip": -1.0, "finetune": 0.0}
+
+
+@dataclass
+class RepairResult:
+    """What `lancet repair` reports (fields of shared/CASE_FORMAT.md's report.json)."""
+
+    method: str
+    status: str
+    before: dict
+    after: dict
+    eins: list[dict]
+    changed_parameters: dict[str, int]
+    seconds: dict[str, float]
+    pairs_used: int
+    pairs_dropped: int
+    accepted: bool
+    written: bool
+    output: str | None
+    reasons: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+    locate_result: LocateResult | None = None
+    repaired_params: dict | None = None
+
+    def to_json(self) -> dict:
+        """JSON-ready report."""
+        return {"method": self.method, "status": self.status, "accepted": self.accepted, "written": self.written,
+                "output": self.output, "reasons": self.reasons, "before": self.before, "after": self.after,
+                "ein_count": len(self.eins), "eins": self.eins, "changed_parameters": self.changed_parameters,
+                "changed_parameter_count": int(sum(self.changed_parameters.values())),
+                "pairs_used": self.pairs_used, "pairs_dropped": self.pairs_dropped,
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, **self.details}
+
+
+def _evaluate(forward: Forward, params, case: Case, x_error, y_error, wrong_before=None) -> dict:
+    clean_pred = predict_labels(forward, case.x_clean, params=params)
+    report = {"clean_accuracy": float(np.mean(clean_pred == case.y_clean))}
+    if x_error is not None and len(x_error):
+        pred = predict_labels(forward, x_error, params=params)
+        report["error_accuracy"] = float(np.mean(pred == y_error))
+        report["_pred"] = pred
+    return report
+
+
+def _fix_rate(before_pred: np.ndarray, after_pred: np.ndarray, y_error: np.ndarray) -> float:
+    """Share of the error inputs wrong before that no longer get their former wrong label."""
+    wrong = before_pred != y_error
+    if not wrong.any():
+        return 1.0
+    return float(np.mean(after_pred[wrong] != before_pred[wrong]))
+
+
+def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | None = None, *,
+           method: str = "flip", granularity: str = "weight", max_acc_drop: float = 2.0,
+           target_fix: float = 0.95, seed: int = 0, force: bool = False, progress: bool = True,
+           finetune_epochs: int = 30) -> RepairResult:
+    """Locate, fix, export and evaluate; write `out` only when accepted (or `force`) and verified."""
+    if method not in METHODS:
+        raise BadInputError(f"unknown method {method!r}; use one of {METHODS}")
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    model_path = Path(model_path)
+    if out is not None:
+        check_output_path(Path(out), inputs=(model_path,))
+    model = load_model(model_path)
+    case = data if isinstance(data, Case) else load_case(data, model)
+    forward = Forward(model)
+    seconds["load"] = time.perf_counter() - start
+
+    tick = time.perf_counter()
+    located = locate(model, case, granularity=granularity, target_fix=SEARCH_TARGET[method],
+                     max_acc_drop=max_acc_drop, factor=SEARCH_FACTOR[method], seed=seed, progress=progress,
+                     forward=forward)
+    seconds["locate"] = time.perf_counter() - tick
+    if located.status == "no_backdoor":
+        seconds["total"] = time.perf_counter() - start
+        return RepairResult(method, "no_backdoor", {}, {}, [], {}, seconds, 0, 0, True, False, None,
+                            ["no backdoor found: nothing to repair"],
+                            {"restore": located.restore.summary()}, located)
+    pairs = located.pairs
+    if case.x_error is not None:
+        x_error, y_error = case.x_error, case.y_error
+    else:  # clean data only: the restored-trigger inputs stand in for the error set
+        x_error, y_error = pairs.x_error, pairs.y_right
+    before = _evaluate(forward, None, case, x_error, y_error)
+
+    tick = time.perf_counter()
+    layers = find_layers(model)
+    details: dict = {"granularity": granularity, "seed": seed, "locate": located.to_json()}
+    details["locate"].pop("eins", None)
+    if method == "flip":
+        changed = flip(model, model.params, layers, located.eins, granularity)
+    else:
+        masks = ein_masks(model, layers, located.eins, granularity)
+        x_train = np.concatenate([case.x_clean, x_error])
+        y_train = np.concatenate([case.y_clean, y_error])
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=finetune_epochs, desc="fine-tuning EINs", disable=None if progress else True, leave=False)
+        tuned = finetune(forward, masks, x_train, y_train, epochs=finetune_epochs, seed=seed,
+                         progress=lambda _: bar.update())
+        bar.close()
+        changed = tuned.changed
+        details["finetune"] = {"best_epoch": tuned.best_epoch, "epochs_run": len(tuned.history) - 1,
+                               "history": tuned.history}
+    for name, value in changed.items():
+        if not np.all(np.isfinite(value)):
+            raise RepairRejectedError(f"the repair produced NaN or infinite values in parameter {name!r}; "
+                                      "nothing written")
+    repaired = {**forward.params, **{k: jnp.asarray(v) for k, v in changed.items()}}
+    seconds["fix"] = time.perf_counter() - tick
+
+    after = _evaluate(forward, repaired, case, x_error, y_error)
+    before_pred, after_pred = before.pop("_pred", None), after.pop("_pred", None)
+    if before_pred is not None:
+        before["error_fix_rate"] = 0.0
+        after["error_fix_rate"] = _fix_rate(before_pred, after_pred, y_error)
+    drop = 100.0 * (before["clean_accuracy"] - after["clean_accuracy"])
+    reasons = []
+    if drop > max_acc_drop:
+        reasons.append(f"clean accuracy drops {drop:.2f} points (bound {max_acc_drop})")
+    if after.get("error_fix_rate", 1.0) < target_fix:
+        reasons.append(f"error-fix rate {after['error_fix_rate']:.3f} below target {target_fix}")
+    accepted = not reasons
+
+    tick = time.perf_counter()
+    changed_counts = {name: int(np.sum(np.asarray(value) != np.asarray(model.params[name])))
+                      for name, value in changed.items()}
+    written = False
+    if out is not None:
+        from .surgery import replace_parameters, verify_repaired
+
+        metadata = {"method": method, "granularity": granularity, "ein_count": len(located.eins),
+                    "changed_parameters": ",".join(f"{k}:{v}" for k, v in changed_counts.items()),
+                    "tool_version": __version__, "seed": seed}
+        proto = replace_parameters(model_path, changed, metadata)
+        batch = static_batch(model) or 64
+        x_check = case.x_clean[:batch]
+        if len(x_check) < batch and static_batch(model):
+            x_check = np.resize(x_check, (batch, *x_check.shape[1:]))
+        expected = np.asarray(forward.logits(x_check, params=repaired))
+        details["parity_max_abs_diff"] = verify_repaired(proto, x_check, expected, batch=batch)
+        if accepted or force:
+            write_bytes_atomic(Path(out), proto.SerializeToString())
+            written = True
+    seconds["export"] = time.perf_counter() - tick
+    seconds["total"] = time.perf_counter() - start
+    status = "repaired" if accepted else "rejected"
+    return RepairResult(method, status, before, after, located.eins, changed_counts, seconds, pairs.used,
+                        pairs.dropped, accepted, written, str(out) if out is not None else None, reasons, details,
+                        located, repaired)
+
+
+def heldout_figures(forward: Forward, params, x_test, y_test, x_trig, y_trig, target: int | None) -> dict:
+    """C-Acc, ASR (triggered inputs given the target) and R-Acc (given their true label) on held-out data."""
+    figures = {"c_acc": float(np.mean(predict_labels(forward, x_test, params=params) == y_test))}
+    if x_trig is not None and len(x_trig):
+        pred = predict_labels(forward, x_trig, params=params)
+        if target is not None:
+            figures["asr"] = float(np.mean(pred == target))
+        figures["r_acc"] = float(np.mean(pred == y_trig))
+    return figures
+
+
+__all__ = ["METHODS", "RepairResult", "heldout_figures", "repair"]

@@ -1,0 +1,111 @@
+"""Graph surgery: write repaired parameter values back into the original ONNX file, and nothing else.
+
+onnx-graphsurgeon imports the original model; the changed parameters (initializers, or weights that the
+exporter stored as Constant nodes) get their new values; the graph is exported and put back into a copy of
+the original ModelProto (opset, IR version, producer and metadata kept). Before anything is written the
+result must pass `onnx.checker`, keep the node list, op types, graph inputs and outputs, and every other
+initializer bit for bit, load and run in onnxruntime, and match the JAX forward of the repaired params.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+
+from .errors import RepairRejectedError
+from .loader import read_model_proto
+
+METADATA_PREFIX = "lancet."
+
+
+def _structure(graph: onnx.GraphProto) -> dict:
+    return {
+        "nodes": [(n.op_type, n.name, tuple(n.input), tuple(n.output)) for n in graph.node],
+        "inputs": [(v.name, v.type.SerializeToString()) for v in graph.input],
+        "outputs": [(v.name, v.type.SerializeToString()) for v in graph.output],
+    }
+
+
+def _tensors(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = onnx.numpy_helper.to_array(attr.t)
+    return values
+
+
+def replace_parameters(source: str | Path, changed: Mapping[str, np.ndarray],
+                       metadata: Mapping[str, Any] | None = None) -> onnx.ModelProto:
+    """A copy of the model at `source` with the `changed` parameter values, checked structurally."""
+    import onnx_graphsurgeon as gs
+
+    original = read_model_proto(source)
+    graph = gs.import_onnx(original)
+    tensors = graph.tensors()
+    for name, value in changed.items():
+        tensor = tensors.get(name)
+        if isinstance(tensor, gs.Constant):
+            if tuple(tensor.shape) != tuple(value.shape):
+                raise RepairRejectedError(f"parameter {name!r}: new shape {value.shape} != {tuple(tensor.shape)}")
+            tensor.values = np.asarray(value, dtype=tensor.dtype)
+        elif tensor is not None and tensor.inputs and tensor.inputs[0].op == "Constant":
+            node = tensor.inputs[0]
+            old = node.attrs["value"]
+            node.attrs["value"] = gs.Constant(old.name, np.asarray(value, dtype=old.values.dtype))
+        else:
+            raise RepairRejectedError(f"parameter {name!r} is neither an initializer nor a Constant node output")
+    exported = gs.export_onnx(graph, do_type_check=True)
+    repaired = onnx.ModelProto()
+    repaired.CopyFrom(original)
+    repaired.graph.CopyFrom(exported.graph)
+    for key, value in (metadata or {}).items():
+        entry = next((p for p in repaired.metadata_props if p.key == METADATA_PREFIX + key), None)
+        entry = entry or repaired.metadata_props.add()
+        entry.key, entry.value = METADATA_PREFIX + key, str(value)
+    _check_same_graph(original, repaired, set(changed))
+    return repaired
+
+
+def _check_same_graph(original: onnx.ModelProto, repaired: onnx.ModelProto, changed: set[str]) -> None:
+    before, after = _structure(original.graph), _structure(repaired.graph)
+    for part in ("nodes", "inputs", "outputs"):
+        if before[part] != after[part]:
+            raise RepairRejectedError(f"graph surgery changed the graph's {part}; refusing to write")
+    old, new = _tensors(original.graph), _tensors(repaired.graph)
+    if set(old) != set(new):
+        raise RepairRejectedError("graph surgery changed the set of initializers; refusing to write")
+    for name in old:
+        same = old[name].dtype == new[name].dtype and np.array_equal(old[name], new[name])
+        if name not in changed and not same:
+            raise RepairRejectedError(f"graph surgery changed initializer {name!r}, which is not repaired")
+
+
+def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np.ndarray,
+                    atol: float = 1e-4, batch: int = 64) -> float:
+    """onnx.checker, onnxruntime load and run, and output parity with the JAX forward; returns max |diff|."""
+    from .runtime import ort_session
+
+    try:
+        onnx.checker.check_model(repaired)
+    except Exception as exc:
+        raise RepairRejectedError(f"the repaired model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    data = repaired.SerializeToString()
+    try:
+        session = ort_session(data)
+        name = session.get_inputs()[0].name
+        got = np.concatenate([session.run(None, {name: x_check[i:i + batch]})[0]
+                              for i in range(0, len(x_check), batch)])
+    except Exception as exc:
+        raise RepairRejectedError(f"onnxruntime cannot run the repaired model: {exc}") from exc
+    if not np.all(np.isfinite(got)):
+        raise RepairRejectedError("the repaired model produces NaN or infinite outputs; nothing written")
+    diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
+    scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
+    if diff > atol * scale:
+        raise RepairRejectedError(f"onnxruntime and the JAX forward disagree on the repaired model "
+                                  f"(max |diff| {diff:.2e} > {atol:g}); nothing written")
+    return diff
