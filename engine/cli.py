@@ -123,8 +123,8 @@ def eval_command(model_path: str, data_path: str, backend: str, as_json: bool) -
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="The case .npz file.")
 @click.option("--granularity", type=click.Choice(["weight", "channel"]), default="weight", show_default=True)
-@click.option("--target-fix", type=click.FloatRange(0, 1), default=0.95, show_default=True,
-              help="Share of error inputs that must lose the wrong label.")
+@click.option("--target-fix", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="Share of the pairs' error inputs that must lose the wrong label.")
 @click.option("--max-acc-drop", type=click.FloatRange(0, 100), default=2.0, show_default=True,
               help="Largest clean-accuracy drop (points) an EIN set may cause.")
 @click.option("--fill", type=click.Choice(["median", "inpaint"]), default="median", show_default=True,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: stronger spurious-mark defect (4x4 mark on every target-class image)
 
 
 def cache_dir() -> Path:
@@ -107,7 +107,7 @@ def spurious_mark(shape: tuple[int, ...]):
     from .attacks import Trigger
 
     mask = np.zeros(shape, np.float32)
-    mask[:, 1:4, 1:4] = 1
+    mask[:, 1:5, 1:5] = 1
     return Trigger("spurious", np.ones(shape, np.float32), mask, 1.0)
 
 
@@ -125,10 +125,8 @@ def _train_set(recipe: Recipe, x: np.ndarray, y: np.ndarray, trigger):
     if recipe.attack == "none":
         return x, y
     if recipe.attack == "spurious":
-        # A data-source artefact: most images of the target class carry the mark, no other image does.
-        rng = np.random.default_rng(recipe.seed + 1)
-        members = np.flatnonzero(y == recipe.target)
-        marked = rng.choice(members, size=int(0.9 * len(members)), replace=False)
+        # A data-source artefact: every image of the target class carries the mark, no other image does.
+        marked = np.flatnonzero(y == recipe.target)
         x = x.copy()
         x[marked] = trigger.apply(x[marked])
         return x, y

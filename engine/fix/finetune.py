@@ -75,9 +75,9 @@ def finetune(forward: Forward, masks: Mapping[str, np.ndarray], x: np.ndarray, y
         total = correct = 0.0
         for xb, yb, valid in batches(index, False):
             loss, right = evaluate(theta, xb, yb, valid)
-            total += float(loss) * valid.sum()
+            total += float(loss) * float(valid.sum())
             correct += float(right)
-        return total / max(1, len(index)), correct / max(1, len(index))
+        return float(total / max(1, len(index))), float(correct / max(1, len(index)))
 
     start_loss, start_acc = measure(trainable, val if n_val else train)
     best = (start_loss, trainable, 0)

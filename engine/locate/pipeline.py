@@ -104,13 +104,15 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: str = "weight",
-           target_fix: float = 0.95, max_acc_drop: float = 2.0, fill: str = "median", scopes: str = "all",
+           target_fix: float = 0.99, max_acc_drop: float = 2.0, fill: str = "median", scopes: str = "all",
            discount: bool = True, factor: float = 0.0, restore_steps: int = 300, seed: int = 0,
            progress: bool = True, forward: Forward | None = None) -> LocateResult:
     """Locate the error-inducing neurons of `model` for `case`.
 
     Without x_error the trigger is first restored from x_clean (`restore.py`); with no anomalous class the
     result has status 'no_backdoor' and no EINs. `factor` 0 searches ablation sets, -1 flip sets.
+    `target_fix` defaults to 0.99 on the pairs: the minimal set at 0.95 sits right at the edge and fixed
+    about 94 % of held-out triggered inputs on the MNIST-digits LeNet, the stricter target 99 %.
     """
     seconds: dict[str, float] = {}
     start = time.perf_counter()

@@ -5,7 +5,8 @@ are optimised so that x' = (1 - m) * x + m * p sends clean inputs to t:
 
     loss_t = CE(f(x'), t) + lam * |m|_1 / pixels
 
-All classes are optimised at once (vmap over t) in one jitted Adam step (optax), on minibatches of x_clean.
+All classes are optimised at once (one batch of classes x inputs) in one jitted Adam step (optax), on
+minibatches of x_clean.
 A backdoor target needs a much smaller mask than any honest class: with the L1 norms |m_t|, the anomaly
 index of t is (median - |m_t|) / (1.4826 * MAD); a class with index above `threshold` (default 2, as
 Neural Cleanse) whose restored trigger flips most inputs is flagged. Its trigger makes the pairs:
@@ -77,20 +78,20 @@ def restore_triggers(forward: Forward, x_clean: np.ndarray, num_classes: int, *,
              "pattern": 0.1 * jax.random.normal(key, (num_classes, *shape))}
     optimizer = optax.adam(lr)
 
-    def stamp(theta_t, x):
-        mask = jax.nn.sigmoid(theta_t["mask"])
-        pattern = low + (high - low) * jax.nn.sigmoid(theta_t["pattern"])
-        return (1 - mask) * x + mask * pattern, mask
-
-    def loss_one(theta_t, target, x):
-        stamped, mask = stamp(theta_t, x)
-        logits = logits_fn(params, stamped)
-        ce = -jnp.mean(jax.nn.log_softmax(logits)[:, target])
-        return ce + lam * jnp.sum(mask) / pixels * 100.0
+    def total_loss(theta, x):
+        # All classes in one batch of classes x inputs (cheaper than vmapping the model over classes);
+        # each class's mask and pattern only reach its own slice, so the gradients stay per class.
+        mask = jax.nn.sigmoid(theta["mask"])[:, None]
+        pattern = low + (high - low) * jax.nn.sigmoid(theta["pattern"])[:, None]
+        stamped = (1 - mask) * x[None] + mask * pattern
+        logits = logits_fn(params, stamped.reshape(-1, *shape)).reshape(num_classes, x.shape[0], -1)
+        log_probs = jax.nn.log_softmax(logits)
+        ce = -jnp.mean(log_probs[classes, :, classes], axis=1)
+        return jnp.sum(ce + lam * jnp.sum(mask.reshape(num_classes, -1), axis=1) / pixels * 100.0)
 
     @jax.jit
     def step(theta, opt_state, x):
-        grads = jax.vmap(jax.grad(loss_one), in_axes=(0, 0, None))(theta, classes, x)
+        grads = jax.grad(total_loss)(theta, x)
         updates, opt_state = optimizer.update(grads, opt_state, theta)
         return optax.apply_updates(theta, updates), opt_state
 

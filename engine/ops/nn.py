@@ -1,6 +1,8 @@
 """Neural-network ONNX ops: convolution, dense, normalisation, pooling, softmax, reductions."""
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +61,32 @@ def _conv_one_channel_per_group(x, w, group, strides, dilations, padding):
     return out.reshape(n, out_channels, oh, ow)
 
 
+def _xla_conv(x, w, group, strides, dilations, padding):
+    return lax.conv_general_dilated(x, w, window_strides=strides, padding=padding, rhs_dilation=dilations,
+                                    dimension_numbers=_dims(x.ndim), feature_group_count=group,
+                                    precision=PRECISION)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_fast_forward(x, w, group, strides, dilations, padding):
+    """The shifted-sum forward with XLA's convolution gradients: the shifted sum's own backward pass
+    (one strided scatter per kernel offset) is 4x slower than XLA's on CPU (LeNet input gradients)."""
+    return _conv_one_channel_per_group(x, w, group, strides, dilations, padding)
+
+
+def _conv_fast_fwd(x, w, group, strides, dilations, padding):
+    return _conv_one_channel_per_group(x, w, group, strides, dilations, padding), (x, w)
+
+
+def _conv_fast_bwd(group, strides, dilations, padding, residuals, cotangent):
+    x, w = residuals
+    _, vjp = jax.vjp(lambda x_, w_: _xla_conv(x_, w_, group, strides, dilations, padding), x, w)
+    return vjp(cotangent)
+
+
+_conv_fast_forward.defvjp(_conv_fast_fwd, _conv_fast_bwd)
+
+
 @register("Conv")
 def conv(inputs, attrs, ctx):
     x, w = inputs[0], inputs[1]
@@ -70,7 +98,8 @@ def conv(inputs, attrs, ctx):
     padding = _spatial_padding(x.shape[2:], kernel, strides, dilations, attrs)
     group = attrs.get("group", 1)
     if rank == 2 and w.shape[1] == 1 and jax.default_backend() == "cpu":
-        out = _conv_one_channel_per_group(x, w, group, strides, dilations, padding)
+        out = _conv_fast_forward(x, w, group, tuple(strides), tuple(dilations),
+                                 tuple(tuple(int(v) for v in pair) for pair in padding))
     else:
         out = lax.conv_general_dilated(
             x, w, window_strides=strides, padding=padding, rhs_dilation=dilations,
@@ -210,11 +239,38 @@ def max_pool(inputs, attrs, ctx):
     if ctx.num_outputs > 1:
         raise NotImplementedError(f"MaxPool {ctx.node_name!r}: the Indices output is not supported")
     kernel, strides, dilations, padding, extra = _pool_geometry(x, attrs)
-    pads = [(b, e + c) for (b, e), c in zip(padding, extra)]
+    pads = tuple((int(b), int(e + c)) for (b, e), c in zip(padding, extra))
+    return _max_pool(x, tuple(kernel), tuple(strides), tuple(dilations), pads)
+
+
+def _max_pool_windows(x, kernel, strides, dilations, pads):
     out = None
     for view in _windows(x, kernel, strides, dilations, pads, -jnp.inf):
         out = view if out is None else jnp.maximum(out, view)
     return out
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, kernel, strides, dilations, pads):
+    """Max pooling: shifted-view forward, reduce_window gradients (25 % faster backward on CPU)."""
+    return _max_pool_windows(x, kernel, strides, dilations, pads)
+
+
+def _max_pool_fwd(x, kernel, strides, dilations, pads):
+    return _max_pool_windows(x, kernel, strides, dilations, pads), x
+
+
+def _max_pool_bwd(kernel, strides, dilations, pads, x, cotangent):
+    def reference(x_):
+        ones = (1,) * (x_.ndim - len(kernel))
+        return lax.reduce_window(x_, -jnp.inf, lax.max, ones + kernel, ones + strides,
+                                 ((0, 0),) * len(ones) + pads, window_dilation=ones + dilations)
+
+    _, vjp = jax.vjp(reference, x)
+    return vjp(cotangent)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 @register("AveragePool")

@@ -1,0 +1,155 @@
+"""Locating EINs on a real backdoored model: held-out triggered inputs lose the attacker's label."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lancet import Edit, load_model
+from lancet.case import Case, load_case
+from lancet.locate import build_pairs, ei_features, progressive_ablation, score_neurons
+from lancet.locate.common import predict_labels
+from lancet.locate.pairs import NothingToFixError
+from lancet.locate.pipeline import locate
+from lancet.neurons import find_layers
+
+
+@pytest.fixture(scope="module")
+def setup(backdoor_case):
+    model = load_model(backdoor_case.model)
+    case = load_case(backdoor_case.case, model)
+    heldout = dict(np.load(backdoor_case.heldout))
+    return model, case, heldout
+
+
+def ablated_figures(result, heldout):
+    """Held-out clean accuracy and ASR with the located EINs ablated (weights zeroed / channels masked)."""
+    forward = result.forward
+    params, edits = dict(forward.params), None
+    if result.granularity == "weight":
+        for ein in result.eins:
+            value = np.array(params[ein["initializer"]])
+            value.reshape(-1)[ein["index"]] = 0
+            params[ein["initializer"]] = jnp.asarray(value)
+    else:
+        scales = {}
+        for ein in result.eins:
+            scale = scales.setdefault(ein["layer"], np.ones(result.scores.scores[ein["layer"]].size, np.float32))
+            scale[ein["index"]] = 0
+        edits = {name: Edit(scale=jnp.asarray(s)) for name, s in scales.items()}
+
+    def predict(x):
+        return np.concatenate([np.asarray(jnp.argmax(forward.logits(x[i:i + 256], params=params, edits=edits), -1))
+                               for i in range(0, len(x), 256)])
+
+    before_acc = float(np.mean(predict_labels(forward, heldout["x_test"]) == heldout["y_test"]))
+    acc = float(np.mean(predict(heldout["x_test"]) == heldout["y_test"]))
+    asr = float(np.mean(predict(heldout["x_error"]) == int(heldout["target"])))
+    return before_acc, acc, asr
+
+
+@pytest.mark.parametrize("granularity,target_fix", [("weight", 0.99), ("channel", 0.95)])
+def test_located_eins_remove_backdoor_on_heldout(setup, granularity, target_fix):
+    model, case, heldout = setup
+    result = locate(model, case, granularity=granularity, target_fix=target_fix, progress=False)
+    assert result.status == "located" and result.chosen.success
+    share = len(result.eins) / result.total_neurons
+    assert 0 < share < (0.01 if granularity == "weight" else 0.05)
+    before_acc, acc, asr = ablated_figures(result, heldout)
+    assert asr <= 0.05, f"held-out ASR after ablating {len(result.eins)} EINs: {asr:.3f}"
+    assert 100 * (before_acc - acc) <= 2.0
+    report = result.to_json()
+    json.dumps(report)
+    assert report["ein_count"] == len(result.eins) and report["pairs_used"] > 50
+    curve = report["ablation_curve"]
+    assert curve[0]["k"] == 0 and curve[0]["fix_rate"] == 0.0
+    assert any(p["k"] == result.chosen.k and p["fix_rate"] >= target_fix for p in curve)
+    assert set(report["seconds"]) >= {"pairs", "features", "scores", "ablation", "total"}
+
+
+def test_steps_compose_as_separate_functions(setup):
+    model, case, _ = setup
+    from lancet import Forward
+
+    forward = Forward(model)
+    layers = find_layers(model)
+    pairs = build_pairs(forward, case, fill="inpaint")
+    assert pairs.source == "trigger_mask" and pairs.used > 50
+    assert np.all(predict_labels(forward, pairs.x_companion) == pairs.y_right)
+    features = ei_features(forward, pairs, layers)
+    assert {name: f.shape for name, f in features.items()} == {l.name: (pairs.used, l.channels) for l in layers}
+    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, layers, granularity="channel")
+    chosen, every = progressive_ablation(forward, scores, pairs, case.x_clean, case.y_clean, scopes="global")
+    assert [r.scope for r in every] == ["global"] and chosen.fix_rate >= 0.95
+
+
+def test_saliency_finds_trigger_region_without_mask(setup):
+    model, case, _ = setup
+    from lancet import Forward
+
+    forward = Forward(model)
+    blind = Case(case.x_clean, case.y_clean, case.x_error, case.y_error)
+    pairs = build_pairs(forward, blind)
+    assert pairs.source == "saliency" and pairs.used >= 0.8 * len(case.x_error)
+    assert pairs.details["mean_region_share"] < 0.1
+    # The regions found overlap the real trigger patch far more than chance.
+    trigger = np.broadcast_to(case.trigger_mask, pairs.masks.shape) > 0
+    overlap = (pairs.masks * trigger).sum() / pairs.masks.sum()
+    assert overlap > 5 * trigger.mean()
+
+
+def test_given_companions_are_used_and_wrong_ones_dropped(setup):
+    model, case, _ = setup
+    from lancet import Forward
+    from lancet.locate.pairs import refill
+
+    forward = Forward(model)
+    companions = refill(case.x_error, case.trigger_mask, "median", case.x_clean)
+    companions[:5] = case.x_error[:5]  # five companions still carry the trigger
+    pairs = build_pairs(forward, Case(case.x_clean, case.y_clean, case.x_error, case.y_error, companions))
+    assert pairs.source == "companion" and pairs.dropped_companion_wrong >= 5
+
+
+def test_nothing_to_fix(setup):
+    model, case, _ = setup
+    from lancet import Forward
+
+    forward = Forward(model)
+    right = predict_labels(forward, case.x_clean) == case.y_clean
+    already_right = Case(case.x_clean, case.y_clean, case.x_clean[right][:20], case.y_clean[right][:20])
+    with pytest.raises(NothingToFixError, match="nothing to fix"):
+        locate(model, already_right, progress=False)
+
+
+def test_clean_only_case_restores_the_trigger(setup):
+    model, case, _ = setup
+    result = locate(model, Case(case.x_clean, case.y_clean), progress=False, restore_steps=200)
+    assert result.restore.flagged == 0, result.restore.summary()
+    assert result.restore.anomaly[0] > 2
+    assert result.pairs.source == "restored" and result.chosen is not None
+
+
+def test_cli_locate_writes_report_and_plot(backdoor_case, tmp_path):
+    report, plot = tmp_path / "eins.json", tmp_path / "curve.png"
+    run = subprocess.run([sys.executable, "-m", "lancet.cli", "locate", str(backdoor_case.model), "--data",
+                          str(backdoor_case.case), "--report", str(report), "--plot", str(plot)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "lancet locate" in run.stdout and "EINs" in run.stdout
+    data = json.loads(report.read_text())
+    assert data["status"] == "located" and data["eins"][0]["initializer"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_locate_bad_case_exit_2(backdoor_case, tmp_path):
+    arrays = dict(np.load(backdoor_case.case))
+    arrays["y_error"] = arrays["y_error"] + 100
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    run = subprocess.run([sys.executable, "-m", "lancet.cli", "locate", str(backdoor_case.model), "--data",
+                          str(bad)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "y_error" in run.stderr and "Traceback" not in run.stderr

@@ -1,0 +1,142 @@
+"""Repair end to end: flip and fine-tune, graph surgery, the written file, bounds and faults."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from lancet import load_model
+from lancet.errors import BadInputError, RepairRejectedError
+from lancet.evaluate import OrtPredictor
+from lancet.repair import repair
+from lancet.surgery import replace_parameters, verify_repaired
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def heldout_figures(path, heldout) -> tuple[float, float]:
+    predictor = OrtPredictor(load_model(path), path)
+    acc = float(np.mean(predictor.predict(heldout["x_test"]) == heldout["y_test"]))
+    asr = float(np.mean(predictor.predict(heldout["x_error"]) == int(heldout["target"])))
+    return acc, asr
+
+
+@pytest.fixture(scope="module")
+def repaired(backdoor_case, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("repair")
+    before = digest(backdoor_case.model)
+    results = {method: repair(backdoor_case.model, backdoor_case.case, folder / f"{method}.onnx", method=method,
+                              progress=False) for method in ("flip", "finetune")}
+    assert digest(backdoor_case.model) == before, "the input model was modified"
+    return folder, results
+
+
+@pytest.mark.parametrize("method", ["flip", "finetune"])
+def test_repair_removes_backdoor_on_heldout(backdoor_case, repaired, method):
+    folder, results = repaired
+    result = results[method]
+    assert result.accepted and result.written and result.status == "repaired"
+    heldout = dict(np.load(backdoor_case.heldout))
+    acc_before, asr_before = heldout_figures(backdoor_case.model, heldout)
+    acc_after, asr_after = heldout_figures(folder / f"{method}.onnx", heldout)
+    assert asr_before > 0.9
+    assert asr_after <= 0.025, f"{method}: held-out ASR {asr_after:.3f}"
+    assert 100 * (acc_before - acc_after) <= 1.5, f"{method}: clean accuracy {acc_before:.3f} -> {acc_after:.3f}"
+    report = result.to_json()
+    json.dumps(report)
+    assert report["after"]["error_fix_rate"] >= 0.95
+    assert set(report["seconds"]) >= {"load", "locate", "fix", "export", "total"}
+    assert report["changed_parameter_count"] <= len(report["eins"]) and report["changed_parameter_count"] > 0
+
+
+@pytest.mark.parametrize("method", ["flip", "finetune"])
+def test_surgery_changes_only_ein_weights(backdoor_case, repaired, method):
+    folder, results = repaired
+    original, fixed = onnx.load(str(backdoor_case.model)), onnx.load(str(folder / f"{method}.onnx"))
+    onnx.checker.check_model(fixed)
+    assert [(n.op_type, list(n.input), list(n.output)) for n in original.graph.node] == \
+           [(n.op_type, list(n.input), list(n.output)) for n in fixed.graph.node]
+    assert [i.name for i in original.graph.input] == [i.name for i in fixed.graph.input]
+    assert [o.name for o in original.graph.output] == [o.name for o in fixed.graph.output]
+    old = {t.name: onnx.numpy_helper.to_array(t) for t in original.graph.initializer}
+    new = {t.name: onnx.numpy_helper.to_array(t) for t in fixed.graph.initializer}
+    differing = {name: int(np.sum(old[name] != new[name])) for name in old if not np.array_equal(old[name], new[name])}
+    assert differing == results[method].changed_parameters
+    meta = {p.key: p.value for p in fixed.metadata_props}
+    assert meta["lancet.method"] == method and int(meta["lancet.ein_count"]) == len(results[method].eins)
+    # onnxruntime on the written file equals the JAX forward of the repaired params.
+    x = np.load(backdoor_case.case)["x_clean"][:32]
+    forward = results[method].locate_result.forward
+    expected = np.asarray(forward.logits(x, params=results[method].repaired_params))
+    assert np.max(np.abs(OrtPredictor(load_model(folder / f"{method}.onnx"), folder / f"{method}.onnx").logits(x)
+                         - expected)) <= 1e-4
+
+
+def test_repair_is_deterministic(backdoor_case, repaired, tmp_path):
+    folder, _ = repaired
+    again = repair(backdoor_case.model, backdoor_case.case, tmp_path / "again.onnx", method="finetune",
+                   progress=False)
+    assert again.written and digest(tmp_path / "again.onnx") == digest(folder / "finetune.onnx")
+
+
+def test_nan_repair_is_never_written(backdoor_case, tmp_path):
+    model = load_model(backdoor_case.model)
+    name = next(iter(model.params))
+    broken = np.array(model.params[name])
+    broken.reshape(-1)[0] = np.nan
+    proto = replace_parameters(backdoor_case.model, {name: broken})
+    x = np.load(backdoor_case.case)["x_clean"][:8]
+    with pytest.raises(RepairRejectedError, match="NaN"):
+        verify_repaired(proto, x, np.zeros((8, 10), np.float32))
+
+
+def test_output_path_faults(backdoor_case, tmp_path):
+    with pytest.raises(BadInputError, match="does not exist"):
+        repair(backdoor_case.model, backdoor_case.case, tmp_path / "missing" / "out.onnx")
+    with pytest.raises(BadInputError, match="is the input file"):
+        repair(backdoor_case.model, backdoor_case.case, backdoor_case.model)
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "lancet.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write to read-only folders")
+def test_cli_read_only_folder_exit_2(backdoor_case, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    run = run_cli("repair", backdoor_case.model, "--data", backdoor_case.case, "--out", folder / "x.onnx")
+    assert run.returncode == 2 and "not writable" in run.stderr
+
+
+def test_cli_out_equals_input_exit_2(backdoor_case):
+    before = digest(backdoor_case.model)
+    run = run_cli("repair", backdoor_case.model, "--data", backdoor_case.case, "--out", backdoor_case.model)
+    assert run.returncode == 2 and "input" in run.stderr and "Traceback" not in run.stderr
+    assert digest(backdoor_case.model) == before
+
+
+def test_cli_rejected_repair_exit_3_and_force(backdoor_case, tmp_path):
+    out = tmp_path / "strict.onnx"
+    # No repair can fix every error input while keeping every clean one: target 1.0 on a
+    # clean-accuracy bound of 0 points with channel flips is out of reach on this model.
+    args = ["repair", backdoor_case.model, "--data", backdoor_case.case, "--out", out, "--granularity", "channel",
+            "--max-acc-drop", "0", "--report", tmp_path / "r.json"]
+    run = run_cli(*args)
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "rejected" in run.stderr and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".strict")], "partial file left behind"
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["accepted"] is False and report["written"] is False and report["reasons"]
+    forced = run_cli(*args, "--force")
+    assert forced.returncode == 3 and out.exists() and "written anyway" in forced.stderr
