@@ -54,18 +54,33 @@ def apply_edit(value: Any, edit: Edit, axis: int) -> Any:
     return value
 
 
-def build_apply(model: Model) -> Callable[..., dict[str, Any]]:
+def live_tensors(model: Model, start: int) -> list[str]:
+    """Tensors computed before node `start` (or graph inputs) that node `start` onwards, or the outputs, read.
+
+    Given these, the graph from node `start` on can run without its prefix (`build_apply(model, start)`).
+    """
+    produced = {info.name for info in model.inputs}
+    for node in model.nodes[:start]:
+        produced.update(node.outputs)
+    needed = {name for node in model.nodes[start:] for name in node.inputs if name}
+    needed.update(info.name for info in model.outputs)
+    return [name for name in dict.fromkeys(list(produced)) if name in needed]
+
+
+def build_apply(model: Model, start: int = 0) -> Callable[..., dict[str, Any]]:
     """Return the pure function `apply(params, inputs, taps=(), edits=None) -> {name: array}`.
 
     The result holds every graph output and every tapped tensor. `inputs` is a mapping of input name to
     array, or one array for a single-input model. Wrap it in `jax.jit(..., static_argnames="taps")`.
+    With `start` > 0 only nodes from `start` on run and `inputs` maps `live_tensors(model, start)` to
+    their values (a cached prefix: what the per-layer ablation search reuses for every candidate).
     """
-    nodes = list(model.nodes)
+    nodes = list(model.nodes)[start:]
     constants = dict(model.constants)
     specs = [REGISTRY[node.op_type] for node in nodes]
     contexts = [OpContext(model.opset, node.name, len(node.outputs)) for node in nodes]
     output_names = [info.name for info in model.outputs]
-    input_names = [info.name for info in model.inputs]
+    input_names = [info.name for info in model.inputs] if start == 0 else live_tensors(model, start)
     producers = model.producer_of()
     axes = {name: (1 if node.op_type in CHANNEL_FIRST_OPS else -1) for name, node in producers.items()}
     known = set(producers) | set(input_names) | set(model.params) | set(constants)
@@ -83,7 +98,7 @@ def build_apply(model: Model) -> Callable[..., dict[str, Any]]:
         env: dict[str, Any] = dict(constants)
         env.update({name: jnp.asarray(value) for name, value in params.items()})
         env.update({name: jnp.asarray(value) for name, value in inputs.items()})
-        for name in input_names:
+        for name in input_names if start == 0 else ():  # a cached prefix already carries its edits
             if name in edits:
                 env[name] = apply_edit(env[name], edits[name], 1)
         for node, spec, ctx in zip(nodes, specs, contexts):

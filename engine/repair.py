@@ -30,6 +30,7 @@ METHODS = ("flip", "finetune")
 # (flipping pushes the trigger's evidence the other way); fine-tuning then trains the ablated set.
 SEARCH_TARGET = {"flip": 0.99, "finetune": 0.95}
 SEARCH_FACTOR = {"flip": -1.0, "finetune": 0.0}
+ERROR_LOSS_SHARE = 1 / 3
 
 
 @dataclass
@@ -128,11 +129,14 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
         from tqdm.auto import tqdm
 
         bar = tqdm(total=finetune_epochs, desc="fine-tuning EINs", disable=None if progress else True, leave=False)
-        tuned = finetune(forward, masks, x_train, y_train, epochs=finetune_epochs, seed=seed,
+        # The few error inputs weigh as much as a third of the clean set in the loss.
+        error_weight = max(1.0, ERROR_LOSS_SHARE * len(case.x_clean) / max(1, len(x_error)))
+        weights = np.concatenate([np.ones(len(case.x_clean)), np.full(len(x_error), error_weight)])
+        tuned = finetune(forward, masks, x_train, y_train, weights=weights, epochs=finetune_epochs, seed=seed,
                          progress=lambda _: bar.update())
         bar.close()
         changed = tuned.changed
-        details["finetune"] = {"best_epoch": tuned.best_epoch, "epochs_run": len(tuned.history) - 1,
+        details["finetune"] = {"error_weight": error_weight, "best_epoch": tuned.best_epoch, "epochs_run": len(tuned.history) - 1,
                                "history": tuned.history}
     for name, value in changed.items():
         if not np.all(np.isfinite(value)):

@@ -51,3 +51,12 @@ def backdoor_case():
 
 def max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+@pytest.fixture(scope="session")
+def defect_case():
+    """A general defect: a LeNet-5 on MNIST digits that learned a spurious corner blot (cached by recipe)."""
+    pytest.importorskip("torch")
+    from lancet.models.recipes import Recipe, build_case
+
+    return build_case(Recipe(attack="spurious"))

@@ -153,3 +153,13 @@ def test_cli_locate_bad_case_exit_2(backdoor_case, tmp_path):
     run = subprocess.run([sys.executable, "-m", "lancet.cli", "locate", str(backdoor_case.model), "--data",
                           str(bad)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "y_error" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_general_defect_spurious_feature(defect_case):
+    model = load_model(defect_case.model)
+    case = load_case(defect_case.case, model)
+    heldout = dict(np.load(defect_case.heldout))
+    result = locate(model, case, progress=False)
+    assert result.chosen.success and len(result.eins) / result.total_neurons < 0.01
+    before_acc, acc, error_rate = ablated_figures(result, heldout)  # heldout "target" = the spurious class
+    assert error_rate <= 0.05 and 100 * (before_acc - acc) <= 2.0

@@ -30,9 +30,14 @@ class FinetuneResult:
 
 
 def finetune(forward: Forward, masks: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, *,
-             epochs: int = 30, lr: float = 1e-2, batch: int = 64, holdout: float = 0.2, patience: int = 6,
+             weights: np.ndarray | None = None, epochs: int = 30, lr: float = 1e-2, batch: int = 64, holdout: float = 0.2, patience: int = 6,
              init: str = "ablated", seed: int = 0, progress=None) -> FinetuneResult:
-    """Train the masked parameter elements on (x, y); return the best parameters by held-back loss."""
+    """Train the masked parameter elements on (x, y); return the best parameters by held-back loss.
+
+    `weights` (one per sample, default 1) weigh the loss, e.g. to give a handful of error inputs the
+    same pull as the much larger clean set.
+    """
+    weights = np.ones(len(x), np.float32) if weights is None else np.asarray(weights, np.float32)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     n_val = int(round(holdout * len(x))) if len(x) >= 10 else 0
@@ -48,9 +53,11 @@ def finetune(forward: Forward, masks: Mapping[str, np.ndarray], x: np.ndarray, y
     opt_state = optimizer.init(trainable)
 
     def loss_fn(theta, xb, yb, valid):
+        # `valid` carries the sample weights (0 for padding).
         logits = logits_fn({**frozen, **theta}, xb)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=-1)[:, 0]
-        return jnp.sum(valid * nll) / jnp.maximum(1.0, jnp.sum(valid)), jnp.sum(valid * (jnp.argmax(logits, -1) == yb))
+        right = jnp.sum((valid > 0) * (jnp.argmax(logits, -1) == yb))
+        return jnp.sum(valid * nll) / jnp.maximum(1e-6, jnp.sum(valid)), right
 
     @jax.jit
     def step(theta, state, xb, yb, valid):
@@ -67,17 +74,18 @@ def finetune(forward: Forward, masks: Mapping[str, np.ndarray], x: np.ndarray, y
         for start in range(0, len(index), size):
             part = index[start:start + size]
             valid = np.zeros(size, np.float32)
-            valid[: len(part)] = 1
+            valid[: len(part)] = weights[part]
             part = np.concatenate([part, np.repeat(part[:1], size - len(part))])
             yield x[part], y[part], valid
 
     def measure(theta, index):
-        total = correct = 0.0
+        total = correct = weight_sum = 0.0
         for xb, yb, valid in batches(index, False):
             loss, right = evaluate(theta, xb, yb, valid)
             total += float(loss) * float(valid.sum())
+            weight_sum += float(valid.sum())
             correct += float(right)
-        return float(total / max(1, len(index))), float(correct / max(1, len(index)))
+        return float(total / max(1e-6, weight_sum)), float(correct / max(1, len(index)))
 
     start_loss, start_acc = measure(trainable, val if n_val else train)
     best = (start_loss, trainable, 0)

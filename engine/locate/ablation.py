@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..forward import Edit, Forward
-from .common import chunks, make_logits_fn, pad_to
+from ..forward import Edit, Forward, build_apply, live_tensors
+from .common import chunks, logit_tensor, make_logits_fn, pad_to
 from .pairs import Pairs
 from .valuation import NeuronScores
 
 NOT_CANDIDATE = np.iinfo(np.int32).max
 BISECTION_POINTS = 7  # k values tried per bisection round (one batched call)
+PREFIX_CACHE_BYTES = 1 << 30  # largest cached prefix activation set; beyond it, full forwards
 
 
 @dataclass
@@ -68,11 +69,56 @@ class Ablator:
         self.right = np.concatenate([pairs.y_right, y_clean])
         self.is_pair = np.concatenate([np.ones(pairs.used, np.float32), np.zeros(len(x_clean), np.float32)])
         self.n_clean = len(x_clean)
-        self._counts = jax.jit(self._build_counts())
+        self._counts: dict[int, object] = {}
+        self._prefix: dict[int, dict[str, np.ndarray]] = {}
 
-    def _build_counts(self):
-        logits_fn = make_logits_fn(self.forward)
+    def _start(self, scope: str) -> int:
+        """First node a per-layer scope can change: everything before it is the same for every candidate."""
+        if scope == "global":
+            return 0
+        names = {scope}
+        layer = next((l for l in self.scores.layers if scope in (l.weight, l.name)), None)
+        if layer is not None:
+            names.add(layer.node)
+        for index, node in enumerate(self.forward.model.nodes):
+            if node.name in names or names.intersection(node.inputs) or names.intersection(node.outputs):
+                return index
+        return 0
+
+    def _inputs(self, start: int):
+        """The inputs of the evaluated suffix: the raw inputs, or the cached live tensors at `start`."""
+        if start == 0:
+            return self.x
+        if start not in self._prefix:
+            live = live_tensors(self.forward.model, start)
+            size = min(self.batch, len(self.x))
+            parts: dict[str, list[np.ndarray]] = {name: [] for name in live}
+            for begin, stop in chunks(len(self.x), self.batch):
+                out = self.forward(pad_to(self.x[begin:stop], size), taps=tuple(live))
+                for name in live:
+                    parts[name].append(np.asarray(out[name])[: stop - begin])
+            cached = {name: np.concatenate(values) for name, values in parts.items()}
+            if sum(v.nbytes for v in cached.values()) > PREFIX_CACHE_BYTES:
+                return self.x
+            self._prefix[start] = cached
+        return self._prefix[start]
+
+    def _counts_fn(self, start: int):
+        if start not in self._counts:
+            self._counts[start] = jax.jit(self._build_counts(start))
+        return self._counts[start]
+
+    def _build_counts(self, start: int = 0):
         granularity, units, factor = self.granularity, self.units, self.factor
+        if start == 0:
+            logits_fn = make_logits_fn(self.forward)
+        else:
+            apply = build_apply(self.forward.model, start)
+            name = logit_tensor(self.forward)
+            taps = () if name == self.forward.output_name else (name,)
+
+            def logits_fn(params, live, edits=None):
+                return apply(params, live, taps=taps, edits=edits)[name]
 
         def one_k(params, ranks, k, x, wrong, right, is_pair, valid):
             keep = {u: jnp.where(ranks[u] < k, factor, 1.0).astype(jnp.float32) for u in units}
@@ -110,19 +156,28 @@ class Ablator:
                 ranks[unit] = np.full(self.scores.scores[unit].shape, NOT_CANDIDATE, np.int64)
         return {u: jnp.asarray(r.astype(np.int32)) for u, r in ranks.items()}, n_candidates
 
-    def evaluate(self, ranks: dict, ks: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(fix rate, clean accuracy) for each k, in batched calls."""
+    def evaluate(self, ranks: dict, ks: list[int], scope: str = "global") -> tuple[np.ndarray, np.ndarray]:
+        """(fix rate, clean accuracy) for each k, in batched calls (per-layer scopes reuse a cached prefix)."""
+        start = self._start(scope)
+        inputs = self._inputs(start)
+        if inputs is self.x:
+            start = 0
+        counts_fn = self._counts_fn(start)
         totals = np.zeros((len(ks), 2))
         size = min(self.batch, len(self.x))
+
+        def part_of(begin, stop):
+            if isinstance(inputs, dict):
+                return {name: pad_to(value[begin:stop], size) for name, value in inputs.items()}
+            return pad_to(inputs[begin:stop], size)
+
         for k_start, k_stop in chunks(len(ks), self.k_chunk):
-            k_arr = np.asarray(ks[k_start:k_stop], np.int32)
-            k_arr = pad_to(k_arr, self.k_chunk) if len(ks) > self.k_chunk else k_arr
-            for start, stop in chunks(len(self.x), self.batch):
-                valid = pad_to(np.ones(stop - start, np.float32), size)
-                part = self._counts(self.forward.params, ranks, jnp.asarray(k_arr),
-                                    pad_to(self.x[start:stop], size), pad_to(self.wrong[start:stop], size),
-                                    pad_to(self.right[start:stop], size), pad_to(self.is_pair[start:stop], size),
-                                    valid)
+            k_arr = pad_to(np.asarray(ks[k_start:k_stop], np.int32), self.k_chunk)  # one shape: one compile
+            for begin, stop in chunks(len(self.x), self.batch):
+                valid = pad_to(np.ones(stop - begin, np.float32), size)
+                part = counts_fn(self.forward.params, ranks, jnp.asarray(k_arr), part_of(begin, stop),
+                                 pad_to(self.wrong[begin:stop], size), pad_to(self.right[begin:stop], size),
+                                 pad_to(self.is_pair[begin:stop], size), valid)
                 totals[k_start:k_stop] += np.asarray(part)[: k_stop - k_start]
         return totals[:, 0] / max(1, self.n_pairs), totals[:, 1] / max(1, self.n_clean)
 
@@ -134,7 +189,7 @@ class Ablator:
         def run(ks):
             ks = sorted({int(k) for k in ks if 0 < k <= n_candidates and k not in curve})
             if ks:
-                fix, acc = self.evaluate(ranks, ks)
+                fix, acc = self.evaluate(ranks, ks, scope)
                 curve.update({k: (float(f), float(a)) for k, f, a in zip(ks, fix, acc)})
 
         if n_candidates == 0:

@@ -1,0 +1,155 @@
+"""Locate-time benchmark: the JAX ablation search against the straightforward port.
+
+The straightforward port evaluates each candidate ablation set by writing a model with the top-k weights
+zeroed, opening an onnxruntime session on it and running every pair and clean input through it. Ours
+evaluates the same candidate sets in the jitted, k-vmapped ablation search. Both evaluate the same k values
+(those our doubling + bisection search visits, every scope); the port is run on the first `--port-limit`
+of them and its per-candidate time is extrapolated to the full list (said so in the output).
+
+    python benchmarks/locate.py [--model resnet|lenet] [--port-limit 12] [--out benchmarks/results/locate.json]
+
+Each implementation runs in its own subprocess, so peak memory (max RSS) is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, write_json  # noqa: E402
+
+RECIPES = {
+    # ResNet-18 (CIFAR variant, width 16) with a blended trigger on Fashion-MNIST: the locate issue's model.
+    "resnet": dict(dataset="fashion_mnist", arch="resnet18", attack="blended", train_size=10000, epochs=4,
+                   lr=1e-3, defender_clean=1000, defender_error=110, test_size=3000),
+    "lenet": dict(),
+}
+
+
+def _setup(name: str):
+    from lancet import Forward, load_model
+    from lancet.case import load_case
+    from lancet.locate import build_pairs, score_neurons
+    from lancet.models.recipes import Recipe, build_case
+    from lancet.neurons import find_layers
+
+    built = build_case(Recipe(**RECIPES[name]))
+    model = load_model(built.model)
+    case = load_case(built.case, model)
+    forward = Forward(model)
+    pairs = build_pairs(forward, case)
+    start = time.perf_counter()
+    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, find_layers(model))
+    return built, model, case, forward, pairs, scores, time.perf_counter() - start
+
+
+def run_ours(name: str) -> dict:
+    """Full locate stages with the JAX engine; returns timings and the k values each scope visited."""
+    from lancet.locate import progressive_ablation
+
+    built, model, case, forward, pairs, scores, score_seconds = _setup(name)
+    start = time.perf_counter()
+    chosen, results = progressive_ablation(forward, scores, pairs, case.x_clean, case.y_clean, target_fix=0.99)
+    seconds = time.perf_counter() - start
+    candidates = [(r.scope, p["k"]) for r in results for p in r.curve if p["k"] > 0]
+    return {"impl": "jax", "model": str(built.model), "pairs": pairs.used, "clean": len(case.x_clean),
+            "score_seconds": score_seconds, "ablation_seconds": seconds, "candidates": candidates,
+            "per_candidate_seconds": seconds / max(1, len(candidates)), "eins": len(chosen.eins),
+            "total_neurons": scores.total_neurons, "peak_rss_mb": _peak_rss_mb()}
+
+
+def run_port(name: str, candidates: list, limit: int) -> dict:
+    """One onnxruntime session per candidate ablation set, on the same pairs and clean set."""
+    import onnx
+
+    from lancet.locate.ablation import Ablator
+    from lancet.runtime import ort_session
+
+    built, model, case, forward, pairs, scores, _ = _setup(name)
+    ablator = Ablator(forward, scores, pairs, case.x_clean, case.y_clean)
+    proto = onnx.load(str(built.model))
+    x = np.concatenate([pairs.x_error, case.x_clean])
+    wrong = np.concatenate([pairs.y_wrong, np.full(len(case.x_clean), -1)])
+    right = np.concatenate([pairs.y_right, case.y_clean])
+    ranks_cache: dict = {}
+    start = time.perf_counter()
+    done = []
+    for scope, k in candidates[:limit]:
+        if scope not in ranks_cache:
+            ranks_cache[scope] = {u: np.asarray(r) for u, r in ablator.ranks(scope)[0].items()}
+        ranks = ranks_cache[scope]
+        edited = onnx.ModelProto()
+        edited.CopyFrom(proto)
+        for init in edited.graph.initializer:
+            if init.name in ranks:
+                value = onnx.numpy_helper.to_array(init).copy()
+                value[ranks[init.name] < k] = 0
+                init.CopyFrom(onnx.numpy_helper.from_array(value, init.name))
+        session = ort_session(edited.SerializeToString())
+        name_in = session.get_inputs()[0].name
+        pred = np.concatenate([session.run(None, {name_in: x[i:i + 256]})[0].argmax(-1) for i in range(0, len(x), 256)])
+        is_pair = np.arange(len(x)) < pairs.used
+        done.append({"scope": scope, "k": k, "fix_rate": float(np.mean(pred[is_pair] != wrong[is_pair])),
+                     "clean_accuracy": float(np.mean(pred[~is_pair] == right[~is_pair]))})
+    seconds = time.perf_counter() - start
+    return {"impl": "onnxruntime-per-candidate", "evaluated": len(done), "seconds": seconds,
+            "per_candidate_seconds": seconds / max(1, len(done)), "points": done, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(RECIPES), default="resnet")
+    parser.add_argument("--port-limit", type=int, default=12)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "locate.json"))
+    parser.add_argument("--child", choices=["ours", "port"], help=argparse.SUPPRESS)
+    parser.add_argument("--candidates", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "ours":
+        print(json.dumps(run_ours(args.model)))
+        return
+    if args.child == "port":
+        print(json.dumps(run_port(args.model, json.loads(args.candidates), args.port_limit)))
+        return
+    ours = _child(["--model", args.model, "--child", "ours"])
+    port = _child(["--model", args.model, "--child", "port", "--port-limit", str(args.port_limit),
+                   "--candidates", json.dumps(ours["candidates"])])
+    n = len(ours["candidates"])
+    port_total = port["per_candidate_seconds"] * n
+    ratio = port["per_candidate_seconds"] / ours["per_candidate_seconds"]
+    rows = [
+        ("candidate ablation sets (all scopes)", f"{n}", f"{n} ({port['evaluated']} run, rest extrapolated)"),
+        ("seconds per candidate", f"{ours['per_candidate_seconds']:.3f}", f"{port['per_candidate_seconds']:.3f}"),
+        ("ablation search seconds", f"{ours['ablation_seconds']:.1f}", f"{port_total:.1f} (extrapolated)"),
+        ("peak RSS (MB)", f"{ours['peak_rss_mb']:.0f}", f"{port['peak_rss_mb']:.0f}"),
+    ]
+    print(f"locate benchmark: {args.model}, {ours['pairs']} pairs + {ours['clean']} clean inputs, "
+          f"{ours['total_neurons']} weight neurons; neuron scoring {ours['score_seconds']:.1f} s (ours only)")
+    print(f"| {'':40} | {'JAX (ours)':>12} | {'ORT per candidate':>36} |")
+    print(f"|{'-' * 42}|{'-' * 14}|{'-' * 38}|")
+    for label, a, b in rows:
+        print(f"| {label:40} | {a:>12} | {b:>36} |")
+    print(f"speed-up of ours over the port: {ratio:.2f}x (goal: >= 10x)")
+    ours.pop("candidates")
+    write_json(args.out, {"environment": environment(), "model": args.model, "ours": ours, "port": port,
+                          "candidates": n, "port_extrapolated_seconds": port_total, "speedup": ratio})
+
+
+if __name__ == "__main__":
+    main()
