@@ -85,8 +85,12 @@ def _fix_rate(before_pred: np.ndarray, after_pred: np.ndarray, y_error: np.ndarr
 def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | None = None, *,
            method: str = "flip", granularity: str = "weight", max_acc_drop: float = 2.0,
            target_fix: float = 0.95, seed: int = 0, force: bool = False, progress: bool = True,
-           finetune_epochs: int = 30) -> RepairResult:
-    """Locate, fix, export and evaluate; write `out` only when accepted (or `force`) and verified."""
+           finetune_epochs: int = 30, reuse: LocateResult | None = None) -> RepairResult:
+    """Locate, fix, export and evaluate; write `out` only when accepted (or `force`) and verified.
+
+    `reuse`: the `locate_result` of an earlier repair of the same model and case; its pairs and scores
+    are reused (only the ablation search for this method runs).
+    """
     if method not in METHODS:
         raise BadInputError(f"unknown method {method!r}; use one of {METHODS}")
     start = time.perf_counter()
@@ -94,15 +98,15 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     model_path = Path(model_path)
     if out is not None:
         check_output_path(Path(out), inputs=(model_path,))
-    model = load_model(model_path)
+    model = reuse.model if reuse is not None else load_model(model_path)
     case = data if isinstance(data, Case) else load_case(data, model)
-    forward = Forward(model)
+    forward = reuse.forward if reuse is not None else Forward(model)
     seconds["load"] = time.perf_counter() - start
 
     tick = time.perf_counter()
     located = locate(model, case, granularity=granularity, target_fix=SEARCH_TARGET[method],
                      max_acc_drop=max_acc_drop, factor=SEARCH_FACTOR[method], seed=seed, progress=progress,
-                     forward=forward)
+                     forward=forward, reuse=reuse)
     seconds["locate"] = time.perf_counter() - tick
     if located.status == "no_backdoor":
         seconds["total"] = time.perf_counter() - start

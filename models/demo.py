@@ -46,7 +46,8 @@ def run_demo(console, methods: tuple[str, ...] = ("flip", "finetune"), out_dir: 
     results = {}
     for method in methods:
         out = out_dir / f"repaired-{method}.onnx"
-        result = repair(built.model, built.case, out, method=method)
+        previous = next(iter(results.values())).locate_result if results else None
+        result = repair(built.model, built.case, out, method=method, reuse=previous)
         results[method] = result
         rows[method] = figures(out) if result.written else {}
         rows[method].update(eins=len(result.eins), seconds=result.seconds["total"], status=result.status)

@@ -106,11 +106,14 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: str = "weight",
            target_fix: float = 0.99, max_acc_drop: float = 2.0, fill: str = "median", scopes: str = "all",
            discount: bool = True, factor: float = 0.0, restore_steps: int = 300, seed: int = 0,
-           progress: bool = True, forward: Forward | None = None) -> LocateResult:
+           progress: bool = True, forward: Forward | None = None,
+           reuse: LocateResult | None = None) -> LocateResult:
     """Locate the error-inducing neurons of `model` for `case`.
 
     Without x_error the trigger is first restored from x_clean (`restore.py`); with no anomalous class the
     result has status 'no_backdoor' and no EINs. `factor` 0 searches ablation sets, -1 flip sets.
+    `reuse`: an earlier result on the same model and case whose restore, pairs, features and scores are
+    taken as they are (only the ablation search runs again, e.g. with another `factor`).
     `target_fix` defaults to 0.99 on the pairs: the minimal set at 0.95 sits right at the edge and fixed
     about 94 % of held-out triggered inputs on the MNIST-digits LeNet, the stricter target 99 %.
     """
@@ -125,8 +128,13 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
 
     tick = time.perf_counter()
     base_accuracy = float(np.mean(predict_labels(forward, case.x_clean) == case.y_clean))
-    restore = None
-    if case.x_error is None:
+    restore = reuse.restore if reuse is not None else None
+    if reuse is not None and reuse.scores is not None and reuse.scores.granularity == granularity:
+        pairs, features, scores = reuse.pairs, reuse.features, reuse.scores
+        seconds.update(reused=0.0)
+    else:
+        pairs = features = scores = None
+    if case.x_error is None and restore is None:
         bar = _progress_bar(restore_steps, "restoring triggers", progress)
         restore = restore_triggers(forward, case.x_clean, num_classes(model) or 10, steps=restore_steps, seed=seed,
                                    progress=lambda _: bar.update())
@@ -137,18 +145,23 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
             return LocateResult(model, forward, granularity, None, None, None, [], seconds, base_accuracy,
                                 restore, status="no_backdoor")
         tick = time.perf_counter()
-    pairs = build_pairs(forward, case, fill=fill, restored=restore)
-    seconds["pairs"] = time.perf_counter() - tick
+    if restore is not None and restore.flagged is None:
+        seconds["total"] = time.perf_counter() - start
+        return LocateResult(model, forward, granularity, None, None, None, [], seconds, base_accuracy,
+                            restore, status="no_backdoor")
+    if scores is None:
+        pairs = build_pairs(forward, case, fill=fill, restored=restore)
+        seconds["pairs"] = time.perf_counter() - tick
 
-    layers = find_layers(model)
-    tick = time.perf_counter()
-    features = ei_features(forward, pairs, layers)
-    seconds["features"] = time.perf_counter() - tick
+        layers = find_layers(model)
+        tick = time.perf_counter()
+        features = ei_features(forward, pairs, layers)
+        seconds["features"] = time.perf_counter() - tick
 
-    tick = time.perf_counter()
-    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, layers, granularity=granularity,
-                           discount=discount)
-    seconds["scores"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, layers, granularity=granularity,
+                               discount=discount)
+        seconds["scores"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     n_scopes = 1 + sum(bool(np.isfinite(v).any()) for v in scores.scores.values()) if scopes == "all" else None
