@@ -18,6 +18,8 @@ import numpy as np
 
 RECIPE_VERSION = 3  # 3: spurious-mark defect with mislabelled marked batches
 SPURIOUS_OTHER_SHARE = 0.05
+CASE_VERSION = 2  # 2: x_companion instead of trigger_mask for full-image triggers
+FULL_IMAGE_ATTACKS = ("blended",)
 
 
 def cache_dir() -> Path:
@@ -149,10 +151,48 @@ def _error_set(recipe: Recipe, x: np.ndarray, y: np.ndarray, trigger) -> tuple[n
     return trigger.apply(x[keep]), y[keep]
 
 
+def _case_arrays(recipe: Recipe, x, y, defender_idx, test_idx, trigger) -> tuple[dict, dict]:
+    """The defender's case and the held-out set. Local triggers come with their `trigger_mask`; full-image
+    (blended) ones with `x_companion`, the clean originals, since no region refill can undo them."""
+    clean_idx = defender_idx[:recipe.defender_clean]
+    case = {"x_clean": x[clean_idx], "y_clean": y[clean_idx]}
+    heldout = {"x_test": x[test_idx], "y_test": y[test_idx]}
+    if trigger is not None:
+        error_idx = defender_idx[recipe.defender_clean:]
+        keep = y[error_idx] != recipe.target if recipe.mode == "all_to_one" else np.ones(len(error_idx), bool)
+        err_x, err_y = _error_set(recipe, x[error_idx], y[error_idx], trigger)
+        case.update(x_error=err_x, y_error=err_y)
+        if recipe.attack in FULL_IMAGE_ATTACKS:
+            case["x_companion"] = x[error_idx][keep]
+        else:
+            case["trigger_mask"] = trigger.mask
+        hx, hy = _error_set(recipe, x[test_idx], y[test_idx], trigger)
+        heldout.update(x_error=hx, y_error=hy, target=np.int64(recipe.target))
+    return case, heldout
+
+
+def _write_case_files(folder: Path, recipe: Recipe, x, y, defender_idx, test_idx, trigger) -> None:
+    case, heldout = _case_arrays(recipe, x, y, defender_idx, test_idx, trigger)
+    np.savez(folder / "case.npz", **case)
+    np.savez(folder / "heldout.npz", **heldout)
+    meta = {"recipe": asdict(recipe), "key": recipe.key(), "case_version": CASE_VERSION}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
 def build_case(recipe: Recipe, *, force: bool = False) -> BuiltCase:
-    """Train (or reuse from the cache) the recipe's model and write its case files."""
+    """Train (or reuse from the cache) the recipe's model and write its case files.
+
+    The trained model is keyed by the recipe; the case files are rewritten (without retraining) when the
+    case layout version changes.
+    """
     folder = cache_dir() / recipe.name
     if (folder / "meta.json").is_file() and not force:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("case_version") != CASE_VERSION:
+            x, y = _dataset(recipe.dataset)
+            _, defender_idx, test_idx = _splits(recipe, x, y)
+            trigger = _trigger(recipe, x.shape[1:]) if recipe.attack != "none" else None
+            _write_case_files(folder, recipe, x, y, defender_idx, test_idx, trigger)
         return BuiltCase(folder)
     import torch
 
@@ -173,18 +213,7 @@ def build_case(recipe: Recipe, *, force: bool = False) -> BuiltCase:
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", dir=cache_dir()))
     try:
         export_torch(net, x[test_idx[:4]], tmp / "model.onnx", opset=recipe.opset)
-        clean_idx = defender_idx[:recipe.defender_clean]
-        case = {"x_clean": x[clean_idx], "y_clean": y[clean_idx]}
-        heldout = {"x_test": x[test_idx], "y_test": y[test_idx]}
-        if trigger is not None:
-            err_x, err_y = _error_set(recipe, x[defender_idx[recipe.defender_clean:]],
-                                      y[defender_idx[recipe.defender_clean:]], trigger)
-            case.update(x_error=err_x, y_error=err_y, trigger_mask=trigger.mask)
-            hx, hy = _error_set(recipe, x[test_idx], y[test_idx], trigger)
-            heldout.update(x_error=hx, y_error=hy, target=np.int64(recipe.target))
-        np.savez(tmp / "case.npz", **case)
-        np.savez(tmp / "heldout.npz", **heldout)
-        (tmp / "meta.json").write_text(json.dumps({"recipe": asdict(recipe), "key": recipe.key()}, indent=2))
+        _write_case_files(tmp, recipe, x, y, defender_idx, test_idx, trigger)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

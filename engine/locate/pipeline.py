@@ -164,7 +164,7 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
         seconds["scores"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    n_scopes = 1 + sum(bool(np.isfinite(v).any()) for v in scores.scores.values()) if scopes == "all" else None
+    n_scopes = 1 + min(6, sum(bool(np.isfinite(v).any()) for v in scores.scores.values()))
     bar = _progress_bar(n_scopes or 1, "ablation search", progress)
     chosen, results = progressive_ablation(forward, scores, pairs, case.x_clean, case.y_clean,
                                            target_fix=target_fix, max_acc_drop=max_acc_drop, scopes=scopes,
