@@ -6,7 +6,7 @@ evaluates the same candidate sets in the jitted, k-vmapped ablation search. Both
 (those our doubling + bisection search visits, every scope); the port is run on the first `--port-limit`
 of them and its per-candidate time is extrapolated to the full list (said so in the output).
 
-    python benchmarks/locate.py [--model resnet|lenet] [--port-limit 12] [--out benchmarks/results/locate.json]
+    python benchmarks/locate.py [--model resnet|lenet] [--scopes all|global] [--port-limit 12] [--out FILE]
 
 Each implementation runs in its own subprocess, so peak memory (max RSS) is its own.
 """
@@ -51,13 +51,14 @@ def _setup(name: str):
     return built, model, case, forward, pairs, scores, time.perf_counter() - start
 
 
-def run_ours(name: str) -> dict:
+def run_ours(name: str, scopes: str = "all") -> dict:
     """Full locate stages with the JAX engine; returns timings and the k values each scope visited."""
     from lancet.locate import progressive_ablation
 
     built, model, case, forward, pairs, scores, score_seconds = _setup(name)
     start = time.perf_counter()
-    chosen, results = progressive_ablation(forward, scores, pairs, case.x_clean, case.y_clean, target_fix=0.99)
+    chosen, results = progressive_ablation(forward, scores, pairs, case.x_clean, case.y_clean, target_fix=0.99,
+                                           scopes=scopes)
     seconds = time.perf_counter() - start
     candidates = [(r.scope, p["k"]) for r in results for p in r.curve if p["k"] > 0]
     return {"impl": "jax", "model": str(built.model), "pairs": pairs.used, "clean": len(case.x_clean),
@@ -117,17 +118,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(RECIPES), default="resnet")
     parser.add_argument("--port-limit", type=int, default=12)
+    parser.add_argument("--scopes", choices=["all", "global"], default="all",
+                        help="'global' skips the per-layer searches (minutes each on a CPU ResNet)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "locate.json"))
     parser.add_argument("--child", choices=["ours", "port"], help=argparse.SUPPRESS)
     parser.add_argument("--candidates", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "ours":
-        print(json.dumps(run_ours(args.model)))
+        print(json.dumps(run_ours(args.model, args.scopes)))
         return
     if args.child == "port":
         print(json.dumps(run_port(args.model, json.loads(args.candidates), args.port_limit)))
         return
-    ours = _child(["--model", args.model, "--child", "ours"])
+    ours = _child(["--model", args.model, "--child", "ours", "--scopes", args.scopes])
     port = _child(["--model", args.model, "--child", "port", "--port-limit", str(args.port_limit),
                    "--candidates", json.dumps(ours["candidates"])])
     n = len(ours["candidates"])
@@ -147,7 +150,8 @@ def main() -> None:
         print(f"| {label:40} | {a:>12} | {b:>36} |")
     print(f"speed-up of ours over the port: {ratio:.2f}x (goal: >= 10x)")
     ours.pop("candidates")
-    write_json(args.out, {"environment": environment(), "model": args.model, "ours": ours, "port": port,
+    write_json(args.out, {"environment": environment(), "model": args.model, "scopes": args.scopes,
+                          "ours": ours, "port": port,
                           "candidates": n, "port_extrapolated_seconds": port_total, "speedup": ratio})
 
 
