@@ -163,3 +163,16 @@ def test_general_defect_spurious_feature(defect_case):
     assert result.chosen.success and len(result.eins) / result.total_neurons < 0.01
     before_acc, acc, error_rate = ablated_figures(result, heldout)  # heldout "target" = the spurious class
     assert error_rate <= 0.05 and 100 * (before_acc - acc) <= 2.0
+
+
+def test_clean_model_no_backdoor_found(tmp_path):
+    pytest.importorskip("torch")
+    from lancet.models.recipes import Recipe, build_case
+
+    built = build_case(Recipe(attack="none"))
+    model = load_model(built.model)
+    case = load_case(built.case, model)
+    result = locate(model, Case(case.x_clean, case.y_clean), progress=False, restore_steps=200)
+    assert result.status == "no_backdoor" and result.eins == []
+    assert result.restore.flagged is None and max(result.restore.anomaly) < result.restore.threshold
+    assert result.to_json()["restore"]["backdoor_found"] is False
