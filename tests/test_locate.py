@@ -84,7 +84,13 @@ def test_steps_compose_as_separate_functions(setup):
     assert {name: f.shape for name, f in features.items()} == {l.name: (pairs.used, l.channels) for l in layers}
     scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, layers, granularity="channel")
     chosen, every = progressive_ablation(forward, scores, pairs, case.x_clean, case.y_clean, scopes="global")
-    assert [r.scope for r in every] == ["global"] and chosen.fix_rate >= 0.95
+    assert [r.scope for r in every] == ["global"]
+    if chosen.success:
+        assert chosen.fix_rate >= 0.95 and chosen.clean_drop_points <= 2.0
+    else:  # reaching the target costs too much accuracy: the best set within the bound is reported
+        assert chosen.clean_drop_points <= 2.0
+        assert any(p["fix_rate"] >= 0.95 and 100 * (chosen.clean_accuracy_before - p["clean_accuracy"]) > 2.0
+                   for p in chosen.curve)
 
 
 def test_saliency_finds_trigger_region_without_mask(setup):
