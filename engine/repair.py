@@ -31,6 +31,7 @@ METHODS = ("flip", "finetune")
 SEARCH_TARGET = {"flip": 0.99, "finetune": 0.95}
 SEARCH_FACTOR = {"flip": -1.0, "finetune": 0.0}
 ERROR_LOSS_SHARE = 1 / 3
+FINETUNE_MARGIN = 2.0  # fine-tune the top 2k of the chosen scope (ResNet blended: held-out ASR 3.9 % -> 2.1 %)
 
 
 @dataclass
@@ -72,6 +73,19 @@ def _evaluate(forward: Forward, params, case: Case, x_error, y_error, wrong_befo
         report["error_accuracy"] = float(np.mean(pred == y_error))
         report["_pred"] = pred
     return report
+
+
+def _finetune_set(forward: Forward, located: LocateResult, case: Case) -> list[dict]:
+    """The neurons fine-tuning trains: the chosen scope's top FINETUNE_MARGIN x k (the minimal ablation set
+    sits right at the edge; a margin lets training push the error further away)."""
+    chosen = located.chosen
+    if not chosen or not chosen.k or FINETUNE_MARGIN <= 1:
+        return located.eins
+    from .locate.ablation import Ablator
+
+    ablator = Ablator(forward, located.scores, located.pairs, case.x_clean[:1], case.y_clean[:1])
+    ranks, candidates = ablator.ranks(chosen.scope)
+    return ablator.eins(ranks, min(candidates, int(np.ceil(chosen.k * FINETUNE_MARGIN))))
 
 
 def _fix_rate(before_pred: np.ndarray, after_pred: np.ndarray, y_error: np.ndarray) -> float:
@@ -127,7 +141,9 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     if method == "flip":
         changed = flip(model, model.params, layers, located.eins, granularity)
     else:
-        masks = ein_masks(model, layers, located.eins, granularity)
+        trained = _finetune_set(forward, located, case)
+        details["finetune_neurons"] = len(trained)
+        masks = ein_masks(model, layers, trained, granularity)
         x_train = np.concatenate([case.x_clean, x_error])
         y_train = np.concatenate([case.y_clean, y_error])
         from tqdm.auto import tqdm

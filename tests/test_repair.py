@@ -54,7 +54,10 @@ def test_repair_removes_backdoor_on_heldout(backdoor_case, repaired, method):
     json.dumps(report)
     assert report["after"]["error_fix_rate"] >= 0.95
     assert set(report["seconds"]) >= {"load", "locate", "fix", "export", "total"}
-    assert report["changed_parameter_count"] <= len(report["eins"]) and report["changed_parameter_count"] > 0
+    trained = report.get("finetune_neurons", len(report["eins"]))  # finetune trains a margin over the EINs
+    assert 0 < report["changed_parameter_count"] <= trained
+    if method == "finetune":
+        assert trained == 2 * len(report["eins"])
 
 
 @pytest.mark.parametrize("method", ["flip", "finetune"])
