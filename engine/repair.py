@@ -65,7 +65,7 @@ class RepairResult:
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, **self.details}
 
 
-def _evaluate(forward: Forward, params, case: Case, x_error, y_error, wrong_before=None) -> dict:
+def _evaluate(forward: Forward, params, case: Case, x_error, y_error) -> dict:
     clean_pred = predict_labels(forward, case.x_clean, params=params)
     report = {"clean_accuracy": float(np.mean(clean_pred == case.y_clean))}
     if x_error is not None and len(x_error):
