@@ -206,15 +206,4 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
                         located, repaired)
 
 
-def heldout_figures(forward: Forward, params, x_test, y_test, x_trig, y_trig, target: int | None) -> dict:
-    """C-Acc, ASR (triggered inputs given the target) and R-Acc (given their true label) on held-out data."""
-    figures = {"c_acc": float(np.mean(predict_labels(forward, x_test, params=params) == y_test))}
-    if x_trig is not None and len(x_trig):
-        pred = predict_labels(forward, x_trig, params=params)
-        if target is not None:
-            figures["asr"] = float(np.mean(pred == target))
-        figures["r_acc"] = float(np.mean(pred == y_trig))
-    return figures
-
-
-__all__ = ["METHODS", "RepairResult", "heldout_figures", "repair"]
+__all__ = ["METHODS", "RepairResult", "repair"]

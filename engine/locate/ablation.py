@@ -21,6 +21,7 @@ from .valuation import NeuronScores
 
 NOT_CANDIDATE = np.iinfo(np.int32).max
 BISECTION_POINTS = 7  # k values tried per bisection round (one batched call)
+MAX_LAYER_SCOPES = 6  # per-layer searches after the global one (the best-scored layers)
 K_TOLERANCE = 0.02  # bisection stops once the EIN count is known to 2 %
 PREFIX_CACHE_BYTES = 1 << 30  # largest cached prefix activation set; beyond it, full forwards
 
@@ -267,7 +268,8 @@ class Ablator:
 def progressive_ablation(forward: Forward, scores: NeuronScores, pairs: Pairs, x_clean: np.ndarray,
                          y_clean: np.ndarray, *, target_fix: float = 0.95, max_acc_drop: float = 2.0,
                          scopes: str = "all", base_accuracy: float | None = None, factor: float = 0.0,
-                         max_layer_scopes: int | None = 6, progress=None) -> tuple[AblationResult, list[AblationResult]]:
+                         max_layer_scopes: int | None = MAX_LAYER_SCOPES,
+                         progress=None) -> tuple[AblationResult, list[AblationResult]]:
     """Search each scope; return (the chosen result, every scope's result).
 
     `scopes`: 'global', 'per-layer' or 'all'; `factor` 0 ablates the top-k neurons, -1 flips their sign.

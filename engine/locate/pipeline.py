@@ -16,7 +16,7 @@ from ..forward import Forward
 from ..ir import Model
 from ..loader import load_model
 from ..neurons import find_layers
-from .ablation import AblationResult, progressive_ablation
+from .ablation import MAX_LAYER_SCOPES, AblationResult, progressive_ablation
 from .common import predict_labels
 from .features import ei_features
 from .pairs import Pairs, build_pairs
@@ -164,7 +164,8 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
         seconds["scores"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    n_scopes = 1 + min(6, sum(bool(np.isfinite(v).any()) for v in scores.scores.values()))
+    layers_scored = sum(bool(np.isfinite(v).any()) for v in scores.scores.values())
+    n_scopes = (scopes in ("global", "all")) + (min(MAX_LAYER_SCOPES, layers_scored) if scopes != "global" else 0)
     bar = _progress_bar(n_scopes or 1, "ablation search", progress)
     chosen, results = progressive_ablation(forward, scores, pairs, case.x_clean, case.y_clean,
                                            target_fix=target_fix, max_acc_drop=max_acc_drop, scopes=scopes,
