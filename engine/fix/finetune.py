@@ -31,11 +31,14 @@ class FinetuneResult:
 
 def finetune(forward: Forward, masks: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, *,
              weights: np.ndarray | None = None, epochs: int = 30, lr: float = 1e-2, batch: int = 64, holdout: float = 0.2, patience: int = 6,
-             init: str = "ablated", seed: int = 0, progress=None) -> FinetuneResult:
+             init: str = "ablated", seed: int = 0, progress=None,
+             start: Mapping[str, np.ndarray] | None = None, keep_start: bool = True) -> FinetuneResult:
     """Train the masked parameter elements on (x, y); return the best parameters by held-back loss.
 
     `weights` (one per sample, default 1) weigh the loss, e.g. to give a handful of error inputs the
-    same pull as the much larger clean set.
+    same pull as the much larger clean set. `init`: 'ablated' starts the masked elements at zero, 'keep'
+    at their values. `start`: parameters to start from instead of the model's (e.g. after pruning).
+    `keep_start`: whether the untrained start may win early stopping (False: at least one epoch is kept).
     """
     weights = np.ones(len(x), np.float32) if weights is None else np.asarray(weights, np.float32)
     rng = np.random.default_rng(seed)
@@ -45,8 +48,9 @@ def finetune(forward: Forward, masks: Mapping[str, np.ndarray], x: np.ndarray, y
     logits_fn = make_logits_fn(forward)
     names = sorted(masks)
     mask_arrays = {k: jnp.asarray(masks[k], jnp.float32) for k in names}
-    frozen = {k: v for k, v in forward.params.items() if k not in masks}
-    trainable = {k: jnp.asarray(forward.params[k]) for k in names}
+    base = forward.params if start is None else {**forward.params, **start}
+    frozen = {k: jnp.asarray(v) for k, v in base.items() if k not in masks}
+    trainable = {k: jnp.asarray(base[k]) for k in names}
     if init == "ablated":
         trainable = {k: v * (1 - mask_arrays[k]) for k, v in trainable.items()}
     optimizer = optax.adam(lr)
@@ -88,7 +92,7 @@ def finetune(forward: Forward, masks: Mapping[str, np.ndarray], x: np.ndarray, y
         return float(total / max(1e-6, weight_sum)), float(correct / max(1, len(index)))
 
     start_loss, start_acc = measure(trainable, val if n_val else train)
-    best = (start_loss, trainable, 0)
+    best = (start_loss if keep_start else np.inf, trainable, 0)
     history = [{"epoch": 0, "heldback_loss": start_loss, "heldback_accuracy": start_acc}]
     for epoch in range(1, epochs + 1):
         for xb, yb, valid in batches(train, True):

@@ -1,0 +1,255 @@
+"""Repair benchmark: AI-Lancet (neuron-flip, neuron-fine-tuning) against the peer defences on the same models.
+
+Every row is a recipe of `lancet.models` (dataset x architecture x attack, or a general defect), trained
+once and cached; every method repairs the same ONNX model through the engine with the same defender data,
+in two settings:
+
+* `clean`  — the defender has clean images only (5 % of the training set); AI-Lancet and Neural-Cleanse
+  restore the trigger from them (one restoration, shared, its seconds counted for both);
+* `error`  — the defender also has ~100 triggered (or defective) inputs with their true labels.
+
+Figures are on held-out data no method saw: C-Acc (clean test accuracy), ASR (triggered test inputs given
+the attacker's label; for a defect row, marked inputs given the spurious class), R-Acc (triggered inputs
+given their true label), DER (defence effectiveness rating, BackdoorBench: (max(0, dASR) - max(0, dC-Acc)
++ 1) / 2), seconds, changed parameter elements. Writes JSON, a markdown table and a plot.
+
+    python benchmarks/repair.py [--quick] [--rows NAME ...] [--settings clean error] [--methods ...]
+                                [--out benchmarks/results/repair.json] [--markdown docs/repair-benchmark.md]
+
+`--quick`: the Fashion-MNIST LeNet-5 BadNets row, both settings, every method (under 10 min on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, write_json  # noqa: E402
+
+FASHION = dict(dataset="fashion_mnist", train_size=20000, defender_clean=1000, defender_error=110, test_size=5000)
+# Each row: (recipe fields, what it is). defender_clean is 5 % of train_size everywhere.
+ROWS = {
+    "fashion-lenet5-badnets": (dict(FASHION, arch="lenet5", attack="badnets"), "BadNets 4x4 patch, all-to-one"),
+    "fashion-lenet5-blended": (dict(FASHION, arch="lenet5", attack="blended"), "Blended noise, alpha 0.15, all-to-one"),
+    "fashion-lenet5-trojan": (dict(FASHION, arch="lenet5", attack="trojan"), "Trojan-style watermark, all-to-one"),
+    "fashion-lenet5-badnets-all2all": (dict(FASHION, arch="lenet5", attack="badnets", mode="all_to_all"),
+                                       "BadNets patch, all-to-all (y -> y+1)"),
+    "fashion-resnet18-blended": (dict(FASHION, arch="resnet18", attack="blended", train_size=10000, epochs=4, lr=1e-3,
+                                      defender_clean=500, test_size=3000), "ResNet-18 (w16), Blended, all-to-one"),
+    "digits-lenet5-spurious": (dict(dataset="mnist_digits", arch="lenet5", attack="spurious", defender_clean=175),
+                               "defect: mislabelled corner blot (MNIST digits)"),
+}
+QUICK_ROWS = ("fashion-lenet5-badnets",)
+SETTINGS = ("clean", "error")
+METHODS = ("lancet-flip", "lancet-finetune", "finetuning", "fine_pruning", "nc_unlearning", "anp")
+
+
+class Row:
+    """One built recipe: model, forward, full case, held-out arrays and the attacker's labels."""
+
+    def __init__(self, name: str):
+        from lancet import Forward, load_model
+        from lancet.case import load_case
+        from lancet.models.recipes import Recipe, build_case
+
+        fields, self.description = ROWS[name]
+        self.name = name
+        self.recipe = Recipe(**fields)
+        start = time.perf_counter()
+        self.built = build_case(self.recipe)
+        self.build_seconds = time.perf_counter() - start
+        self.model = load_model(self.built.model)
+        self.forward = Forward(self.model)
+        self.case = load_case(self.built.case, self.model)
+        heldout = np.load(self.built.heldout)
+        self.x_test, self.y_test = heldout["x_test"], heldout["y_test"]
+        self.x_error, self.y_error = heldout["x_error"], heldout["y_error"]
+        target = int(heldout["target"])
+        self.y_attack = ((self.y_error + 1) % 10 if self.recipe.mode == "all_to_all"
+                         else np.full_like(self.y_error, target))
+
+    def case_for(self, setting: str):
+        """The defender's case in a setting: clean only, or with the error inputs (and companions or mask)."""
+        from lancet.case import Case
+
+        if setting == "error":
+            return self.case
+        return Case(self.case.x_clean, self.case.y_clean)
+
+    def figures(self, params=None) -> dict:
+        """Held-out C-Acc, ASR, R-Acc of the model with `params` (default: the original)."""
+        from lancet.locate.common import predict_labels
+
+        clean = predict_labels(self.forward, self.x_test, params=params)
+        error = predict_labels(self.forward, self.x_error, params=params)
+        return {"c_acc": float(np.mean(clean == self.y_test)), "asr": float(np.mean(error == self.y_attack)),
+                "r_acc": float(np.mean(error == self.y_error))}
+
+
+def der(before: dict, after: dict) -> float:
+    """BackdoorBench's defence effectiveness rating in [0, 1] (0.5: nothing changed)."""
+    return (max(0.0, before["asr"] - after["asr"]) - max(0.0, before["c_acc"] - after["c_acc"]) + 1) / 2
+
+
+def _changed_count(model, changed: dict) -> int:
+    return int(sum(np.sum(np.asarray(v) != np.asarray(model.params[k])) for k, v in changed.items()))
+
+
+def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, progress) -> list[dict]:
+    """Every method on one row and setting; returns one record per method."""
+    import jax.numpy as jnp
+
+    from lancet.defences import DEFENCES
+    from lancet.repair import repair
+
+    case = row.case_for(setting)
+    before = row.figures()
+    records, located = [], None
+    shared = ("restore", "pairs", "features", "scores")  # stages a reusing repair takes from the first
+    for method in methods:
+        start = time.perf_counter()
+        record = {"row": row.name, "setting": setting, "method": method}
+        if method.startswith("lancet-"):
+            result = repair(row.built.model, case, None, method=method.split("-", 1)[1], seed=seed, progress=False,
+                            reuse=located)
+            reused = located is not None
+            located = located or result.locate_result
+            params = result.repaired_params
+            record.update(status=result.status, accepted=result.accepted, eins=len(result.eins),
+                          changed=int(sum(result.changed_parameters.values())), reasons=result.reasons)
+            seconds = time.perf_counter() - start + (sum(located.seconds.get(k, 0.0) for k in shared) if reused else 0.0)
+        else:
+            restore = located.restore if located is not None else None
+            outcome = DEFENCES[method](row.forward, case, seed=seed, restore=restore)
+            params = {**row.forward.params, **{k: jnp.asarray(v) for k, v in outcome.changed.items()}}
+            record.update(status=outcome.status, changed=_changed_count(row.model, outcome.changed),
+                          details={k: v for k, v in outcome.details.items() if k != "prune_curve"})
+            seconds = time.perf_counter() - start
+            if method == "nc_unlearning" and restore is not None:
+                seconds += located.seconds.get("restore", 0.0)
+        after = row.figures(params) if params is not None else dict(before)
+        record.update(before=before, after=after, der=der(before, after), seconds=round(seconds, 2))
+        records.append(record)
+        progress(record)
+    return records
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def markdown(data: dict) -> str:
+    """The results as a markdown table in the field's vocabulary (held-out figures, percent)."""
+    lines = [f"# Repair benchmark{' (quick)' if data['quick'] else ''}", "",
+             f"Regenerate: `{data['command']}` ({data['environment']['cpus']} CPU cores, "
+             f"JAX {data['environment']['jax']} on {data['environment']['jax_backend']}; "
+             f"{data['seconds']:.0f} s in all).", "",
+             "Held-out test data no method saw. C-Acc: clean accuracy; ASR: triggered inputs given the attacker's "
+             "label (defect row: marked inputs given the spurious class); R-Acc: triggered inputs given their true "
+             "label; DER: (max(0, dASR) - max(0, dC-Acc) + 1) / 2. Settings: `clean` = the defender has clean "
+             "images only (5 % of the training set), AI-Lancet and Neural-Cleanse restore the trigger; `error` = "
+             "plus ~100 triggered inputs with their true labels. Goal per AI-Lancet row: ASR <= 1 %, C-Acc drop "
+             "<= 1 point; **miss** marks a row that misses it.", ""]
+    for name, row in data["rows"].items():
+        lines += [f"## {name}: {row['description']}", "",
+                  f"Recipe `{json.dumps(row['recipe'], sort_keys=True)}`; before: C-Acc {_pct(row['before']['c_acc'])}, "
+                  f"ASR {_pct(row['before']['asr'])}, R-Acc {_pct(row['before']['r_acc'])}.", "",
+                  "| setting | method | status | C-Acc | ASR | R-Acc | DER | changed params | seconds | goal |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for record in row["records"]:
+            after, before = record["after"], record["before"]
+            drop = 100 * (before["c_acc"] - after["c_acc"])
+            goal = ""
+            if record["method"].startswith("lancet-"):
+                goal = "met" if after["asr"] <= 0.01 and drop <= 1.0 else "**miss**"
+            lines.append(f"| {record['setting']} | {record['method']} | {record['status']} | {_pct(after['c_acc'])} | "
+                         f"{_pct(after['asr'])} | {_pct(after['r_acc'])} | {record['der']:.3f} | {record['changed']:,} | "
+                         f"{record['seconds']:.0f} | {goal} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    """ASR and C-Acc after repair per method, one panel per row and setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(name, setting) for name, row in data["rows"].items()
+              for setting in dict.fromkeys(r["setting"] for r in row["records"])]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), squeeze=False)
+    for ax, (name, setting) in zip(axes[:, 0], panels):
+        records = [r for r in data["rows"][name]["records"] if r["setting"] == setting]
+        x = np.arange(len(records))
+        ax.bar(x - 0.2, [100 * r["after"]["asr"] for r in records], 0.4, label="ASR %")
+        ax.bar(x + 0.2, [100 * r["after"]["c_acc"] for r in records], 0.4, label="C-Acc %")
+        ax.axhline(100 * records[0]["before"]["c_acc"], color="grey", lw=0.8, ls="--")
+        ax.set_xticks(x, [r["method"] for r in records], fontsize=8)
+        ax.set_title(f"{name} / {setting}", fontsize=9)
+        ax.set_ylim(0, 100)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse arguments, run the matrix, write JSON, markdown and plot."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one row (Fashion-MNIST LeNet-5 BadNets)")
+    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS))
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/repair[-quick].json)")
+    parser.add_argument("--markdown", default=None, help="markdown path (default docs/repair-benchmark[-quick].md)")
+    parser.add_argument("--plot", default=None, help="PNG path (default next to the JSON)")
+    args = parser.parse_args(argv)
+    from tqdm.auto import tqdm
+
+    rows = args.rows or (QUICK_ROWS if args.quick else tuple(ROWS))
+    suffix = "-quick" if args.quick else ""
+    root = Path(__file__).resolve().parent
+    out = Path(args.out or root / "results" / f"repair{suffix}.json")
+    md_path = Path(args.markdown or root.parent / "docs" / f"repair-benchmark{suffix}.md")
+    png_path = Path(args.plot or out.with_suffix(".png"))
+    command = "python benchmarks/repair.py" + (" --quick" if args.quick else "") + (
+        f" --rows {' '.join(args.rows)}" if args.rows else "")
+    data = {"quick": args.quick, "command": command, "environment": environment(), "rows": {}, "seconds": 0.0}
+    start = time.perf_counter()
+    bar = tqdm(total=len(rows) * len(args.settings) * len(args.methods), desc="repair benchmark")
+    for name in rows:
+        row = Row(name)
+        entry = {"description": row.description, "recipe": asdict(row.recipe), "before": row.figures(),
+                 "build_seconds": round(row.build_seconds, 1), "records": []}
+        data["rows"][name] = entry
+        for setting in args.settings:
+            def progress(record):
+                bar.update()
+                bar.write(f"{name:32s} {setting:5s} {record['method']:16s} C-Acc {_pct(record['after']['c_acc']):>5s} "
+                          f"ASR {_pct(record['after']['asr']):>5s} R-Acc {_pct(record['after']['r_acc']):>5s} "
+                          f"{record['seconds']:7.1f} s")
+            entry["records"] += run_setting(row, setting, tuple(args.methods), args.seed, progress)
+            data["seconds"] = time.perf_counter() - start
+            write_json(out, data)  # partial results survive an interrupted run
+    bar.close()
+    data["seconds"] = time.perf_counter() - start
+    write_json(out, data)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(markdown(data) + "\n")
+    plot(data, png_path)
+    print(markdown(data))
+    print(f"\nwrote {out}, {md_path}, {png_path}")
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Fine-Pruning (Liu, Dolan-Gavitt, Garg, RAID 2018): backdoor neurons tend to be dormant on clean inputs.
+
+1. Rank the channels of the last convolution by their mean activation (after ReLU) on x_clean.
+2. Prune them, least active first, as far as clean accuracy on x_clean stays within `max_prune_drop`
+   points (the paper prunes until validation accuracy drops by 4 %); pruning zeroes the channel's
+   parameters (kernel slice and bias, or BatchNorm scale and shift).
+3. Fine-tune all parameters, the pruned channels held at zero.
+"""
+from __future__ import annotations
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..case import Case
+from ..errors import BadInputError
+from ..forward import Forward
+from ..neurons import find_layers
+from .common import (DefenceResult, largest_prune_within, pruned_parameters, trainable_parameters, train_all,
+                     training_data)
+
+MAX_PRUNE_DROP = 4.0
+
+
+def _mean_activation(forward: Forward, tensor: str, axis: int, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    total = None
+    for start in range(0, len(x), batch):
+        value = forward(x[start:start + batch], taps=(tensor,))[tensor]
+        reduce = tuple(a for a in range(value.ndim) if a != axis % value.ndim)
+        part = np.asarray(jnp.sum(jnp.maximum(value, 0), axis=reduce), np.float64) / (
+            np.prod([value.shape[a] for a in reduce[1:]]) if len(reduce) > 1 else 1)
+        total = part if total is None else total + part
+    return total / len(x)
+
+
+def defend(forward: Forward, case: Case, *, seed: int = 0, max_prune_drop: float = MAX_PRUNE_DROP,
+           **_: object) -> DefenceResult:
+    """Prune the last convolution's dormant channels, then fine-tune (see the module docstring)."""
+    start = time.perf_counter()
+    model = forward.model
+    layers = find_layers(model)
+    convs = [i for i, layer in enumerate(layers) if layer.op_type == "Conv"]
+    if not convs:
+        raise BadInputError("Fine-Pruning needs a convolution layer; the model has none")
+    position = convs[-1]
+    layer = layers[position]
+    activation = _mean_activation(forward, layer.name, layer.channel_axis, case.x_clean)
+    order = [(position, int(c)) for c in np.argsort(activation, kind="stable")]
+    count, curve = largest_prune_within(forward, layers, order, case.x_clean, case.y_clean, max_prune_drop)
+    pruned = order[:count]
+    changed, masks = pruned_parameters(model, model.params, layers, pruned)
+    names = trainable_parameters(model, layers)
+    x, y, weights = training_data(case)
+    tuned = train_all(forward, names, x, y, weights, frozen_zero=masks, start=changed, seed=seed)
+    return DefenceResult("fine_pruning", "repaired", tuned.changed, time.perf_counter() - start,
+                         {"layer": layer.name, "channels": layer.channels, "pruned": count,
+                          "prune_curve": curve, "best_epoch": tuned.best_epoch})

@@ -1,0 +1,122 @@
+"""Peer defences on the digits LeNet-5 BadNets model: they run through the engine, change what they claim,
+and their repaired parameters export through graph surgery and run in onnxruntime."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lancet import Forward, load_model
+from lancet.case import Case, load_case
+from lancet.defences import DEFENCES
+from lancet.defences.common import trainable_parameters
+from lancet.evaluate import OrtPredictor
+from lancet.locate.common import predict_labels
+from lancet.locate.restore import RestoreResult
+from lancet.neurons import find_layers
+from lancet.surgery import replace_parameters, verify_repaired
+
+
+@pytest.fixture(scope="module")
+def setup(backdoor_case):
+    model = load_model(backdoor_case.model)
+    forward = Forward(model)
+    case = load_case(backdoor_case.case, model)
+    heldout = dict(np.load(backdoor_case.heldout))
+    return model, forward, case, heldout
+
+
+def figures(forward, changed, heldout) -> tuple[float, float]:
+    params = {**forward.params, **{k: jnp.asarray(v) for k, v in changed.items()}}
+    acc = float(np.mean(predict_labels(forward, heldout["x_test"], params=params) == heldout["y_test"]))
+    asr = float(np.mean(predict_labels(forward, heldout["x_error"], params=params) == int(heldout["target"])))
+    return acc, asr
+
+
+def test_trainable_parameters_are_neuron_parameters(setup):
+    model, forward, _, _ = setup
+    names = trainable_parameters(model, find_layers(model))
+    layers = find_layers(model)
+    assert set(names) == {layer.weight for layer in layers} | {layer.bias for layer in layers if layer.bias}
+
+
+def test_finetuning_with_triggered_inputs_removes_the_backdoor(setup):
+    model, forward, case, heldout = setup
+    result = DEFENCES["finetuning"](forward, case, seed=0)
+    acc, asr = figures(forward, result.changed, heldout)
+    assert result.status == "repaired" and asr < 0.10
+    assert acc > 0.90
+
+
+def test_fine_pruning_zeroes_pruned_channels_and_exports(setup, backdoor_case, tmp_path):
+    model, forward, case, heldout = setup
+    result = DEFENCES["fine_pruning"](forward, case, seed=0)
+    layer = next(layer for layer in find_layers(model) if layer.name == result.details["layer"])
+    assert 0 < result.details["pruned"] < layer.channels
+    kernel = result.changed[layer.weight]
+    dead = np.flatnonzero(np.all(kernel.reshape(layer.channels, -1) == 0, axis=1))
+    assert len(dead) == result.details["pruned"], "pruned channels must stay zero through fine-tuning"
+    # Through graph surgery into onnxruntime: same outputs as the engine.
+    proto = replace_parameters(backdoor_case.model, result.changed, {"method": "fine_pruning"})
+    params = {**forward.params, **{k: jnp.asarray(v) for k, v in result.changed.items()}}
+    x = case.x_clean[:64]
+    assert verify_repaired(proto, x, np.asarray(forward.logits(x, params=params)), batch=64) <= 1e-4
+    path = tmp_path / "fp.onnx"
+    path.write_bytes(proto.SerializeToString())
+    predictor = OrtPredictor(load_model(path), path)
+    asr = float(np.mean(predictor.predict(heldout["x_error"]) == int(heldout["target"])))
+    assert asr < 0.2
+
+
+def test_nc_unlearning_with_the_true_trigger(setup):
+    """Unlearning given a restored trigger (here the true one, to keep the test fast) removes the backdoor
+    from clean data alone; with no flagged class it changes nothing."""
+    model, forward, case, heldout = setup
+    target = int(heldout["target"])
+    shape = case.x_clean.shape[1:]
+    masks = np.zeros((10, *shape), np.float32)
+    patterns = np.zeros((10, *shape), np.float32)
+    masks[target] = case.trigger_mask
+    stamped = heldout["x_error"][0]
+    patterns[target] = np.where(case.trigger_mask > 0, stamped, 0)
+    restore = RestoreResult(masks, patterns, masks.reshape(10, -1).sum(1), np.zeros(10), np.zeros(10), target, 2.0)
+    clean_only = Case(case.x_clean, case.y_clean)
+    result = DEFENCES["nc_unlearning"](forward, clean_only, seed=0, restore=restore)
+    acc, asr = figures(forward, result.changed, heldout)
+    assert result.status == "repaired" and asr < 0.10 and acc > 0.90
+    restore.flagged = None
+    nothing = DEFENCES["nc_unlearning"](forward, clean_only, seed=0, restore=restore)
+    assert nothing.status == "no_backdoor" and nothing.changed == {}
+
+
+def test_anp_prunes_within_the_accuracy_bound(setup):
+    model, forward, case, _ = setup
+    clean_only = Case(case.x_clean, case.y_clean)
+    result = DEFENCES["anp"](forward, clean_only, seed=0, steps=150, max_drop=2.0)
+    before = float(np.mean(predict_labels(forward, case.x_clean) == case.y_clean))
+    params = {**forward.params, **{k: jnp.asarray(v) for k, v in result.changed.items()}}
+    after = float(np.mean(predict_labels(forward, case.x_clean, params=params) == case.y_clean))
+    assert result.details["pruned"] > 0
+    assert 100 * (before - after) <= 2.0 + 1e-9
+    zeroed = sum(int(np.sum((np.asarray(v) == 0) & (np.asarray(model.params[k]) != 0))) for k, v in result.changed.items())
+    assert zeroed > 0 and all(np.all((np.asarray(v) == 0) | (np.asarray(v) == np.asarray(model.params[k])))
+                              for k, v in result.changed.items())
+
+
+def test_benchmark_der_and_table():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import repair as bench  # noqa: PLC0415
+
+    before = {"c_acc": 0.9, "asr": 1.0, "r_acc": 0.0}
+    assert bench.der(before, {"c_acc": 0.9, "asr": 0.0}) == 1.0
+    assert bench.der(before, {"c_acc": 0.8, "asr": 1.0}) == pytest.approx(0.45)
+    record = {"setting": "clean", "method": "lancet-flip", "status": "repaired", "before": before,
+              "after": {"c_acc": 0.895, "asr": 0.02, "r_acc": 0.9}, "der": 0.9875, "changed": 12, "seconds": 3.0}
+    data = {"quick": True, "command": "python benchmarks/repair.py --quick", "seconds": 1.0,
+            "environment": {"cpus": 2, "jax": "x", "jax_backend": "cpu"},
+            "rows": {"r": {"description": "d", "recipe": {}, "before": before, "records": [record]}}}
+    table = bench.markdown(data)
+    assert "| clean | lancet-flip | repaired | 89.5 | 2.0 | 90.0 | 0.988 | 12 | 3 | **miss** |" in table
