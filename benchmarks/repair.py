@@ -5,7 +5,8 @@ once and cached; every method repairs the same ONNX model through the engine wit
 in two settings:
 
 * `clean`  — the defender has clean images only (5 % of the training set); AI-Lancet and Neural-Cleanse
-  restore the trigger from them (one restoration, shared, its seconds counted for both);
+  restore the trigger from them (one restoration per row, shared by both and by Neural-Cleanse in the
+  other setting, its seconds counted for each);
 * `error`  — the defender also has ~100 triggered (or defective) inputs with their true labels.
 
 Figures are on held-out data no method saw: C-Acc (clean test accuracy), ASR (triggered test inputs given
@@ -61,6 +62,7 @@ class Row:
 
         fields, self.description = ROWS[name]
         self.name = name
+        self.restore, self.restore_seconds = None, 0.0  # one trigger restoration per row, shared
         self.recipe = Recipe(**fields)
         start = time.perf_counter()
         self.built = build_case(self.recipe)
@@ -72,6 +74,8 @@ class Row:
         self.x_test, self.y_test = heldout["x_test"], heldout["y_test"]
         self.x_error, self.y_error = heldout["x_error"], heldout["y_error"]
         target = int(heldout["target"])
+        # x_error holds the triggered versions of these test images (all of them for all-to-all).
+        self.originals = (self.y_test != target) if self.recipe.mode == "all_to_one" else np.ones(len(self.y_test), bool)
         self.y_attack = ((self.y_error + 1) % 10 if self.recipe.mode == "all_to_all"
                          else np.full_like(self.y_error, target))
 
@@ -84,13 +88,15 @@ class Row:
         return Case(self.case.x_clean, self.case.y_clean)
 
     def figures(self, params=None) -> dict:
-        """Held-out C-Acc, ASR, R-Acc of the model with `params` (default: the original)."""
+        """Held-out C-Acc, ASR, R-Acc of the model with `params` (default: the original), and the ASR floor:
+        the share of the triggered images' clean originals that already get the attacker's label."""
         from lancet.locate.common import predict_labels
 
         clean = predict_labels(self.forward, self.x_test, params=params)
         error = predict_labels(self.forward, self.x_error, params=params)
         return {"c_acc": float(np.mean(clean == self.y_test)), "asr": float(np.mean(error == self.y_attack)),
-                "r_acc": float(np.mean(error == self.y_error))}
+                "r_acc": float(np.mean(error == self.y_error)),
+                "asr_floor": float(np.mean(clean[self.originals] == self.y_attack))}
 
 
 def der(before: dict, after: dict) -> float:
@@ -121,19 +127,27 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
                             reuse=located)
             reused = located is not None
             located = located or result.locate_result
+            if located.restore is not None and row.restore is None:
+                row.restore, row.restore_seconds = located.restore, located.seconds.get("restore", 0.0)
             params = result.repaired_params
             record.update(status=result.status, accepted=result.accepted, eins=len(result.eins),
                           changed=int(sum(result.changed_parameters.values())), reasons=result.reasons)
             seconds = time.perf_counter() - start + (sum(located.seconds.get(k, 0.0) for k in shared) if reused else 0.0)
         else:
-            restore = located.restore if located is not None else None
-            outcome = DEFENCES[method](row.forward, case, seed=seed, restore=restore)
+            if method == "nc_unlearning" and row.restore is None:
+                from lancet.case import num_classes
+                from lancet.locate.restore import restore_triggers
+
+                row.restore = restore_triggers(row.forward, row.case.x_clean, num_classes(row.model) or 10, seed=seed)
+                row.restore_seconds = time.perf_counter() - start
+                start = time.perf_counter()
+            outcome = DEFENCES[method](row.forward, case, seed=seed, restore=row.restore)
             params = {**row.forward.params, **{k: jnp.asarray(v) for k, v in outcome.changed.items()}}
             record.update(status=outcome.status, changed=_changed_count(row.model, outcome.changed),
                           details={k: v for k, v in outcome.details.items() if k != "prune_curve"})
             seconds = time.perf_counter() - start
-            if method == "nc_unlearning" and restore is not None:
-                seconds += located.seconds.get("restore", 0.0)
+            if method == "nc_unlearning":
+                seconds += row.restore_seconds
         after = row.figures(params) if params is not None else dict(before)
         record.update(before=before, after=after, der=der(before, after), seconds=round(seconds, 2))
         records.append(record)
@@ -160,7 +174,8 @@ def markdown(data: dict) -> str:
     for name, row in data["rows"].items():
         lines += [f"## {name}: {row['description']}", "",
                   f"Recipe `{json.dumps(row['recipe'], sort_keys=True)}`; before: C-Acc {_pct(row['before']['c_acc'])}, "
-                  f"ASR {_pct(row['before']['asr'])}, R-Acc {_pct(row['before']['r_acc'])}.", "",
+                  f"ASR {_pct(row['before']['asr'])}, R-Acc {_pct(row['before']['r_acc'])}; ASR floor (clean originals "
+                  f"of the triggered images given the attacker's label) {_pct(row['before']['asr_floor'])}.", "",
                   "| setting | method | status | C-Acc | ASR | R-Acc | DER | changed params | seconds | goal |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for record in row["records"]:
@@ -201,6 +216,23 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def render(args) -> dict:
+    """Merge earlier result files (later rows win) into one JSON, markdown table and plot."""
+    parts = [json.loads(Path(path).read_text()) for path in args.from_json]
+    data = {**parts[0], "rows": {}, "seconds": sum(part["seconds"] for part in parts),
+            "command": " && ".join(part["command"] for part in parts)}
+    for part in parts:
+        data["rows"].update(part["rows"])
+    root = Path(__file__).resolve().parent
+    out = Path(args.out or root / "results" / "repair.json")
+    md_path = Path(args.markdown or root.parent / "docs" / "repair-benchmark.md")
+    write_json(out, data)
+    md_path.write_text(markdown(data) + "\n")
+    plot(data, Path(args.plot or out.with_suffix(".png")))
+    print(markdown(data))
+    return data
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parse arguments, run the matrix, write JSON, markdown and plot."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,7 +244,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/repair[-quick].json)")
     parser.add_argument("--markdown", default=None, help="markdown path (default docs/repair-benchmark[-quick].md)")
     parser.add_argument("--plot", default=None, help="PNG path (default next to the JSON)")
+    parser.add_argument("--from-json", nargs="+", metavar="JSON",
+                        help="no runs: merge the rows of earlier result files and write the markdown and plot")
     args = parser.parse_args(argv)
+    if args.from_json:
+        return render(args)
     from tqdm.auto import tqdm
 
     rows = args.rows or (QUICK_ROWS if args.quick else tuple(ROWS))

@@ -110,7 +110,7 @@ def test_benchmark_der_and_table():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import repair as bench  # noqa: PLC0415
 
-    before = {"c_acc": 0.9, "asr": 1.0, "r_acc": 0.0}
+    before = {"c_acc": 0.9, "asr": 1.0, "r_acc": 0.0, "asr_floor": 0.01}
     assert bench.der(before, {"c_acc": 0.9, "asr": 0.0}) == 1.0
     assert bench.der(before, {"c_acc": 0.8, "asr": 1.0}) == pytest.approx(0.45)
     record = {"setting": "clean", "method": "lancet-flip", "status": "repaired", "before": before,

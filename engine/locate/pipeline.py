@@ -105,7 +105,7 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: str = "weight",
            target_fix: float = 0.99, max_acc_drop: float = 2.0, fill: str = "median", scopes: str = "all",
-           discount: bool = True, factor: float = 0.0, restore_steps: int = 300, seed: int = 0,
+           discount: bool = True, factor: float = 0.0, restore_steps: int = 500, seed: int = 0,
            progress: bool = True, forward: Forward | None = None,
            reuse: LocateResult | None = None) -> LocateResult:
     """Locate the error-inducing neurons of `model` for `case`.

@@ -3,10 +3,15 @@
 For every candidate target class t a mask m (one value per pixel, shared by the channels) and a pattern p
 are optimised so that x' = (1 - m) * x + m * p sends clean inputs to t:
 
-    loss_t = CE(f(x'), t) + lam * |m|_1 / pixels
+    loss_t = CE(f(x'), t) + lam_t * |m|_1 / pixels
 
 All classes are optimised at once (one batch of classes x inputs) in one jitted Adam step (optax), on
-minibatches of x_clean.
+minibatches of x_clean. lam_t follows Neural Cleanse's schedule, per class: up while class t's trigger
+flips whole batches, down while it does not; the smallest mask that flipped a whole batch is kept.
+Measured on the Fashion-MNIST LeNet BadNets model (1,000 clean images; target mask norm, anomaly index):
+fixed lam 0.02, Adam lr 0.1, 300 steps: 52 px, 1.88 (missed); 1,000 steps: 27 px, 2.34; the schedule,
+300 steps: 44 px, 1.79; lr 0.2: 35 px, 2.53; lr 0.2, 500 steps (the default): 32 px, 2.44; a smaller
+initial mask (logit -6): 66 px, 0.94. The digits LeNet: 12 px, index 4.2, with every setting.
 A backdoor target needs a much smaller mask than any honest class: with the L1 norms |m_t|, the anomaly
 index of t is (median - |m_t|) / (1.4826 * MAD); a class with index above `threshold` (default 2, as
 Neural Cleanse) whose restored trigger flips most inputs is flagged. Its trigger makes the pairs:
@@ -25,6 +30,10 @@ from ..forward import Forward
 from .common import make_logits_fn, predict_labels, spatial_axes
 
 MAD_CONSISTENCY = 1.4826
+SUCCESS = 0.99                       # a restored trigger "works" on a batch it flips this share of
+LAM_UP, LAM_DOWN = 1.05, 1.05 ** 1.5  # per-step cost schedule (Neural Cleanse: x1.5 up, x1.5^1.5 down)
+LAM_MIN, LAM_MAX = 1e-4, 10.0
+MASK_INIT_LOGIT = -3.0                # sigmoid: 0.047 per pixel
 
 
 @dataclass
@@ -61,8 +70,8 @@ def anomaly_index(norms: np.ndarray) -> np.ndarray:
     return (median - norms) / mad
 
 
-def restore_triggers(forward: Forward, x_clean: np.ndarray, num_classes: int, *, steps: int = 300,
-                     batch: int = 64, lr: float = 0.1, lam: float = 0.02, threshold: float = 2.0,
+def restore_triggers(forward: Forward, x_clean: np.ndarray, num_classes: int, *, steps: int = 500,
+                     batch: int = 64, lr: float = 0.2, lam: float = 0.02, threshold: float = 2.0,
                      min_attack_rate: float = 0.8, seed: int = 0, progress=None) -> RestoreResult:
     """Reverse-engineer one trigger per class and flag the anomalous one (see the module docstring)."""
     shape = x_clean.shape[1:]
@@ -74,11 +83,11 @@ def restore_triggers(forward: Forward, x_clean: np.ndarray, num_classes: int, *,
     params = forward.params
     classes = jnp.arange(num_classes)
     key = jax.random.PRNGKey(seed)
-    theta = {"mask": jnp.full((num_classes, *mask_shape), -3.0),
+    theta = {"mask": jnp.full((num_classes, *mask_shape), MASK_INIT_LOGIT),
              "pattern": 0.1 * jax.random.normal(key, (num_classes, *shape))}
     optimizer = optax.adam(lr)
 
-    def total_loss(theta, x):
+    def total_loss(theta, lam, x):
         # All classes in one batch of classes x inputs (cheaper than vmapping the model over classes);
         # each class's mask and pattern only reach its own slice, so the gradients stay per class.
         mask = jax.nn.sigmoid(theta["mask"])[:, None]
@@ -87,22 +96,38 @@ def restore_triggers(forward: Forward, x_clean: np.ndarray, num_classes: int, *,
         logits = logits_fn(params, stamped.reshape(-1, *shape)).reshape(num_classes, x.shape[0], -1)
         log_probs = jax.nn.log_softmax(logits)
         ce = -jnp.mean(log_probs[classes, :, classes], axis=1)
-        return jnp.sum(ce + lam * jnp.sum(mask.reshape(num_classes, -1), axis=1) / pixels * 100.0)
+        norm = jnp.sum(mask.reshape(num_classes, -1), axis=1)
+        success = jnp.mean(jnp.argmax(logits, axis=-1) == classes[:, None], axis=1)
+        return jnp.sum(ce + lam * norm / pixels * 100.0), (norm, success)
 
     @jax.jit
-    def step(theta, opt_state, x):
-        grads = jax.grad(total_loss)(theta, x)
+    def step(state, x):
+        theta, opt_state, lam, best = state
+        grads, (norm, success) = jax.grad(total_loss, has_aux=True)(theta, lam, x)
         updates, opt_state = optimizer.update(grads, opt_state, theta)
-        return optax.apply_updates(theta, updates), opt_state
+        # Neural Cleanse's cost schedule, per class and per step: a class whose trigger already flips the
+        # batch gets a stronger mask penalty, one that does not a weaker one; the smallest mask that
+        # flipped a whole batch is kept.
+        hit = success >= SUCCESS
+        lam = jnp.clip(jnp.where(hit, lam * LAM_UP, lam / LAM_DOWN), LAM_MIN, LAM_MAX)
+        better = hit & (norm < best["norm"])
+        pick = lambda new, old: jnp.where(better.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+        best = {"norm": jnp.where(better, norm, best["norm"]), "mask": pick(theta["mask"], best["mask"]),
+                "pattern": pick(theta["pattern"], best["pattern"])}
+        return optax.apply_updates(theta, updates), opt_state, lam, best
 
-    opt_state = optimizer.init(theta)
+    state = (theta, optimizer.init(theta), jnp.full((num_classes,), lam),
+             {"norm": jnp.full((num_classes,), jnp.inf), **theta})
     rng = np.random.default_rng(seed)
     size = min(batch, len(x_clean))
     for index in range(steps):
         picks = rng.choice(len(x_clean), size=size, replace=False)
-        theta, opt_state = step(theta, opt_state, jnp.asarray(x_clean[picks]))
+        state = step(state, jnp.asarray(x_clean[picks]))
         if progress is not None:
             progress(index)
+    theta, _, _, best = state
+    found = np.isfinite(np.asarray(best["norm"]))
+    theta = {k: jnp.where(found.reshape((-1,) + (1,) * (theta[k].ndim - 1)), best[k], theta[k]) for k in theta}
     masks = np.asarray(jax.nn.sigmoid(theta["mask"]))
     masks = np.broadcast_to(masks, (num_classes, *shape)).astype(np.float32)
     patterns = np.asarray(low + (high - low) * jax.nn.sigmoid(theta["pattern"]), np.float32)
