@@ -171,6 +171,9 @@ def markdown(data: dict) -> str:
              "images only (5 % of the training set), AI-Lancet and Neural-Cleanse restore the trigger; `error` = "
              "plus ~100 triggered inputs with their true labels. Goal per AI-Lancet row: ASR <= 1 %, C-Acc drop "
              "<= 1 point; **miss** marks a row that misses it.", ""]
+    missing = [name for name in ROWS if name not in data["rows"]]
+    if missing and not data["quick"]:
+        lines += [f"Rows of the matrix not in this run: {', '.join(missing)}.", ""]
     for name, row in data["rows"].items():
         lines += [f"## {name}: {row['description']}", "",
                   f"Recipe `{json.dumps(row['recipe'], sort_keys=True)}`; before: C-Acc {_pct(row['before']['c_acc'])}, "
