@@ -12,7 +12,7 @@ from ..fix.finetune import FinetuneResult, finetune
 from ..fix.masks import ein_masks
 from ..forward import Edit, Forward
 from ..ir import Model
-from ..locate.common import pad_to, predict_labels
+from ..locate.common import predict_labels
 from ..neurons import Layer
 
 # The same loss weighting as AI-Lancet's fine-tuning: the few error inputs weigh as much as a third of the
@@ -98,23 +98,13 @@ def largest_prune_within(forward: Forward, layers: Sequence[Layer], order: Seque
     curve, best = [], 0
     for count in counts:
         edits = channel_edits(layers, order[:count])
-        accuracy = base if count == 0 else float(np.mean(_predict_edited(forward, x, edits) == y))
+        accuracy = base if count == 0 else float(np.mean(predict_labels(forward, x, edits=edits) == y))
         curve.append({"pruned": int(count), "accuracy": accuracy})
         if 100 * (base - accuracy) <= max_drop:
             best = count
         else:
             break
     return best, curve
-
-
-def _predict_edited(forward: Forward, x: np.ndarray, edits: dict[str, Edit], batch: int = 256) -> np.ndarray:
-    size = min(batch, len(x))
-    labels = []
-    for start in range(0, len(x), size):
-        chunk = x[start:start + size]
-        logits = np.asarray(forward.logits(pad_to(chunk, size), edits=edits))[:len(chunk)]
-        labels.append(np.argmax(logits, axis=-1))
-    return np.concatenate(labels)
 
 
 def pruned_parameters(model: Model, params: Mapping[str, np.ndarray], layers: Sequence[Layer],

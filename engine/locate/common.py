@@ -54,11 +54,11 @@ def pad_to(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def predict_labels(forward: Forward, x: np.ndarray, batch: int = 256,
-                   params: Mapping[str, Any] | None = None) -> np.ndarray:
-    """Arg-max labels in fixed-size padded chunks."""
+                   params: Mapping[str, Any] | None = None, edits: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Arg-max labels in fixed-size padded chunks (with `params` or forward `edits` if given)."""
     out = []
     for start, stop in chunks(len(x), batch):
-        logits = forward.logits(pad_to(x[start:stop], min(batch, len(x))), params=params)
+        logits = forward.logits(pad_to(x[start:stop], min(batch, len(x))), params=params, edits=edits)
         out.append(np.asarray(jnp.argmax(logits, axis=-1))[: stop - start])
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
