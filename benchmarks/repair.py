@@ -78,6 +78,7 @@ class Row:
         self.originals = (self.y_test != target) if self.recipe.mode == "all_to_one" else np.ones(len(self.y_test), bool)
         self.y_attack = ((self.y_error + 1) % 10 if self.recipe.mode == "all_to_all"
                          else np.full_like(self.y_error, target))
+        self.before = self.figures()
 
     def case_for(self, setting: str):
         """The defender's case in a setting: clean only, or with the error inputs (and companions or mask)."""
@@ -116,7 +117,7 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
     from lancet.repair import repair
 
     case = row.case_for(setting)
-    before = row.figures()
+    before = row.before
     records, located = [], None
     shared = ("restore", "pairs", "features", "scores")  # stages a reusing repair takes from the first
     for method in methods:
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(total=len(rows) * len(args.settings) * len(args.methods), desc="repair benchmark")
     for name in rows:
         row = Row(name)
-        entry = {"description": row.description, "recipe": asdict(row.recipe), "before": row.figures(),
+        entry = {"description": row.description, "recipe": asdict(row.recipe), "before": row.before,
                  "build_seconds": round(row.build_seconds, 1), "records": []}
         data["rows"][name] = entry
         for setting in args.settings:

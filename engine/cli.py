@@ -51,6 +51,16 @@ def emit_json(data: dict, path: str | None = None) -> None:
         click.echo(text)
 
 
+def emit_report(report: dict, report_path: str | None, as_json: bool, tables: Callable[[dict, Any], None]) -> None:
+    """Write the JSON report to `report_path` if given; print it as JSON or as readable tables."""
+    if report_path:
+        emit_json(report, report_path)
+    if as_json:
+        emit_json(report)
+    else:
+        tables(report, _console())
+
+
 def _json_default(value: Any) -> Any:
     import numpy as np
 
@@ -162,14 +172,9 @@ def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, r
             target = int(np.argmax(result.restore.anomaly))
         save_mask_png(result.restore, mask_path, target)
         report["mask_png"] = mask_path
-    if report_path:
-        emit_json(report, report_path)
-    if as_json:
-        emit_json(report)
-    else:
-        from .report import locate_tables
+    from .report import locate_tables
 
-        locate_tables(report, _console())
+    emit_report(report, report_path, as_json, locate_tables)
 
 
 @main.command()
@@ -199,14 +204,9 @@ def repair(model_path, data_path, out_path, method, granularity, report_path, ma
                         max_acc_drop=max_acc_drop, target_fix=target_fix, seed=seed, force=force,
                         progress=not as_json)
     report = result.to_json()
-    if report_path:
-        emit_json(report, report_path)
-    if as_json:
-        emit_json(report)
-    else:
-        from .report import repair_tables
+    from .report import repair_tables
 
-        repair_tables(report, _console())
+    emit_report(report, report_path, as_json, repair_tables)
     if not result.accepted:
         click.echo(f"lancet: repair rejected: {'; '.join(result.reasons)}"
                    + ("; written anyway (--force)" if result.written else "; nothing written"), err=True)

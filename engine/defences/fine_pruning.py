@@ -24,13 +24,13 @@ MAX_PRUNE_DROP = 4.0
 
 
 def _mean_activation(forward: Forward, tensor: str, axis: int, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    total = None
+    """Per channel: the mean over inputs and positions of the ReLU'd layer tensor."""
+    total = 0.0
     for start in range(0, len(x), batch):
-        value = forward(x[start:start + batch], taps=(tensor,))[tensor]
-        reduce = tuple(a for a in range(value.ndim) if a != axis % value.ndim)
-        part = np.asarray(jnp.sum(jnp.maximum(value, 0), axis=reduce), np.float64) / (
-            np.prod([value.shape[a] for a in reduce[1:]]) if len(reduce) > 1 else 1)
-        total = part if total is None else total + part
+        value = jnp.maximum(forward(x[start:start + batch], taps=(tensor,))[tensor], 0)
+        moved = jnp.moveaxis(value, axis, -1)
+        per_input = moved.reshape(moved.shape[0], -1, moved.shape[-1]).mean(axis=1)
+        total = total + np.asarray(per_input.sum(axis=0), np.float64)
     return total / len(x)
 
 
