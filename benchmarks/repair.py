@@ -196,7 +196,9 @@ def markdown(data: dict) -> str:
             goal = ""
             if record["method"].startswith("lancet-"):
                 goal = "met" if after["asr"] <= 0.01 and drop <= 1.0 else "**miss**"
-            lines.append(f"| {record['setting']} | {record['method']} | {record['status']} | {_pct(after['c_acc'])} | "
+            # A defence that changed no parameter left the model as it was, whatever it calls its outcome.
+            status = "unchanged" if record["changed"] == 0 and record["status"] == "repaired" else record["status"]
+            lines.append(f"| {record['setting']} | {record['method']} | {status} | {_pct(after['c_acc'])} | "
                          f"{_pct(after['asr'])} | {_pct(after['r_acc'])} | {record['der']:.3f} | {record['changed']:,} | "
                          f"{record['seconds']:.0f} | {goal} |")
         lines.append("")

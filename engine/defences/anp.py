@@ -73,6 +73,6 @@ def defend(forward: Forward, case: Case, *, seed: int = 0, steps: int = STEPS, t
     count, curve = largest_prune_within(forward, layers, order, case.x_clean, case.y_clean, max_drop,
                                         points=PRUNE_POINTS)
     changed, _ = pruned_parameters(model, model.params, layers, order[:count])
-    return DefenceResult("anp", "repaired", changed, time.perf_counter() - start,
+    return DefenceResult("anp", "repaired" if count else "unchanged", changed, time.perf_counter() - start,
                          {"neurons": len(values), "candidates": len(order), "pruned": count,
                           "steps": steps, "prune_curve": curve})

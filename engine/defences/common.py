@@ -28,7 +28,7 @@ class DefenceResult:
     """A defence's outcome: changed parameters (name -> new array), status and its own figures."""
 
     name: str
-    status: str                      # 'repaired', or 'no_backdoor' when it found nothing to act on
+    status: str                      # 'repaired'; 'no_backdoor' (found nothing to act on); 'unchanged'
     changed: dict[str, np.ndarray]
     seconds: float
     details: dict = field(default_factory=dict)
