@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
 
 FASHION = dict(dataset="fashion_mnist", train_size=20000, defender_clean=1000, defender_error=110, test_size=5000)
+# Larger networks: half the training set, so that a row trains in minutes on 2 cores.
+FASHION_SMALL = dict(FASHION, train_size=10000, epochs=4, lr=1e-3, defender_clean=500, test_size=3000)
 # Each row: (recipe fields, what it is). defender_clean is 5 % of train_size everywhere.
 ROWS = {
     "fashion-lenet5-badnets": (dict(FASHION, arch="lenet5", attack="badnets"), "BadNets 4x4 patch, all-to-one"),
@@ -42,10 +44,20 @@ ROWS = {
     "fashion-lenet5-trojan": (dict(FASHION, arch="lenet5", attack="trojan"), "Trojan-style watermark, all-to-one"),
     "fashion-lenet5-badnets-all2all": (dict(FASHION, arch="lenet5", attack="badnets", mode="all_to_all"),
                                        "BadNets patch, all-to-all (y -> y+1)"),
-    "fashion-resnet18-blended": (dict(FASHION, arch="resnet18", attack="blended", train_size=10000, epochs=4, lr=1e-3,
-                                      defender_clean=500, test_size=3000), "ResNet-18 (w16), Blended, all-to-one"),
+    "fashion-resnet18-blended": (dict(FASHION_SMALL, arch="resnet18", attack="blended"),
+                                 "ResNet-18 (w16), Blended, all-to-one"),
     "digits-lenet5-spurious": (dict(dataset="mnist_digits", arch="lenet5", attack="spurious", defender_clean=175),
                                "defect: mislabelled corner blot (MNIST digits)"),
+    "fashion-vgg11-badnets": (dict(FASHION_SMALL, arch="vgg11", attack="badnets"), "VGG-11 (w16), BadNets, all-to-one"),
+    "fashion-mobilenetv2-trojan": (dict(FASHION_SMALL, arch="mobilenetv2", attack="trojan"),
+                                   "MobileNetV2-small, Trojan-style watermark, all-to-one"),
+    "fashion-densenet-badnets": (dict(FASHION_SMALL, arch="densenet", attack="badnets"),
+                                 "DenseNet-small, BadNets, all-to-one"),
+    "fashion-vit-badnets": (dict(FASHION_SMALL, arch="vit", attack="badnets"), "ViT-small (patch 4), BadNets, all-to-one"),
+    "fashion-keras_cnn_bn-badnets": (dict(FASHION, arch="keras_cnn_bn", attack="badnets"),
+                                     "Keras CNN with BatchNormalization (NHWC, tf2onnx), BadNets, all-to-one"),
+    "digits-mlp-badnets": (dict(dataset="mnist_digits", arch="mlp", attack="badnets", defender_clean=175),
+                           "MLP (MNIST digits), BadNets, all-to-one"),
 }
 QUICK_ROWS = ("fashion-lenet5-badnets",)
 SETTINGS = ("clean", "error")

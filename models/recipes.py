@@ -171,8 +171,29 @@ def _case_arrays(recipe: Recipe, x, y, defender_idx, test_idx, trigger) -> tuple
     return case, heldout
 
 
+def is_keras(recipe: Recipe) -> bool:
+    """Whether the recipe's architecture is a Keras one (NHWC inputs, exported through tf2onnx)."""
+    from .keras_zoo import KERAS_ARCHITECTURES
+
+    return recipe.arch in KERAS_ARCHITECTURES
+
+
+def _nhwc(arrays: dict) -> dict:
+    """Images (N, C, H, W) and masks (C, H, W) moved to channels-last, the layout of a Keras model's input."""
+    moved = {}
+    for key, value in arrays.items():
+        if key.startswith("x_"):
+            value = np.ascontiguousarray(np.transpose(value, (0, 2, 3, 1)))
+        elif key == "trigger_mask":
+            value = np.ascontiguousarray(np.transpose(value, (1, 2, 0)))
+        moved[key] = value
+    return moved
+
+
 def _write_case_files(folder: Path, recipe: Recipe, x, y, defender_idx, test_idx, trigger) -> None:
     case, heldout = _case_arrays(recipe, x, y, defender_idx, test_idx, trigger)
+    if is_keras(recipe):
+        case, heldout = _nhwc(case), _nhwc(heldout)
     np.savez(folder / "case.npz", **case)
     np.savez(folder / "heldout.npz", **heldout)
     meta = {"recipe": asdict(recipe), "key": recipe.key(), "case_version": CASE_VERSION}
@@ -194,25 +215,16 @@ def build_case(recipe: Recipe, *, force: bool = False) -> BuiltCase:
             trigger = _trigger(recipe, x.shape[1:]) if recipe.attack != "none" else None
             _write_case_files(folder, recipe, x, y, defender_idx, test_idx, trigger)
         return BuiltCase(folder)
-    import torch
-
-    from lancet.converters.torch_export import export_torch
-
-    from .torch_zoo import build
-    from .train import train_classifier
-
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     x, y = _dataset(recipe.dataset)
     train_idx, defender_idx, test_idx = _splits(recipe, x, y)
     shape = x.shape[1:]
     trigger = _trigger(recipe, shape) if recipe.attack != "none" else None
     x_train, y_train = _train_set(recipe, x[train_idx], y[train_idx], trigger)
-    net = build(recipe.arch, shape[0], shape[1], 10, seed=recipe.seed)
-    train_classifier(net, x_train, y_train, epochs=recipe.epochs, lr=recipe.lr, seed=recipe.seed)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", dir=cache_dir()))
     try:
-        export_torch(net, x[test_idx[:4]], tmp / "model.onnx", opset=recipe.opset)
+        train_and_export = _keras_model if is_keras(recipe) else _torch_model
+        train_and_export(recipe, x_train, y_train, x[test_idx[:4]], tmp / "model.onnx")
         _write_case_files(tmp, recipe, x, y, defender_idx, test_idx, trigger)
         if folder.exists():
             shutil.rmtree(folder)
@@ -221,3 +233,34 @@ def build_case(recipe: Recipe, *, force: bool = False) -> BuiltCase:
         if tmp.exists():
             shutil.rmtree(tmp)
     return BuiltCase(folder)
+
+
+def _torch_model(recipe: Recipe, x_train, y_train, example, path: Path) -> None:
+    """Train the recipe's PyTorch architecture and export it (NCHW input)."""
+    import torch
+
+    from lancet.converters.torch_export import export_torch
+
+    from .torch_zoo import build
+    from .train import train_classifier
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    net = build(recipe.arch, x_train.shape[1], x_train.shape[2], 10, seed=recipe.seed)
+    train_classifier(net, x_train, y_train, epochs=recipe.epochs, lr=recipe.lr, seed=recipe.seed)
+    export_torch(net, example, path, opset=recipe.opset)
+
+
+def _keras_model(recipe: Recipe, x_train, y_train, example, path: Path) -> None:
+    """Train the recipe's Keras architecture on channels-last images and export it through tf2onnx."""
+    import keras
+
+    from lancet.converters.keras_export import export_keras
+
+    from .keras_zoo import KERAS_ARCHITECTURES
+
+    to_nhwc = (0, 2, 3, 1)
+    net = KERAS_ARCHITECTURES[recipe.arch](x_train.shape[2], x_train.shape[1], 10, seed=recipe.seed)
+    net.compile(optimizer=keras.optimizers.Adam(recipe.lr),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    net.fit(np.transpose(x_train, to_nhwc), y_train, epochs=recipe.epochs, batch_size=64, verbose=0, shuffle=True)
+    export_keras(net, np.transpose(example, to_nhwc), path, opset=recipe.opset)

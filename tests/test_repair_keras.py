@@ -57,3 +57,27 @@ def test_keras_backdoor_repaired_end_to_end(digits, tmp_path):
     original, fixed = onnx.load(str(path)), onnx.load(str(out))
     assert [n.op_type for n in original.graph.node] == [n.op_type for n in fixed.graph.node]
     assert [i.name for i in original.graph.input] == [i.name for i in fixed.graph.input]
+
+
+def test_keras_recipe_builds_channels_last_case(tmp_path, monkeypatch):
+    """A recipe with a Keras architecture trains in Keras, exports through tf2onnx and writes its case and
+    held-out arrays channels-last, so that they validate against the exported model's NHWC input."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    from lancet.case import load_case
+    from lancet.models.recipes import Recipe, build_case
+
+    monkeypatch.setenv("LANCET_CACHE", str(tmp_path))
+    recipe = Recipe(arch="keras_cnn_bn", epochs=2, train_size=1500, defender_clean=200, defender_error=50,
+                    test_size=300)
+    built = build_case(recipe)
+    model = load_model(built.model)
+    assert list(model.inputs[0].shape[1:]) == [28, 28, 1]
+    case = load_case(built.case, model)
+    assert case.x_clean.shape[1:] == (28, 28, 1) and case.trigger_mask.shape == (28, 28, 1)
+    heldout = np.load(built.heldout)
+    assert heldout["target"].shape == () and heldout["x_error"].shape[1:] == (28, 28, 1)
+    predictor = OrtPredictor(model, built.model)
+    accuracy = np.mean(predictor.predict(heldout["x_test"]) == heldout["y_test"])
+    attack = np.mean(predictor.predict(heldout["x_error"]) == int(heldout["target"]))
+    assert accuracy > 0.6 and attack > 0.5, (accuracy, attack)
