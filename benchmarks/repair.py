@@ -128,6 +128,8 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
     import jax.numpy as jnp
 
     from lancet.defences import DEFENCES
+    from lancet.defences.common import DefenceResult
+    from lancet.errors import LancetError
     from lancet.repair import repair
 
     case = row.case_for(setting)
@@ -160,7 +162,10 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
                 outcome = row.outcomes[method]
                 start -= outcome.seconds
             else:
-                outcome = DEFENCES[method](row.forward, case, seed=seed, restore=row.restore)
+                try:
+                    outcome = DEFENCES[method](row.forward, case, seed=seed, restore=row.restore)
+                except LancetError as exc:  # a defence that does not apply to this model: say so, go on
+                    outcome = DefenceResult(method, f"n/a: {exc}", {}, time.perf_counter() - start, {})
                 if method in CLEAN_DATA_ONLY:
                     row.outcomes[method] = outcome
             params = {**row.forward.params, **{k: jnp.asarray(v) for k, v in outcome.changed.items()}}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lancet import Edit, load_model
+from lancet import Edit, Forward, load_model
 from lancet.case import Case, load_case
 from lancet.locate import build_pairs, ei_features, progressive_ablation, score_neurons
 from lancet.locate.common import predict_labels
@@ -181,4 +181,25 @@ def test_clean_model_no_backdoor_found(tmp_path):
     result = locate(model, Case(case.x_clean, case.y_clean), progress=False, restore_steps=200)
     assert result.status == "no_backdoor" and result.eins == []
     assert result.restore.flagged is None and max(result.restore.anomaly) < result.restore.threshold
+    additive = result.restore.details["additive"]  # the fallback trigger model ran and found nothing either
+    assert additive["flagged_class"] is None and max(additive["anomaly_index"]) < result.restore.threshold
     assert result.to_json()["restore"]["backdoor_found"] is False
+
+
+def test_additive_restoration_flags_blended_target():
+    """A full-image blended trigger: the additive trigger model flags the target with a clearly smaller
+    perturbation than any other class needs, and its restored trigger sends clean inputs there."""
+    pytest.importorskip("torch")
+    from lancet.locate.restore import restore_triggers
+    from lancet.models.recipes import Recipe, build_case
+
+    built = build_case(Recipe(attack="blended"))
+    model = load_model(built.model)
+    forward = Forward(model)
+    case = load_case(built.case, model)
+    result = restore_triggers(forward, case.x_clean, 10, kind="additive", steps=200)
+    assert result.kind == "additive" and result.flagged == 0, result.summary()
+    assert result.norms[0] < 0.6 * np.median(result.norms)
+    stamped = result.apply(case.x_clean, 0)
+    assert stamped.min() >= case.x_clean.min() and stamped.max() <= case.x_clean.max()
+    assert np.mean(predict_labels(forward, stamped) == 0) > 0.9

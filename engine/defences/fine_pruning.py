@@ -1,6 +1,7 @@
 """Fine-Pruning (Liu, Dolan-Gavitt, Garg, RAID 2018): backdoor neurons tend to be dormant on clean inputs.
 
-1. Rank the channels of the last convolution by their mean activation (after ReLU) on x_clean.
+1. Rank the channels of the last convolution by their mean activation (after ReLU) on x_clean (a model
+   without convolutions, e.g. an MLP: the neurons of its last hidden dense layer, the one before the output).
 2. Prune them, least active first, as far as clean accuracy on x_clean stays within `max_prune_drop`
    points (the paper prunes until validation accuracy drops by 4 %); pruning zeroes the channel's
    parameters (kernel slice and bias, or BatchNorm scale and shift).
@@ -36,14 +37,14 @@ def _mean_activation(forward: Forward, tensor: str, axis: int, x: np.ndarray, ba
 
 def defend(forward: Forward, case: Case, *, seed: int = 0, max_prune_drop: float = MAX_PRUNE_DROP,
            **_: object) -> DefenceResult:
-    """Prune the last convolution's dormant channels, then fine-tune (see the module docstring)."""
+    """Prune the last convolution's (or hidden dense layer's) dormant channels, then fine-tune (see the module docstring)."""
     start = time.perf_counter()
     model = forward.model
     layers = find_layers(model)
     convs = [i for i, layer in enumerate(layers) if layer.op_type == "Conv"]
-    if not convs:
-        raise BadInputError("Fine-Pruning needs a convolution layer; the model has none")
-    position = convs[-1]
+    position = convs[-1] if convs else len(layers) - 2
+    if position < 0:
+        raise BadInputError("Fine-Pruning needs a convolution or a hidden dense layer; the model has neither")
     layer = layers[position]
     activation = _mean_activation(forward, layer.name, layer.channel_axis, case.x_clean)
     order = [(position, int(c)) for c in np.argsort(activation, kind="stable")]

@@ -136,8 +136,13 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
         pairs = features = scores = None
     if case.x_error is None and restore is None:
         bar = _progress_bar(restore_steps, "restoring triggers", progress)
+        def tick_restore(_):
+            if bar.n >= bar.total:  # the fallback trigger model (restore.py, kind 'auto') runs as many steps
+                bar.total += restore_steps
+            bar.update()
+
         restore = restore_triggers(forward, case.x_clean, num_classes(model) or 10, steps=restore_steps, seed=seed,
-                                   progress=lambda _: bar.update())
+                                   progress=tick_restore)
         bar.close()
         seconds["restore"] = time.perf_counter() - tick
         if restore.flagged is None:
