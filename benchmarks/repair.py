@@ -247,13 +247,24 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _ordered(records: list[dict]) -> list[dict]:
+    """Records in table order: by setting, then by method, as a run writes them."""
+    return sorted(records, key=lambda r: (SETTINGS.index(r["setting"]), METHODS.index(r["method"])))
+
+
 def render(args) -> dict:
-    """Merge earlier result files (later rows win) into one JSON, markdown table and plot."""
+    """Merge earlier result files (later records of a row win) into one JSON, markdown table and plot."""
     parts = [json.loads(Path(path).read_text()) for path in args.from_json]
     data = {**parts[0], "rows": {}, "seconds": sum(part["seconds"] for part in parts),
             "command": " && ".join(part["command"] for part in parts)}
-    for part in parts:
-        data["rows"].update(part["rows"])
+    for part in parts:  # a later file's records replace the same (setting, method) of the same row
+        for name, row in part["rows"].items():
+            if name not in data["rows"]:
+                data["rows"][name] = row
+                continue
+            later = {(r["setting"], r["method"]) for r in row["records"]}
+            kept = [r for r in data["rows"][name]["records"] if (r["setting"], r["method"]) not in later]
+            data["rows"][name] = {**row, "records": _ordered(kept + row["records"])}
     root = Path(__file__).resolve().parent
     out = Path(args.out or root / "results" / "repair.json")
     md_path = Path(args.markdown or root.parent / "docs" / "repair-benchmark.md")

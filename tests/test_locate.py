@@ -203,3 +203,22 @@ def test_additive_restoration_flags_blended_target():
     stamped = result.apply(case.x_clean, 0)
     assert stamped.min() >= case.x_clean.min() and stamped.max() <= case.x_clean.max()
     assert np.mean(predict_labels(forward, stamped) == 0) > 0.9
+
+
+def test_restored_pairs_cover_every_flagged_class():
+    """With two anomalous classes, the pairs hold each class's trigger on the clean inputs not of that class."""
+    from lancet.locate.restore import RestoreResult, restored_pairs_inputs
+
+    rng = np.random.default_rng(0)
+    x = rng.random((30, 1, 4, 4)).astype(np.float32)
+    y = np.arange(30) % 3
+    masks = np.zeros((3, 1, 4, 4), np.float32)
+    masks[:, :, 0, 0] = 1
+    patterns = np.stack([np.full((1, 4, 4), value, np.float32) for value in (5.0, 6.0, 7.0)])
+    result = RestoreResult(masks, patterns, np.ones(3), np.ones(3), np.zeros(3), flagged=2, threshold=2.0,
+                           also_flagged=[1])
+    assert result.flagged_classes == [2, 1]
+    x_error, y_right, x_companion = restored_pairs_inputs(result, x, y)
+    assert len(x_error) == 20 + 20 and np.all(y_right[:20] != 2) and np.all(y_right[20:] != 1)
+    assert np.all(x_error[:20, 0, 0, 0] == 7.0) and np.all(x_error[20:, 0, 0, 0] == 6.0)
+    assert np.array_equal(x_companion[:20], x[y != 2])

@@ -1,6 +1,6 @@
-"""Neural-Cleanse unlearning (Wang et al., IEEE S&P 2019): restore the trigger of the anomalous class from
-clean data, then fine-tune on clean inputs of which a fifth carry the restored trigger under their true
-labels, so the model learns to ignore it. A model with no anomalous class is left as it is."""
+"""Neural-Cleanse unlearning (Wang et al., IEEE S&P 2019): restore the triggers of the anomalous classes from
+clean data, then fine-tune on clean inputs of which a fifth carry a restored trigger (each flagged class's
+in turn) under their true labels, so the model learns to ignore them. A model with no anomalous class is left as it is."""
 from __future__ import annotations
 
 import time
@@ -21,13 +21,16 @@ def defend(forward: Forward, case: Case, *, seed: int = 0, restore: RestoreResul
     """Restore (or reuse `restore`), then unlearn the restored trigger (see the module docstring)."""
     start = time.perf_counter()
     restore = restore or restore_triggers(forward, case.x_clean, num_classes(forward.model) or 10, seed=seed)
-    details = {"flagged_class": restore.flagged,
+    details = {"flagged_class": restore.flagged, "flagged_classes": restore.flagged_classes,
                "anomaly_index": float(np.max(restore.anomaly)) if len(restore.anomaly) else None}
     if restore.flagged is None:
         return DefenceResult("nc_unlearning", "no_backdoor", {}, time.perf_counter() - start, details)
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(case.x_clean), size=max(1, int(round(STAMPED_SHARE * len(case.x_clean)))), replace=False)
-    stamped = restore.apply(case.x_clean[picks], restore.flagged)
+    targets = np.resize(np.asarray(restore.flagged_classes), len(picks))  # each flagged class in turn
+    stamped = np.concatenate([restore.apply(case.x_clean[picks[targets == t]], int(t))
+                              for t in restore.flagged_classes])
+    picks = np.concatenate([picks[targets == t] for t in restore.flagged_classes])
     names = trainable_parameters(forward.model, find_layers(forward.model))
     x, y, weights = training_data(case, stamped, case.y_clean[picks])
     tuned = train_all(forward, names, x, y, weights, seed=seed)

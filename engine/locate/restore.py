@@ -14,8 +14,9 @@ fixed lam 0.02, Adam lr 0.1, 300 steps: 52 px, 1.88 (missed); 1,000 steps: 27 px
 initial mask (logit -6): 66 px, 0.94. The digits LeNet: 12 px, index 4.2, with every setting.
 A backdoor target needs a much smaller mask than any honest class: with the L1 norms |m_t|, the anomaly
 index of t is (median - |m_t|) / (1.4826 * MAD); a class with index above `threshold` (default 2, as
-Neural Cleanse) whose restored trigger flips most inputs is flagged. Its trigger makes the pairs:
-clean input + restored trigger (error input) vs the clean input (companion).
+Neural Cleanse) whose restored trigger flips most inputs is flagged (every such class, most anomalous
+first). The flagged triggers make the pairs: clean input + restored trigger (error input) vs the clean
+input (companion).
 
 A blended trigger covers the whole image at low opacity: its mask is large, so the mask model flags
 nothing (Fashion LeNet, Blended alpha .15: largest anomaly index below 2). When the mask model flags no
@@ -60,6 +61,12 @@ class RestoreResult:
     details: dict = field(default_factory=dict)
     kind: str = "mask"
     bounds: tuple[float, float] = (0.0, 1.0)  # input value range, for clipping additive triggers
+    also_flagged: list[int] = field(default_factory=list)  # further anomalous classes, most anomalous first
+
+    @property
+    def flagged_classes(self) -> list[int]:
+        """Every class flagged as a backdoor target (Neural Cleanse flags each one above the threshold)."""
+        return [] if self.flagged is None else [self.flagged, *self.also_flagged]
 
     def apply(self, x: np.ndarray, target: int) -> np.ndarray:
         """Stamp class `target`'s restored trigger on `x`."""
@@ -70,7 +77,7 @@ class RestoreResult:
 
     def summary(self) -> dict:
         """JSON-ready figures (no arrays but the per-class norms)."""
-        return {"flagged_class": self.flagged, "anomaly_threshold": self.threshold, "trigger_kind": self.kind,
+        return {"flagged_class": self.flagged, "flagged_classes": self.flagged_classes, "anomaly_threshold": self.threshold, "trigger_kind": self.kind,
                 "anomaly_index": [round(float(a), 3) for a in self.anomaly],
                 "mask_l1" if self.kind == "mask" else "perturbation_l2": [round(float(n), 2) for n in self.norms],
                 "attack_rate": [round(float(r), 3) for r in self.attack_rates],
@@ -196,15 +203,20 @@ def _restore(forward: Forward, x_clean: np.ndarray, num_classes: int, kind: str,
         result.attack_rates[target] = float(np.mean(predict_labels(forward, stamped) == target))
     eligible = [t for t in range(num_classes)
                 if result.anomaly[t] > threshold and result.attack_rates[t] >= min_attack_rate]
-    result.flagged = max(eligible, key=lambda t: result.anomaly[t]) if eligible else None
+    ranked = sorted(eligible, key=lambda t: -result.anomaly[t])
+    result.flagged, result.also_flagged = (ranked[0], ranked[1:]) if ranked else (None, [])
     return result
 
 
 def restored_pairs_inputs(result: RestoreResult, x_clean: np.ndarray, y_clean: np.ndarray):
-    """(x_error, y_right, x_companion) from the flagged trigger: stamped clean inputs not of the target class."""
-    target = result.flagged
-    keep = y_clean != target
-    return result.apply(x_clean[keep], target), y_clean[keep], x_clean[keep]
+    """(x_error, y_right, x_companion) from the flagged triggers: for each flagged class, the clean inputs
+    not of that class stamped with its restored trigger (a model can hold more than one anomalous class:
+    the Keras CNN of the benchmark has a natural 'bag' shortcut beside its backdoor target)."""
+    parts = []
+    for target in result.flagged_classes:
+        keep = y_clean != target
+        parts.append((result.apply(x_clean[keep], target), y_clean[keep], x_clean[keep]))
+    return tuple(np.concatenate(column) for column in zip(*parts))
 
 
 def save_mask_png(result: RestoreResult, path, target: int | None = None) -> None:
