@@ -120,3 +120,17 @@ def test_benchmark_der_and_table():
             "rows": {"r": {"description": "d", "recipe": {}, "before": before, "records": [record]}}}
     table = bench.markdown(data)
     assert "| clean | lancet-flip | repaired | 89.5 | 2.0 | 90.0 | 0.988 | 12 | 3 | **miss** |" in table
+
+
+def test_fine_pruning_without_convolutions_prunes_last_hidden_dense_layer():
+    """An MLP has no convolution: Fine-Pruning ranks and prunes the neurons of its last hidden layer."""
+    pytest.importorskip("torch")
+    from lancet.models.recipes import Recipe, build_case
+
+    built = build_case(Recipe(arch="mlp"))
+    model = load_model(built.model)
+    forward = Forward(model)
+    result = DEFENCES["fine_pruning"](forward, load_case(built.case, model), seed=0)
+    layers = find_layers(model)
+    assert result.status == "repaired" and result.details["layer"] == layers[-2].name
+    assert layers[-2].op_type in ("Gemm", "MatMul") and 0 < result.details["pruned"] < layers[-2].channels

@@ -186,11 +186,11 @@ def test_clean_model_no_backdoor_found(tmp_path):
     assert result.to_json()["restore"]["backdoor_found"] is False
 
 
-def test_additive_restoration_flags_blended_target():
+def test_additive_restoration_flags_blended_target(tmp_path):
     """A full-image blended trigger: the additive trigger model flags the target with a clearly smaller
     perturbation than any other class needs, and its restored trigger sends clean inputs there."""
     pytest.importorskip("torch")
-    from lancet.locate.restore import restore_triggers
+    from lancet.locate.restore import restore_triggers, save_mask_png
     from lancet.models.recipes import Recipe, build_case
 
     built = build_case(Recipe(attack="blended"))
@@ -203,6 +203,9 @@ def test_additive_restoration_flags_blended_target():
     stamped = result.apply(case.x_clean, 0)
     assert stamped.min() >= case.x_clean.min() and stamped.max() <= case.x_clean.max()
     assert np.mean(predict_labels(forward, stamped) == 0) > 0.9
+    png = tmp_path / "perturbation.png"
+    save_mask_png(result, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_restored_pairs_cover_every_flagged_class():
