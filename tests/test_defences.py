@@ -106,20 +106,47 @@ def test_anp_prunes_within_the_accuracy_bound(setup):
                               for k, v in result.changed.items())
 
 
-def test_benchmark_der_and_table():
+def benchmark_sample():
+    """The benchmark module and one row of results with one record."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import repair as bench  # noqa: PLC0415
 
     before = {"c_acc": 0.9, "asr": 1.0, "r_acc": 0.0, "asr_floor": 0.01}
-    assert bench.der(before, {"c_acc": 0.9, "asr": 0.0}) == 1.0
-    assert bench.der(before, {"c_acc": 0.8, "asr": 1.0}) == pytest.approx(0.45)
     record = {"setting": "clean", "method": "lancet-flip", "status": "repaired", "before": before,
               "after": {"c_acc": 0.895, "asr": 0.02, "r_acc": 0.9}, "der": 0.9875, "changed": 12, "seconds": 3.0}
     data = {"quick": True, "command": "python benchmarks/repair.py --quick", "seconds": 1.0,
             "environment": {"cpus": 2, "jax": "x", "jax_backend": "cpu"},
             "rows": {"r": {"description": "d", "recipe": {}, "before": before, "records": [record]}}}
+    return bench, data, record
+
+
+def test_benchmark_der_and_table():
+    bench, data, _ = benchmark_sample()
+    before = data["rows"]["r"]["before"]
+    assert bench.der(before, {"c_acc": 0.9, "asr": 0.0}) == 1.0
+    assert bench.der(before, {"c_acc": 0.8, "asr": 1.0}) == pytest.approx(0.45)
     table = bench.markdown(data)
     assert "| clean | lancet-flip | repaired | 89.5 | 2.0 | 90.0 | 0.988 | 12 | 3 | **miss** |" in table
+
+
+def test_benchmark_merge_replaces_records_one_by_one(tmp_path):
+    """--from-json: a later file's record replaces the same row, setting and method; the rest are kept, in
+    table order."""
+    import json
+
+    bench, data, record = benchmark_sample()
+
+    earlier = {**data, "rows": {"r": {**data["rows"]["r"], "records": [
+        {**record, "setting": "error"}, {**record, "method": "finetuning"}, record]}}}
+    later = {**data, "command": "again", "rows": {"r": {**data["rows"]["r"], "records": [{**record, "changed": 99}]}}}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, part in zip(paths, (earlier, later)):
+        path.write_text(json.dumps(part))
+    merged = bench.main(["--from-json", *map(str, paths), "--out", str(tmp_path / "m.json"),
+                         "--markdown", str(tmp_path / "m.md"), "--plot", str(tmp_path / "m.png")])
+    records = merged["rows"]["r"]["records"]
+    assert [(r["setting"], r["method"], r["changed"]) for r in records] == [
+        ("clean", "lancet-flip", 99), ("clean", "finetuning", 12), ("error", "lancet-flip", 12)]
 
 
 def test_fine_pruning_without_convolutions_prunes_last_hidden_dense_layer():
