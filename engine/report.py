@@ -62,7 +62,8 @@ def locate_tables(report: dict, console, top: int = 20) -> None:
              "clean accuracy": report["clean_accuracy"]}
     if report.get("restore"):
         restore = report["restore"]
-        facts["restored trigger: flagged class"] = restore["flagged_class"]
+        facts["restored trigger: flagged classes"] = ", ".join(map(str, restore["flagged_classes"])) or "none"
+        facts["trigger model"] = restore["trigger_kind"]
         facts["anomaly index (max)"] = max(restore["anomaly_index"])
     if report.get("pairs"):
         pairs = report["pairs"]
