@@ -67,20 +67,25 @@ def live_tensors(model: Model, start: int) -> list[str]:
     return [name for name in dict.fromkeys(list(produced)) if name in needed]
 
 
-def build_apply(model: Model, start: int = 0) -> Callable[..., dict[str, Any]]:
+def build_apply(model: Model, start: int = 0,
+                static: Mapping[str, np.ndarray] | None = None) -> Callable[..., dict[str, Any]]:
     """Return the pure function `apply(params, inputs, taps=(), edits=None) -> {name: array}`.
 
     The result holds every graph output and every tapped tensor. `inputs` is a mapping of input name to
     array, or one array for a single-input model. Wrap it in `jax.jit(..., static_argnames="taps")`.
     With `start` > 0 only nodes from `start` on run and `inputs` maps `live_tensors(model, start)` to
-    their values (a cached prefix: what the per-layer ablation search reuses for every candidate).
+    their values (a cached prefix: what the per-layer ablation search reuses for every candidate);
+    `static` gives those of them that are the same for every batch (shape arithmetic a later Reshape
+    needs as a constant), held as constants rather than passed in `inputs`.
     """
     nodes = list(model.nodes)[start:]
-    constants = dict(model.constants)
+    static = dict(static or {})
+    constants = {**model.constants, **static}
     specs = [REGISTRY[node.op_type] for node in nodes]
     contexts = [OpContext(model.opset, node.name, len(node.outputs)) for node in nodes]
     output_names = [info.name for info in model.outputs]
-    input_names = [info.name for info in model.inputs] if start == 0 else live_tensors(model, start)
+    input_names = ([info.name for info in model.inputs] if start == 0
+                   else [name for name in live_tensors(model, start) if name not in static])
     producers = model.producer_of()
     axes = {name: (1 if node.op_type in CHANNEL_FIRST_OPS else -1) for name, node in producers.items()}
     known = set(producers) | set(input_names) | set(model.params) | set(constants)

@@ -225,3 +225,31 @@ def test_restored_pairs_cover_every_flagged_class():
     assert len(x_error) == 20 + 20 and np.all(y_right[:20] != 2) and np.all(y_right[20:] != 1)
     assert np.all(x_error[:20, 0, 0, 0] == 7.0) and np.all(x_error[20:, 0, 0, 0] == 6.0)
     assert np.array_equal(x_companion[:20], x[y != 2])
+
+
+def test_per_layer_scopes_of_a_transformer_match_the_full_graph(digits, tmp_path, torch_threads):
+    """A ViT's per-layer scopes run the graph from the layer on, on cached prefix tensors; shape arithmetic
+    that crosses the cut (a Reshape's target shape) is held as a constant. With nothing ablated, every
+    scope gives the full graph's fix rate and clean accuracy."""
+    from lancet.converters.torch_export import export_torch
+    from lancet.locate.ablation import Ablator
+    from lancet.models.torch_zoo import build
+
+    x = digits[0][:96]
+    path = export_torch(build("vit", 1, 28), x[:2], tmp_path / "vit.onnx")
+    model = load_model(path)
+    forward = Forward(model)
+    labels = predict_labels(forward, x)
+    companion = int(np.flatnonzero(labels != labels[0])[0])  # error inputs: images labelled unlike it
+    errors = np.flatnonzero(labels != labels[companion])[:16]
+    case = Case(x[48:], labels[48:], x[errors], np.full(len(errors), labels[companion]),
+                x_companion=np.repeat(x[companion:companion + 1], len(errors), axis=0))
+    pairs = build_pairs(forward, case)
+    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, find_layers(model))
+    ablator = Ablator(forward, scores, pairs, case.x_clean, case.y_clean, batch=32)
+    reference = ablator.evaluate(ablator.ranks("global")[0], [0], "global")
+    scopes = [unit for unit in scores.scores if ablator._start(unit) > 0]
+    assert len(scopes) >= 4
+    for scope in scopes:
+        fix, accuracy = ablator.evaluate(ablator.ranks(scope)[0], [0], scope)
+        assert fix[0] == reference[0][0] and accuracy[0] == pytest.approx(reference[1][0]), scope

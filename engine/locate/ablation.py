@@ -72,7 +72,8 @@ class Ablator:
         self.is_pair = np.concatenate([np.ones(pairs.used, np.float32), np.zeros(len(x_clean), np.float32)])
         self.n_clean = len(x_clean)
         self._counts: dict[int, object] = {}
-        self._prefix: dict[int, dict[str, np.ndarray]] = {}
+        self._prefix: dict[int, dict[str, np.ndarray]] = {}  # batched live tensors of a cached prefix
+        self._shared: dict[int, dict[str, np.ndarray]] = {}  # its live tensors without a batch axis
 
     def _start(self, scope: str) -> int:
         """First node a per-layer scope can change: everything before it is the same for every candidate."""
@@ -94,16 +95,30 @@ class Ablator:
         if start not in self._prefix:
             live = live_tensors(self.forward.model, start)
             size = min(self.batch, len(self.x))
-            parts: dict[str, list[np.ndarray]] = {name: [] for name in live}
+            batched = self._batched(live, size)
+            parts: dict[str, list[np.ndarray]] = {name: [] for name in batched}
+            shared: dict[str, np.ndarray] = {}
             for begin, stop in chunks(len(self.x), self.batch):
                 out = self.forward(pad_to(self.x[begin:stop], size), taps=tuple(live))
                 for name in live:
-                    parts[name].append(np.asarray(out[name])[: stop - begin])
+                    if name in batched:
+                        parts[name].append(np.asarray(out[name])[: stop - begin])
+                    else:
+                        shared[name] = np.asarray(out[name])
             cached = {name: np.concatenate(values) for name, values in parts.items()}
             if sum(v.nbytes for v in cached.values()) > PREFIX_CACHE_BYTES:
                 return self.x
             self._prefix[start] = cached
+            self._shared[start] = shared
         return self._prefix[start]
+
+    def _batched(self, live: list[str], size: int) -> set[str]:
+        """The live tensors that carry the batch axis: their leading size follows the batch's (a ViT's
+        position table or a shape computation does not, and is passed whole to every batch)."""
+        wide = self.forward(pad_to(self.x[:size], size), taps=tuple(live))
+        narrow = self.forward(self.x[:1], taps=tuple(live)) if size > 1 else wide
+        return {name for name in live
+                if np.ndim(wide[name]) and np.shape(wide[name])[0] == size and np.shape(narrow[name])[0] == 1}
 
     @property
     def sequential_k(self) -> bool:
@@ -123,7 +138,7 @@ class Ablator:
         if start == 0:
             logits_fn = make_logits_fn(self.forward)
         else:
-            apply = build_apply(self.forward.model, start)
+            apply = build_apply(self.forward.model, start, static=self._shared[start])
             name = logit_tensor(self.forward)
             taps = () if name == self.forward.output_name else (name,)
 
