@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
     md_path = Path(args.markdown or root.parent / "docs" / f"repair-benchmark{suffix}.md")
     png_path = Path(args.plot or out.with_suffix(".png"))
     command = "python benchmarks/repair.py" + (" --quick" if args.quick else "") + (
-        f" --rows {' '.join(args.rows)}" if args.rows else "")
+        f" --rows {' '.join(args.rows)}" if args.rows else "") + (
+        f" --settings {' '.join(args.settings)}" if tuple(args.settings) != SETTINGS else "") + (
+        f" --methods {' '.join(args.methods)}" if tuple(args.methods) != METHODS else "")
     data = {"quick": args.quick, "command": command, "environment": environment(), "rows": {}, "seconds": 0.0}
     start = time.perf_counter()
     bar = tqdm(total=len(rows) * len(args.settings) * len(args.methods), desc="repair benchmark")
