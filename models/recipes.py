@@ -31,7 +31,8 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to build one model and case. attack: 'none', 'badnets', 'blended', 'trojan' or 'spurious'."""
+    """How to build one model and case. arch: a `torch_zoo` architecture, or a `keras_zoo` one (trained in
+    Keras, channels-last case files); attack: 'none', 'badnets', 'blended', 'trojan' or 'spurious'."""
 
     dataset: str = "mnist_digits"
     arch: str = "lenet5"
