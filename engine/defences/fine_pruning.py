@@ -37,7 +37,8 @@ def _mean_activation(forward: Forward, tensor: str, axis: int, x: np.ndarray, ba
 
 def defend(forward: Forward, case: Case, *, seed: int = 0, max_prune_drop: float = MAX_PRUNE_DROP,
            **_: object) -> DefenceResult:
-    """Prune the last convolution's (or hidden dense layer's) dormant channels, then fine-tune (see the module docstring)."""
+    """Prune the last convolution's (or hidden dense layer's) dormant channels, then fine-tune (see the
+    module docstring)."""
     start = time.perf_counter()
     model = forward.model
     layers = find_layers(model)

@@ -1,6 +1,7 @@
 """Neural-Cleanse unlearning (Wang et al., IEEE S&P 2019): restore the triggers of the anomalous classes from
 clean data, then fine-tune on clean inputs of which a fifth carry a restored trigger (each flagged class's
-in turn) under their true labels, so the model learns to ignore them. A model with no anomalous class is left as it is."""
+in turn) under their true labels, so the model learns to ignore them. A model with no anomalous class is
+left as it is."""
 from __future__ import annotations
 
 import time

@@ -114,11 +114,16 @@ class Ablator:
 
     def _batched(self, live: list[str], size: int) -> set[str]:
         """The live tensors that carry the batch axis: their leading size follows the batch's (a ViT's
-        position table or a shape computation does not, and is passed whole to every batch)."""
-        wide = self.forward(pad_to(self.x[:size], size), taps=tuple(live))
-        narrow = self.forward(self.x[:1], taps=tuple(live)) if size > 1 else wide
-        return {name for name in live
-                if np.ndim(wide[name]) and np.shape(wide[name])[0] == size and np.shape(narrow[name])[0] == 1}
+        position table or a shape computation does not, and is passed whole to every batch). Shapes only:
+        `jax.eval_shape` traces the prefix for batches of `size` and 1 without compiling or running it."""
+        def shapes(batch: int) -> dict:
+            x = jax.ShapeDtypeStruct((batch, *self.x.shape[1:]), self.x.dtype)
+            return jax.eval_shape(lambda params, x: self.forward.apply(params, x, taps=tuple(live)),
+                                  self.forward.params, x)
+
+        wide, narrow = shapes(size), shapes(1 if size > 1 else 2)
+        return {name for name in live if wide[name].ndim and wide[name].shape[0] == size
+                and narrow[name].shape[0] != size}
 
     @property
     def sequential_k(self) -> bool:

@@ -97,7 +97,7 @@ def restore_triggers(forward: Forward, x_clean: np.ndarray, num_classes: int, *,
                      steps: int = 500, batch: int = 64, lr: float | None = None, lam: float | None = None,
                      threshold: float = 2.0, min_attack_rate: float = 0.8, seed: int = 0,
                      progress=None) -> RestoreResult:
-    """Reverse-engineer one trigger per class and flag the anomalous one (see the module docstring).
+    """Reverse-engineer one trigger per class and flag the anomalous ones (see the module docstring).
 
     kind 'mask' or 'additive' runs that trigger model; 'auto' runs the mask model and, when it flags no
     class, the additive one (whose result is returned if it flags a class; otherwise the mask result, with
@@ -123,7 +123,7 @@ def _restore(forward: Forward, x_clean: np.ndarray, num_classes: int, kind: str,
              progress) -> RestoreResult:
     """One trigger model's optimisation over all classes at once, and its anomaly analysis."""
     shape = x_clean.shape[1:]
-    channel, spatial = spatial_axes(shape)
+    channel, _ = spatial_axes(shape)
     mask_shape = tuple(1 if axis == channel else size for axis, size in enumerate(shape))
     pixels = float(np.prod(mask_shape))
     low, high = float(x_clean.min()), float(x_clean.max())
