@@ -58,7 +58,20 @@ def _conv_one_channel_per_group(x, w, group, strides, dilations, padding):
         for j in range(kw):
             window = xg[..., i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
             out = out + window * wg[None, :, :, 0, i, j, None, None]
-    return out.reshape(n, out_channels, oh, ow)
+    return _materialized(out.reshape(n, out_channels, oh, ow), w)
+
+
+def _materialized(value, param):
+    """`value`, computed into memory before its consumers run.
+
+    XLA's CPU fusion otherwise recomputes the shifted sum inside a following pool's strided loop, which is
+    4-5x slower for LeNet's conv1 + ReLU + MaxPool (benchmarks/forward.py). A conditional is a fusion
+    boundary; its predicate is a tautology (x is NaN or is not), so the value is always `value`, but it
+    reads a parameter, so XLA cannot fold it away (optimization_barrier does not stop CPU fusion). Under
+    vmap with a batched parameter the conditional becomes a select: the same value, without the boundary.
+    """
+    first = param.ravel()[0]
+    return lax.cond(jnp.isnan(first) | ~jnp.isnan(first), lambda v: v, jnp.zeros_like, value)
 
 
 def _xla_conv(x, w, group, strides, dilations, padding):
