@@ -75,17 +75,35 @@ def _evaluate(forward: Forward, params, case: Case, x_error, y_error) -> dict:
     return report
 
 
-def _finetune_set(forward: Forward, located: LocateResult, case: Case) -> list[dict]:
-    """The neurons fine-tuning trains: the chosen scope's top FINETUNE_MARGIN x k (the minimal ablation set
-    sits right at the edge; a margin lets training push the error further away)."""
+def _finetune_scope(located: LocateResult) -> tuple[str, int] | None:
+    """(scope, k) whose top-k neurons fine-tuning starts from.
+
+    The chosen (within-bound) set when the search found one. Otherwise the smallest set that reaches the
+    fix target in any scope, whatever its clean-accuracy cost: fine-tuning trains those neurons on correct
+    data, which wins the accuracy back (MobileNetV2 trojan: ablating 176 weights fixes 96 % of the pairs at
+    5.8 points; the best set within 2 points fixes 1 %). The repaired model is held to the bound anyway.
+    """
     chosen = located.chosen
-    if not chosen or not chosen.k or FINETUNE_MARGIN <= 1:
+    if chosen is not None and chosen.success and chosen.k:
+        return chosen.scope, chosen.k
+    reaching = [r for r in located.scopes if r.k_target]
+    if reaching:
+        best = min(reaching, key=lambda r: r.k_target)
+        return best.scope, best.k_target
+    return (chosen.scope, chosen.k) if chosen is not None and chosen.k else None
+
+
+def _finetune_set(forward: Forward, located: LocateResult, case: Case) -> list[dict]:
+    """The neurons fine-tuning trains: the top FINETUNE_MARGIN x k of `_finetune_scope` (the minimal ablation
+    set sits right at the edge; a margin lets training push the error further away)."""
+    scope = _finetune_scope(located)
+    if scope is None or FINETUNE_MARGIN <= 1:
         return located.eins
     from .locate.ablation import Ablator
 
     ablator = Ablator(forward, located.scores, located.pairs, case.x_clean[:1], case.y_clean[:1])
-    ranks, candidates = ablator.ranks(chosen.scope)
-    return ablator.eins(ranks, min(candidates, int(np.ceil(chosen.k * FINETUNE_MARGIN))))
+    ranks, candidates = ablator.ranks(scope[0])
+    return ablator.eins(ranks, min(candidates, int(np.ceil(scope[1] * FINETUNE_MARGIN))))
 
 
 def _fix_rate(before_pred: np.ndarray, after_pred: np.ndarray, y_error: np.ndarray) -> float:
@@ -143,6 +161,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     else:
         trained = _finetune_set(forward, located, case)
         details["finetune_neurons"] = len(trained)
+        details["finetune_scope"] = (_finetune_scope(located) or (None,))[0]
         masks = ein_masks(model, layers, trained, granularity)
         x_train = np.concatenate([case.x_clean, x_error])
         y_train = np.concatenate([case.y_clean, y_error])

@@ -143,3 +143,22 @@ def test_cli_rejected_repair_exit_3_and_force(backdoor_case, tmp_path):
     assert report["accepted"] is False and report["written"] is False and report["reasons"]
     forced = run_cli(*args, "--force")
     assert forced.returncode == 3 and out.exists() and "written anyway" in forced.stderr
+
+
+def test_finetune_starts_from_the_smallest_set_reaching_the_target_when_none_keeps_the_bound():
+    from lancet.locate.ablation import AblationResult
+    from lancet.locate.pipeline import LocateResult
+    from lancet.repair import _finetune_scope
+
+    def scope(name, k, success, k_target):
+        return AblationResult(name, "weight", 1000, k, 0.5, 0.8, 0.85, success, k_target=k_target)
+
+    failing = [scope("global", 4, False, 300), scope("conv2.weight", 16, False, 176), scope("fc.weight", 2, False, None)]
+    located = LocateResult(None, None, "weight", None, None, failing[1], failing, {}, 0.85)
+    assert _finetune_scope(located) == ("conv2.weight", 176)
+    good = scope("fc.weight", 40, True, 40)
+    located = LocateResult(None, None, "weight", None, None, good, [*failing, good], {}, 0.85)
+    assert _finetune_scope(located) == ("fc.weight", 40)
+    none = [scope("global", 8, False, None)]
+    located = LocateResult(None, None, "weight", None, None, none[0], none, {}, 0.85)
+    assert _finetune_scope(located) == ("global", 8)

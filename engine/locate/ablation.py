@@ -40,6 +40,7 @@ class AblationResult:
     success: bool
     curve: list[dict] = field(default_factory=list)
     eins: list[dict] = field(default_factory=list)
+    k_target: int | None = None  # smallest k reaching the target fix rate, whatever its accuracy cost
 
     @property
     def clean_drop_points(self) -> float:
@@ -50,7 +51,7 @@ class AblationResult:
         return {"scope": self.scope, "granularity": self.granularity, "candidates": self.candidates, "k": self.k,
                 "fix_rate": self.fix_rate, "clean_accuracy": self.clean_accuracy,
                 "clean_accuracy_before": self.clean_accuracy_before,
-                "clean_drop_points": self.clean_drop_points, "success": self.success}
+                "clean_drop_points": self.clean_drop_points, "success": self.success, "k_target": self.k_target}
 
 
 class Ablator:
@@ -252,9 +253,12 @@ class Ablator:
             hi = min(k for k in curve if lo < k <= hi and curve[k][0] >= target_fix)
             lo = max([k for k in curve if k < hi], default=0)
         success = 100.0 * (base_accuracy - curve[hi][1]) <= max_drop_points
+        k_target = hi
         if not success:  # the target costs too much accuracy: report the best set that keeps the bound
             hi = self._best_within(curve, base_accuracy, max_drop_points)
-        return self._result(scope, n_candidates, hi, curve, ranks, success, base_accuracy)
+        result = self._result(scope, n_candidates, hi, curve, ranks, success, base_accuracy)
+        result.k_target = k_target
+        return result
 
     @staticmethod
     def _best_within(curve: dict, base_accuracy: float, max_drop_points: float) -> int:
