@@ -174,3 +174,37 @@ def test_auto_pad(auto_pad):
              helper.make_node("MaxPool", ["x"], ["y1"], auto_pad=auto_pad, kernel_shape=[2, 3], strides=[2, 2])]
     model = make(nodes, [("x", x.shape)], 13, n_outputs=2, initializers=[("w", rand(4, 2, 3, 2, seed=1))])
     compare(model, {"x": x})
+
+
+@pytest.mark.parametrize("group, stride", [(1, 1), (4, 1), (4, 2)])
+def test_one_channel_per_group_conv_gradients_match_xla(group, stride):
+    """The CPU fast path (shifted sums; XLA gradients for group 1, its own for depthwise) is the same
+    function as XLA's convolution, values and gradients, under jit and vmap."""
+    import jax
+    import jax.numpy as jnp
+
+    from lancet.ops.nn import _xla_conv, conv
+
+    x = jnp.asarray(rand(3, group, 9, 9, seed=4))
+    w = jnp.asarray(rand(2 * group if group > 1 else 3, 1, 3, 3, seed=5))
+    attrs = {"group": group, "strides": [stride, stride], "pads": [1, 1, 1, 1]}
+
+    class Ctx:
+        node_name, num_outputs = "conv", 1
+
+    def fast(x_, w_):
+        return conv([x_, w_], attrs, Ctx())
+
+    def reference(x_, w_):
+        return _xla_conv(x_, w_, group, (stride, stride), (1, 1), ((1, 1), (1, 1)))
+
+    cotangent = jnp.asarray(rand(*reference(x, w).shape, seed=6))
+    for f in (fast, jax.vmap(fast, in_axes=(None, 0))):
+        ws = w if f is fast else jnp.stack([w, 2 * w])
+        ref = reference if f is fast else jax.vmap(reference, in_axes=(None, 0))
+        ct = cotangent if f is fast else jnp.stack([cotangent, cotangent])
+        np.testing.assert_allclose(jax.jit(f)(x, ws), ref(x, ws), atol=1e-5)
+        got = jax.vjp(f, x, ws)[1](ct)
+        want = jax.vjp(ref, x, ws)[1](ct)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, atol=1e-4)

@@ -82,8 +82,10 @@ def _xla_conv(x, w, group, strides, dilations, padding):
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv_fast_forward(x, w, group, strides, dilations, padding):
-    """The shifted-sum forward with XLA's convolution gradients: the shifted sum's own backward pass
-    (one strided scatter per kernel offset) is 4x slower than XLA's on CPU (LeNet input gradients)."""
+    """The shifted-sum forward with XLA's convolution gradients, for a single-input-channel layer: there the
+    shifted sum's own backward pass (one strided scatter per kernel offset) is 4x slower than XLA's on CPU
+    (LeNet conv1). For depthwise layers it is the other way round (XLA's grouped-convolution gradients are
+    3-10x slower: MobileNetV2 shapes), so those keep the shifted sum's own gradients."""
     return _conv_one_channel_per_group(x, w, group, strides, dilations, padding)
 
 
@@ -111,8 +113,8 @@ def conv(inputs, attrs, ctx):
     padding = _spatial_padding(x.shape[2:], kernel, strides, dilations, attrs)
     group = attrs.get("group", 1)
     if rank == 2 and w.shape[1] == 1 and jax.default_backend() == "cpu":
-        out = _conv_fast_forward(x, w, group, tuple(strides), tuple(dilations),
-                                 tuple(tuple(int(v) for v in pair) for pair in padding))
+        fast = _conv_fast_forward if group == 1 else _conv_one_channel_per_group
+        out = fast(x, w, group, tuple(strides), tuple(dilations), tuple(tuple(int(v) for v in pair) for pair in padding))
     else:
         out = lax.conv_general_dilated(
             x, w, window_strides=strides, padding=padding, rhs_dilation=dilations,
