@@ -167,10 +167,7 @@ def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, r
     if mask_path and result.restore is not None:
         from .locate.restore import save_mask_png
 
-        target = result.restore.flagged
-        if target is None:
-            target = int(np.argmax(result.restore.anomaly))
-        save_mask_png(result.restore, mask_path, target)
+        save_mask_png(result.restore, mask_path)
         report["mask_png"] = mask_path
     from .report import locate_tables
 

@@ -253,3 +253,24 @@ def test_per_layer_scopes_of_a_transformer_match_the_full_graph(digits, tmp_path
     for scope in scopes:
         fix, accuracy = ablator.evaluate(ablator.ranks(scope)[0], [0], scope)
         assert fix[0] == reference[0][0] and accuracy[0] == pytest.approx(reference[1][0]), scope
+
+
+def test_mask_png_shows_every_flagged_class(tmp_path):
+    """Two anomalous classes: the PNG holds a row per class (twice the height of a one-class PNG)."""
+    import struct
+
+    from lancet.locate.restore import RestoreResult, save_mask_png
+
+    rng = np.random.default_rng(0)
+    masks = rng.uniform(size=(3, 1, 8, 8)).astype(np.float32)
+    anomaly = np.array([2.5, 0.1, 3.0])
+    result = RestoreResult(masks, rng.uniform(size=(3, 1, 8, 8)).astype(np.float32), masks.sum((1, 2, 3)),
+                           np.ones(3), anomaly, 2, 2.0, also_flagged=[0])
+
+    def height(path):
+        return struct.unpack(">II", path.read_bytes()[16:24])[1]
+
+    both, one = tmp_path / "both.png", tmp_path / "one.png"
+    save_mask_png(result, both)
+    save_mask_png(result, one, targets=[2])
+    assert height(both) > 1.8 * height(one)

@@ -29,6 +29,7 @@ neither model flags a class (largest indices 1.18 and 1.23).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -221,8 +222,12 @@ def restored_pairs_inputs(result: RestoreResult, x_clean: np.ndarray, y_clean: n
     return tuple(np.concatenate(column) for column in zip(*parts))
 
 
-def save_mask_png(result: RestoreResult, path, target: int | None = None) -> None:
-    """The restored mask (and trigger = mask x pattern) of `target` (default: the flagged class) as a PNG."""
+def save_mask_png(result: RestoreResult, path, targets: Sequence[int] | None = None) -> None:
+    """The restored mask and trigger (mask x pattern) of each of `targets` as a PNG, one row per class.
+
+    Default: every flagged class, most anomalous first (a model can hold a natural shortcut class beside
+    its backdoor target, and the user should see both), or the most anomalous class when none is flagged.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,27 +235,29 @@ def save_mask_png(result: RestoreResult, path, target: int | None = None) -> Non
 
     from ..io import write_bytes_atomic
 
-    target = result.flagged if target is None else target
+    if targets is None:
+        targets = sorted(result.flagged_classes, key=lambda c: -result.anomaly[c]) or [int(np.argmax(result.anomaly))]
     channel, _ = spatial_axes(result.masks.shape[1:])
-    if result.kind == "additive":  # the perturbation's magnitude stands in for the mask
-        trigger = result.patterns[target]
-        mask = np.abs(trigger).max(axis=channel, keepdims=True) if channel is not None else np.abs(trigger)
-        mask = np.broadcast_to(mask / max(float(mask.max()), 1e-12), trigger.shape)
-        trigger = (trigger - trigger.min()) / max(float(trigger.max() - trigger.min()), 1e-12)
-    else:
-        mask = result.masks[target]
-        trigger = mask * result.patterns[target]
-    if channel is not None:
-        mask = mask.take(0, axis=channel)
-        trigger = np.moveaxis(trigger, channel, -1)
-        trigger = trigger[..., 0] if trigger.shape[-1] != 3 else trigger
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3))
-    axes[0].imshow(mask, cmap="gray", vmin=0, vmax=1)
-    axes[0].set_title(f"{'mask' if result.kind == 'mask' else '|perturbation|'}, class {target}")
-    axes[1].imshow(trigger, cmap="gray" if trigger.ndim == 2 else None)
-    axes[1].set_title(f"anomaly index {result.anomaly[target]:.2f}")
-    for axis in axes:
-        axis.axis("off")
+    fig, grid = plt.subplots(len(targets), 2, figsize=(6, 3 * len(targets)), squeeze=False)
+    for axes, target in zip(grid, targets):
+        if result.kind == "additive":  # the perturbation's magnitude stands in for the mask
+            trigger = result.patterns[target]
+            mask = np.abs(trigger).max(axis=channel, keepdims=True) if channel is not None else np.abs(trigger)
+            mask = np.broadcast_to(mask / max(float(mask.max()), 1e-12), trigger.shape)
+            trigger = (trigger - trigger.min()) / max(float(trigger.max() - trigger.min()), 1e-12)
+        else:
+            mask = result.masks[target]
+            trigger = mask * result.patterns[target]
+        if channel is not None:
+            mask = mask.take(0, axis=channel)
+            trigger = np.moveaxis(trigger, channel, -1)
+            trigger = trigger[..., 0] if trigger.shape[-1] != 3 else trigger
+        axes[0].imshow(mask, cmap="gray", vmin=0, vmax=1)
+        axes[0].set_title(f"{'mask' if result.kind == 'mask' else '|perturbation|'}, class {target}")
+        axes[1].imshow(trigger, cmap="gray" if trigger.ndim == 2 else None)
+        axes[1].set_title(f"anomaly index {result.anomaly[target]:.2f}")
+        for axis in axes:
+            axis.axis("off")
     import io
 
     buffer = io.BytesIO()
