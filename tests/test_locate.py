@@ -274,3 +274,32 @@ def test_mask_png_shows_every_flagged_class(tmp_path):
     save_mask_png(result, both)
     save_mask_png(result, one, targets=[2])
     assert height(both) > 1.8 * height(one)
+
+
+def test_global_scope_starts_at_the_first_layer_holding_a_candidate(setup, monkeypatch):
+    """Global-scope candidates confined to late layers run the graph from the first of them, on cached prefix
+    activations: the same fix rates and accuracies as full forwards (the cache switched off)."""
+    from lancet import Forward
+    from lancet.locate import ablation
+
+    model, case, _ = setup
+    forward = Forward(model)
+    pairs = build_pairs(forward, case)
+    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, find_layers(model))
+    cached = ablation.Ablator(forward, scores, pairs, case.x_clean, case.y_clean, batch=128)
+    late = [unit for unit in scores.scores if cached._start(unit) > 0]
+    assert late
+    results = []
+    for unit in late:
+        ranks = cached.ranks(unit)[0]  # only this layer's neurons are candidates
+        assert cached._start("global", ranks, 16) == cached._start(unit)
+        results.append(cached.evaluate(ranks, [1, 4, 16, 64], "global"))
+    assert cached._prefix, "no prefix was cached"
+    assert any(fix.max() > 0 for fix, _ in results)
+    monkeypatch.setattr(ablation, "PREFIX_CACHE_BYTES", 0)
+    full = ablation.Ablator(forward, scores, pairs, case.x_clean, case.y_clean, batch=128)
+    for unit, (fix, accuracy) in zip(late, results):
+        full_fix, full_accuracy = full.evaluate(full.ranks(unit)[0], [1, 4, 16, 64], "global")
+        np.testing.assert_allclose(fix, full_fix)
+        np.testing.assert_allclose(accuracy, full_accuracy)
+    assert not full._prefix

@@ -23,7 +23,7 @@ NOT_CANDIDATE = np.iinfo(np.int32).max
 BISECTION_POINTS = 7  # k values tried per bisection round (one batched call)
 MAX_LAYER_SCOPES = 6  # per-layer searches after the global one (the best-scored layers)
 K_TOLERANCE = 0.02  # bisection stops once the EIN count is known to 2 %
-PREFIX_CACHE_BYTES = 1 << 30  # largest cached prefix activation set; beyond it, full forwards
+PREFIX_CACHE_BYTES = 1 << 30  # cached prefix activations, all starts together; beyond it, full forwards
 
 
 @dataclass
@@ -75,11 +75,16 @@ class Ablator:
         self._counts: dict[int, object] = {}
         self._prefix: dict[int, dict[str, np.ndarray]] = {}  # batched live tensors of a cached prefix
         self._shared: dict[int, dict[str, np.ndarray]] = {}  # its live tensors without a batch axis
+        self._too_big: set[int] = set()  # starts whose prefix activations exceed the cache
 
-    def _start(self, scope: str) -> int:
-        """First node a per-layer scope can change: everything before it is the same for every candidate."""
+    def _start(self, scope: str, ranks: dict | None = None, k_max: int = 0) -> int:
+        """First node a scope's candidates can change: everything before it is the same for every candidate.
+        For the global scope, the first layer holding one of the top `k_max` neurons of `ranks`."""
         if scope == "global":
-            return 0
+            if ranks is None:
+                return 0
+            touched = [u for u in self.units if bool(np.any(np.asarray(ranks[u]) < k_max))]
+            return min((self._start(u) for u in touched), default=0)
         names = {scope}
         layer = next((l for l in self.scores.layers if scope in (l.weight, l.name)), None)
         if layer is not None:
@@ -91,7 +96,7 @@ class Ablator:
 
     def _inputs(self, start: int):
         """The inputs of the evaluated suffix: the raw inputs, or the cached live tensors at `start`."""
-        if start == 0:
+        if start == 0 or start in self._too_big:
             return self.x
         if start not in self._prefix:
             live = live_tensors(self.forward.model, start)
@@ -107,8 +112,14 @@ class Ablator:
                     else:
                         shared[name] = np.asarray(out[name])
             cached = {name: np.concatenate(values) for name, values in parts.items()}
-            if sum(v.nbytes for v in cached.values()) > PREFIX_CACHE_BYTES:
+            nbytes = sum(v.nbytes for v in cached.values())
+            if nbytes > PREFIX_CACHE_BYTES:
+                self._too_big.add(start)
                 return self.x
+            while self._prefix and nbytes + sum(v.nbytes for c in self._prefix.values() for v in c.values()) \
+                    > PREFIX_CACHE_BYTES:  # the cache holds at most PREFIX_CACHE_BYTES in all: oldest out
+                oldest = next(iter(self._prefix))
+                del self._prefix[oldest], self._shared[oldest]
             self._prefix[start] = cached
             self._shared[start] = shared
         return self._prefix[start]
@@ -197,7 +208,7 @@ class Ablator:
 
     def evaluate(self, ranks: dict, ks: list[int], scope: str = "global") -> tuple[np.ndarray, np.ndarray]:
         """(fix rate, clean accuracy) for each k, in batched calls (per-layer scopes reuse a cached prefix)."""
-        start = self._start(scope)
+        start = self._start(scope, ranks, max(ks))
         inputs = self._inputs(start)
         if inputs is self.x:
             start = 0
