@@ -100,10 +100,13 @@ def repair_tables(report: dict, console) -> None:
         if metric in report.get("before", {}) or metric in report.get("after", {}):
             table.add_row(metric, _fmt(report["before"].get(metric, "")), _fmt(report["after"].get(metric, "")))
     console.print(table)
-    facts = {"EINs": report["ein_count"], "changed parameters": report["changed_parameter_count"],
-             "pairs": f"{report['pairs_used']} used, {report['pairs_dropped']} dropped",
-             "output": report["output"] if report["written"] else "not written",
-             "seconds": _stage_line(report["seconds"])}
+    facts = {"EINs": report["ein_count"]}
+    if "finetune_neurons" in report:
+        facts["fine-tuned neurons"] = f"{report['finetune_neurons']} (top of scope {report.get('finetune_scope')})"
+    facts |= {"changed parameters": report["changed_parameter_count"],
+              "pairs": f"{report['pairs_used']} used, {report['pairs_dropped']} dropped",
+              "output": report["output"] if report["written"] else "not written",
+              "seconds": _stage_line(report["seconds"])}
     if report["reasons"]:
         facts["reasons"] = "; ".join(report["reasons"])
     key_value_table("outcome", facts, console)
