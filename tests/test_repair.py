@@ -153,7 +153,8 @@ def test_finetune_starts_from_the_smallest_set_reaching_the_target_when_none_kee
     def scope(name, k, success, k_target):
         return AblationResult(name, "weight", 1000, k, 0.5, 0.8, 0.85, success, k_target=k_target)
 
-    failing = [scope("global", 4, False, 300), scope("conv2.weight", 16, False, 176), scope("fc.weight", 2, False, None)]
+    failing = [scope("global", 4, False, 300), scope("conv2.weight", 16, False, 176),
+               scope("fc.weight", 2, False, None)]
     located = LocateResult(None, None, "weight", None, None, failing[1], failing, {}, 0.85)
     assert _finetune_scope(located) == ("conv2.weight", 176)
     good = scope("fc.weight", 40, True, 40)

@@ -236,7 +236,8 @@ def save_mask_png(result: RestoreResult, path, targets: Sequence[int] | None = N
     from ..io import write_bytes_atomic
 
     if targets is None:
-        targets = sorted(result.flagged_classes, key=lambda c: -result.anomaly[c]) or [int(np.argmax(result.anomaly))]
+        targets = sorted(result.flagged_classes, key=lambda c: -result.anomaly[c])
+        targets = targets or [int(np.argmax(result.anomaly))]
     channel, _ = spatial_axes(result.masks.shape[1:])
     fig, grid = plt.subplots(len(targets), 2, figsize=(6, 3 * len(targets)), squeeze=False)
     for axes, target in zip(grid, targets):

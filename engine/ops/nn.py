@@ -114,7 +114,8 @@ def conv(inputs, attrs, ctx):
     group = attrs.get("group", 1)
     if rank == 2 and w.shape[1] == 1 and jax.default_backend() == "cpu":
         fast = _conv_fast_forward if group == 1 else _conv_one_channel_per_group
-        out = fast(x, w, group, tuple(strides), tuple(dilations), tuple(tuple(int(v) for v in pair) for pair in padding))
+        pads = tuple(tuple(int(v) for v in pair) for pair in padding)
+        out = fast(x, w, group, tuple(strides), tuple(dilations), pads)
     else:
         out = lax.conv_general_dilated(
             x, w, window_strides=strides, padding=padding, rhs_dilation=dilations,
