@@ -93,17 +93,17 @@ def _finetune_scope(located: LocateResult) -> tuple[str, int] | None:
     return (chosen.scope, chosen.k) if chosen is not None and chosen.k else None
 
 
-def _finetune_set(forward: Forward, located: LocateResult, case: Case) -> list[dict]:
-    """The neurons fine-tuning trains: the top FINETUNE_MARGIN x k of `_finetune_scope` (the minimal ablation
-    set sits right at the edge; a margin lets training push the error further away)."""
+def _finetune_set(forward: Forward, located: LocateResult, case: Case) -> tuple[list[dict], str | None]:
+    """The neurons fine-tuning trains, and their scope: the top FINETUNE_MARGIN x k of `_finetune_scope` (the
+    minimal ablation set sits right at the edge; a margin lets training push the error further away)."""
     scope = _finetune_scope(located)
     if scope is None or FINETUNE_MARGIN <= 1:
-        return located.eins
+        return located.eins, located.chosen.scope if located.chosen else None
     from .locate.ablation import Ablator
 
     ablator = Ablator(forward, located.scores, located.pairs, case.x_clean[:1], case.y_clean[:1])
     ranks, candidates = ablator.ranks(scope[0])
-    return ablator.eins(ranks, min(candidates, int(np.ceil(scope[1] * FINETUNE_MARGIN))))
+    return ablator.eins(ranks, min(candidates, int(np.ceil(scope[1] * FINETUNE_MARGIN)))), scope[0]
 
 
 def _fix_rate(before_pred: np.ndarray, after_pred: np.ndarray, y_error: np.ndarray) -> float:
@@ -159,9 +159,8 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     if method == "flip":
         changed = flip(model, model.params, layers, located.eins, granularity)
     else:
-        trained = _finetune_set(forward, located, case)
+        trained, details["finetune_scope"] = _finetune_set(forward, located, case)
         details["finetune_neurons"] = len(trained)
-        details["finetune_scope"] = (_finetune_scope(located) or (None,))[0]
         masks = ein_masks(model, layers, trained, granularity)
         x_train = np.concatenate([case.x_clean, x_error])
         y_train = np.concatenate([case.y_clean, y_error])
