@@ -137,6 +137,14 @@ def test_clean_only_case_restores_the_trigger(setup):
     assert result.restore.flagged == 0, result.restore.summary()
     assert result.restore.anomaly[0] > 2
     assert result.pairs.source == "restored" and result.chosen is not None
+    # The convergence trace: each class's smallest working trigger only shrinks, and ends at the reported norm.
+    trace = result.restore.details["trace"]
+    assert [step for step, _ in trace] == list(range(25, 201, 25))
+    for cls in range(10):
+        norms = [n[cls] for _, n in trace if n[cls] is not None]
+        assert norms == sorted(norms, reverse=True)
+        assert not norms or norms[-1] == pytest.approx(result.restore.norms[cls], rel=1e-3)
+    json.dumps(result.to_json())  # the trace is JSON (no infinities)
 
 
 def test_cli_locate_writes_report_and_plot(backdoor_case, tmp_path):

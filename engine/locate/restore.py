@@ -47,6 +47,7 @@ MASK_INIT_LOGIT = -3.0                # sigmoid: 0.047 per pixel
 KINDS = ("mask", "additive")
 LEARNING_RATE = {"mask": 0.2, "additive": 0.05}
 INITIAL_LAMBDA = {"mask": 0.02, "additive": 0.1}
+TRACE_EVERY = 25
 
 
 @dataclass
@@ -181,11 +182,15 @@ def _restore(forward: Forward, x_clean: np.ndarray, num_classes: int, kind: str,
              {"norm": jnp.full((num_classes,), jnp.inf), **theta})
     rng = np.random.default_rng(seed)
     size = min(batch, len(x_clean))
+    trace = []  # [step, smallest working trigger's norm per class (None: none yet)] every TRACE_EVERY steps
     for index in range(steps):
         picks = rng.choice(len(x_clean), size=size, replace=False)
         state = step(state, jnp.asarray(x_clean[picks]))
         if progress is not None:
             progress(index)
+        if (index + 1) % TRACE_EVERY == 0:
+            norms = np.asarray(state[3]["norm"])
+            trace.append([index + 1, [round(float(n), 2) if np.isfinite(n) else None for n in norms]])
     theta, _, _, best = state
     found = np.isfinite(np.asarray(best["norm"]))
     theta = {k: jnp.where(found.reshape((-1,) + (1,) * (theta[k].ndim - 1)), best[k], theta[k]) for k in theta}
@@ -199,7 +204,8 @@ def _restore(forward: Forward, x_clean: np.ndarray, num_classes: int, kind: str,
         patterns = np.asarray(low + (high - low) * jax.nn.sigmoid(theta["pattern"]), np.float32)
         norms = np.asarray(jax.nn.sigmoid(theta["mask"])).reshape(num_classes, -1).sum(axis=1)
     result = RestoreResult(masks, patterns, norms, np.zeros(num_classes), anomaly_index(norms), None, threshold,
-                           details={"steps": steps, "lambda": lam, "lr": lr, "mask_shape": list(mask_shape)},
+                           details={"steps": steps, "lambda": lam, "lr": lr, "mask_shape": list(mask_shape),
+                                    "trace": trace},
                            kind=kind, bounds=(low, high))
     for target in range(num_classes):
         stamped = result.apply(x_clean, target)
