@@ -131,9 +131,10 @@ def test_nothing_to_fix(setup):
         locate(model, already_right, progress=False)
 
 
-def test_clean_only_case_restores_the_trigger(setup):
-    model, case, _ = setup
-    result = locate(model, Case(case.x_clean, case.y_clean), progress=False, restore_steps=200)
+def test_clean_only_case_restores_the_trigger(setup, backdoor_case):
+    model, case, heldout = setup
+    clean_only = Case(case.x_clean, case.y_clean)
+    result = locate(model, clean_only, progress=False, restore_steps=200)
     assert result.restore.flagged == 0, result.restore.summary()
     assert result.restore.anomaly[0] > 2
     assert result.pairs.source == "restored" and result.chosen is not None
@@ -145,6 +146,17 @@ def test_clean_only_case_restores_the_trigger(setup):
         assert norms == sorted(norms, reverse=True)
         assert not norms or norms[-1] == pytest.approx(result.restore.norms[cls], rel=1e-3)
     json.dumps(result.to_json())  # the trace is JSON (no infinities)
+    # Repair from the restored trigger alone removes the real trigger on held-out data.
+    from lancet.repair import repair
+
+    repaired = repair(backdoor_case.model, clean_only, method="finetune", progress=False, reuse=result)
+    assert repaired.accepted and repaired.details["locate"]["pairs"]["source"] == "restored"
+    forward = result.forward
+    acc_before = np.mean(predict_labels(forward, heldout["x_test"]) == heldout["y_test"])
+    acc_after = np.mean(predict_labels(forward, heldout["x_test"], params=repaired.repaired_params) == heldout["y_test"])
+    asr_after = np.mean(predict_labels(forward, heldout["x_error"], params=repaired.repaired_params) == heldout["target"])
+    print(f"restored-trigger finetune: held-out accuracy {acc_before:.4f} -> {acc_after:.4f}, ASR {asr_after:.4f}")
+    assert asr_after <= 0.05 and acc_before - acc_after <= 0.02
 
 
 def test_cli_locate_writes_report_and_plot(backdoor_case, tmp_path):
