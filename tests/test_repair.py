@@ -145,10 +145,10 @@ def test_cli_rejected_repair_exit_3_and_force(backdoor_case, tmp_path):
     assert forced.returncode == 3 and out.exists() and "written anyway" in forced.stderr
 
 
-def test_finetune_starts_from_the_smallest_set_reaching_the_target_when_none_keeps_the_bound():
+def test_finetune_tries_the_best_set_within_the_bound_then_the_smallest_reaching_the_target():
     from lancet.locate.ablation import AblationResult
     from lancet.locate.pipeline import LocateResult
-    from lancet.repair import _finetune_scope
+    from lancet.repair import _finetune_scopes
 
     def scope(name, k, success, k_target):
         return AblationResult(name, "weight", 1000, k, 0.5, 0.8, 0.85, success, k_target=k_target)
@@ -156,10 +156,23 @@ def test_finetune_starts_from_the_smallest_set_reaching_the_target_when_none_kee
     failing = [scope("global", 4, False, 300), scope("conv2.weight", 16, False, 176),
                scope("fc.weight", 2, False, None)]
     located = LocateResult(None, None, "weight", None, None, failing[1], failing, {}, 0.85)
-    assert _finetune_scope(located) == ("conv2.weight", 176)
+    assert _finetune_scopes(located) == [("conv2.weight", 16), ("conv2.weight", 176)]
     good = scope("fc.weight", 40, True, 40)
     located = LocateResult(None, None, "weight", None, None, good, [*failing, good], {}, 0.85)
-    assert _finetune_scope(located) == ("fc.weight", 40)
+    assert _finetune_scopes(located) == [("fc.weight", 40)]
     none = [scope("global", 8, False, None)]
     located = LocateResult(None, None, "weight", None, None, none[0], none, {}, 0.85)
-    assert _finetune_scope(located) == ("global", 8)
+    assert _finetune_scopes(located) == [("global", 8)]
+
+
+def test_finetune_keeps_the_first_set_whose_repair_passes(backdoor_case, monkeypatch):
+    """A set too small to repair is tried, rejected on the defender's data, and the next set is kept."""
+    import lancet.repair as repair_module
+
+    real = repair_module._finetune_scopes
+    monkeypatch.setattr(repair_module, "_finetune_scopes",
+                        lambda located: [(located.chosen.scope, 1), *real(located)])
+    result = repair(backdoor_case.model, backdoor_case.case, method="finetune", progress=False)
+    tried = result.details["finetune_tried"]
+    assert [t["accepted"] for t in tried] == [False, True] and tried[0]["neurons"] == 2
+    assert result.accepted and result.details["finetune_neurons"] == tried[1]["neurons"]
