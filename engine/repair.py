@@ -32,6 +32,10 @@ SEARCH_TARGET = {"flip": 0.99, "finetune": 0.95}
 SEARCH_FACTOR = {"flip": -1.0, "finetune": 0.0}
 ERROR_LOSS_SHARE = 1 / 3
 FINETUNE_MARGIN = 2.0  # fine-tune the top 2k of the chosen scope (ResNet blended: held-out ASR 3.9 % -> 2.1 %)
+# Flip the top m x k of a successful scope, for the largest margin m that keeps the accuracy bound on x_clean:
+# the minimal set fixes the pairs right at the edge and held-out triggered inputs slip back (Fashion LeNet
+# BadNets, triggered inputs: held-out ASR 3.4 % at 1x, 1.7 % at 1.5x).
+FLIP_MARGINS = (1.5, 1.25, 1.0)
 
 
 @dataclass
@@ -114,6 +118,60 @@ def _finetune_sets(forward: Forward, located: LocateResult, case: Case) -> list[
     return sets
 
 
+@dataclass
+class FlipOption:
+    """One candidate flip set: the top `k` (= margin x the scope's minimal k) of a scope, and its figures on
+    the defender's data with those neurons flipped."""
+
+    scope: str
+    margin: float
+    k: int
+    fix_rate: float
+    drop_points: float
+
+
+def _pick_flip(options: list[FlipOption], max_acc_drop: float, target_fix: float) -> FlipOption | None:
+    """The flip set to apply: among the options that reach `target_fix` on the pairs within `max_acc_drop`
+    points, the largest margin, then the smallest clean-accuracy drop, then the smallest set. None when no
+    option qualifies."""
+    ok = [o for o in options if o.fix_rate >= target_fix and o.drop_points <= max_acc_drop]
+    if not ok:
+        return None
+    return min(ok, key=lambda o: (-o.margin, o.drop_points, o.k))
+
+
+def _flip_set(forward: Forward, located: LocateResult, case: Case, max_acc_drop: float) -> tuple[list[dict], dict]:
+    """The neurons to flip and how they were chosen: FLIP_MARGINS x k of every successful scope, each
+    flipped and evaluated on the pairs and x_clean in one batched call per scope, picked by `_pick_flip`.
+    Without a successful scope, the located EINs as they are."""
+    good = [r for r in located.scopes if r.success and r.k]
+    fallback = (located.eins, {"scope": located.chosen.scope if located.chosen else None, "margin": 1.0,
+                               "neurons": len(located.eins), "options": []})
+    if not good:
+        return fallback
+    from .locate.ablation import Ablator
+
+    ablator = Ablator(forward, located.scores, located.pairs, case.x_clean, case.y_clean,
+                      factor=SEARCH_FACTOR["flip"])
+    options, ranks_of = [], {}
+    for result in good:
+        ranks, candidates = ablator.ranks(result.scope)
+        ranks_of[result.scope] = ranks
+        ks = {m: min(candidates, int(np.ceil(result.k * m))) for m in FLIP_MARGINS}
+        unique = sorted(set(ks.values()))
+        fix, acc = ablator.evaluate(ranks, unique, result.scope)
+        for margin, k in ks.items():
+            i = unique.index(k)
+            options.append(FlipOption(result.scope, margin, k, float(fix[i]),
+                                      100.0 * (located.base_accuracy - float(acc[i]))))
+    picked = _pick_flip(options, max_acc_drop, SEARCH_TARGET["flip"])
+    if picked is None:
+        return fallback
+    eins = ablator.eins(ranks_of[picked.scope], picked.k)
+    return eins, {"scope": picked.scope, "margin": picked.margin, "neurons": len(eins),
+                  "options": [vars(o) for o in options]}
+
+
 def _judge(forward: Forward, repaired, case: Case, x_error, y_error, before: dict, before_pred,
            max_acc_drop: float, target_fix: float) -> tuple[dict, list[str]]:
     """Figures of the repaired params on the defender's data, and the reasons it misses the bounds."""
@@ -192,7 +250,8 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
         return {**forward.params, **{k: jnp.asarray(v) for k, v in changed.items()}}
 
     if method == "flip":
-        changed = flip(model, model.params, layers, located.eins, granularity)
+        flipped, details["flip"] = _flip_set(forward, located, case, max_acc_drop)
+        changed = flip(model, model.params, layers, flipped, granularity)
         repaired = checked(changed)
         after, reasons = _judge(forward, repaired, case, x_error, y_error, before, before_pred, max_acc_drop,
                                 target_fix)
@@ -253,4 +312,4 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
                         located, repaired)
 
 
-__all__ = ["METHODS", "RepairResult", "repair"]
+__all__ = ["FLIP_MARGINS", "METHODS", "RepairResult", "repair"]

@@ -14,7 +14,7 @@ import pytest
 from lancet import load_model
 from lancet.errors import BadInputError, RepairRejectedError
 from lancet.evaluate import OrtPredictor
-from lancet.repair import repair
+from lancet.repair import FLIP_MARGINS, repair
 from lancet.surgery import replace_parameters, verify_repaired
 
 
@@ -54,10 +54,16 @@ def test_repair_removes_backdoor_on_heldout(backdoor_case, repaired, method):
     json.dumps(report)
     assert report["after"]["error_fix_rate"] >= 0.95
     assert set(report["seconds"]) >= {"load", "locate", "fix", "export", "total"}
-    trained = report.get("finetune_neurons", len(report["eins"]))  # finetune trains a margin over the EINs
-    assert 0 < report["changed_parameter_count"] <= trained
+    # Both methods change a margin over the EINs: fine-tuning trains 2k, flip flips up to 1.5k.
+    changed_at_most = report["finetune_neurons"] if method == "finetune" else report["flip"]["neurons"]
+    assert 0 < report["changed_parameter_count"] <= changed_at_most
     if method == "finetune":
-        assert trained == 2 * len(report["eins"])
+        assert changed_at_most == 2 * len(report["eins"])
+    else:
+        margin = report["flip"]["margin"]
+        assert margin in FLIP_MARGINS and changed_at_most >= len(report["eins"])
+        picked = [o for o in report["flip"]["options"] if o["margin"] == margin and o["scope"] == report["flip"]["scope"]]
+        assert picked and picked[0]["k"] == changed_at_most and picked[0]["drop_points"] <= 2.0
 
 
 @pytest.mark.parametrize("method", ["flip", "finetune"])
@@ -163,6 +169,19 @@ def test_finetune_tries_the_best_set_within_the_bound_then_the_smallest_reaching
     none = [scope("global", 8, False, None)]
     located = LocateResult(None, None, "weight", None, None, none[0], none, {}, 0.85)
     assert _finetune_scopes(located) == [("global", 8)]
+
+
+def test_flip_takes_the_largest_margin_within_the_bound_then_the_smallest_drop():
+    from lancet.repair import FlipOption, _pick_flip
+
+    options = [FlipOption("conv2.weight", 1.5, 168, 1.0, 2.5), FlipOption("conv2.weight", 1.25, 140, 1.0, 1.5),
+               FlipOption("conv2.weight", 1.0, 112, 1.0, 1.6), FlipOption("fc.weight", 1.5, 60, 0.98, 0.5),
+               FlipOption("fc.weight", 1.25, 50, 1.0, 0.4), FlipOption("fc.weight", 1.0, 40, 1.0, 0.2)]
+    # 1.5x: conv2 breaks the bound, fc misses the fix target; at 1.25x fc costs less accuracy.
+    assert _pick_flip(options, 2.0, 0.99) == options[4]
+    assert _pick_flip(options, 0.3, 0.99) == options[5]  # only the minimal fc set keeps a 0.3-point bound
+    assert _pick_flip(options, 0.1, 0.99) is None
+    assert _pick_flip(options, 3.0, 0.99) == options[0]  # a larger margin beats a smaller drop
 
 
 def test_finetune_keeps_the_first_set_whose_repair_passes(backdoor_case, monkeypatch):
