@@ -140,7 +140,8 @@ def eval_command(model_path: str, data_path: str, backend: str, as_json: bool) -
 @click.option("--fill", type=click.Choice(["median", "inpaint"]), default="median", show_default=True,
               help="How a trigger region is refilled to build companions.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the ablation curve PNG here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), 
+              help="Write the ablation curve PNG here (clean accuracy is then evaluated at every k tried).")
 @click.option("--mask-png", "mask_path", type=click.Path(dir_okay=False),
               help="Write the restored trigger mask PNG here (cases without x_error).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -159,7 +160,8 @@ def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, r
     if plot_path or mask_path:
         _require_matplotlib()
     result = run_locate(model_path, data_path, granularity=granularity, target_fix=target_fix,
-                        max_acc_drop=max_acc_drop, fill=fill, seed=seed, progress=not as_json)
+                        max_acc_drop=max_acc_drop, fill=fill, seed=seed, progress=not as_json,
+                        full_curve=bool(plot_path))
     report = result.to_json()
     if plot_path:
         plot_curve(result, plot_path)

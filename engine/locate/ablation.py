@@ -2,9 +2,13 @@
 
 The top-k neurons (weight neurons zeroed, channel neurons masked) are ablated for k = 1, 2, 4, ... until the
 fix rate on the pairs (share of error inputs that no longer get the wrong label) reaches the target; then the
-gap is narrowed by batched bisection. Each step evaluates every pair and the clean set, for several k at once
-(vmap over k), in one jitted call per sample chunk. The minimal such set is the EIN set when clean accuracy
-drops by at most the bound. Done globally (all layers ranked together) and within each layer.
+gap is narrowed by batched bisection. Each step evaluates every pair for several k at once (vmap over k;
+on CPU, weight neurons: one k after another, and the doubling stops at the first k that reaches the target)
+in one jitted call per sample chunk. The clean set, usually ten times the pairs, is evaluated only where its
+accuracy decides something: at the minimal k reaching the target (is the drop within the bound?) and, when
+it is not, at every k tried (the best set within the bound); `full_curve` evaluates it at every k anyway
+(for the plot). The minimal set reaching the target is the EIN set when clean accuracy drops by at most the
+bound. Done globally (all layers ranked together) and within each layer.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ class AblationResult:
     clean_accuracy: float
     clean_accuracy_before: float
     success: bool
-    curve: list[dict] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)  # clean_accuracy None where the clean set was not run
     eins: list[dict] = field(default_factory=list)
     k_target: int | None = None  # smallest k reaching the target fix rate, whatever its accuracy cost
 
@@ -58,8 +62,10 @@ class Ablator:
     """Evaluates top-k ablations for a rank assignment; jitted once per model, granularity and chunk size."""
 
     def __init__(self, forward: Forward, scores: NeuronScores, pairs: Pairs, x_clean: np.ndarray,
-                 y_clean: np.ndarray, batch: int = 256, k_chunk: int = 8, factor: float = 0.0):
+                 y_clean: np.ndarray, batch: int = 256, k_chunk: int = 8, factor: float = 0.0,
+                 full_curve: bool = False):
         self.forward = forward
+        self.full_curve = full_curve  # evaluate the clean set at every k tried, not only where it decides
         self.factor = factor  # what the top-k neurons are multiplied by: 0 ablates, -1 flips
         self.scores = scores
         self.granularity = scores.granularity
@@ -72,10 +78,13 @@ class Ablator:
         self.right = np.concatenate([pairs.y_right, y_clean])
         self.is_pair = np.concatenate([np.ones(pairs.used, np.float32), np.zeros(len(x_clean), np.float32)])
         self.n_clean = len(x_clean)
-        self._counts: dict[int, object] = {}
-        self._prefix: dict[int, dict[str, np.ndarray]] = {}  # batched live tensors of a cached prefix
-        self._shared: dict[int, dict[str, np.ndarray]] = {}  # its live tensors without a batch axis
-        self._too_big: set[int] = set()  # starts whose prefix activations exceed the cache
+        self.parts = {"pairs": slice(0, pairs.used), "clean": slice(pairs.used, len(self.x))}
+        # Keyed by (start node, part): the jitted counts of the suffix, the batched live tensors of a cached
+        # prefix, and its live tensors without a batch axis (shape arithmetic: it depends on the batch size).
+        self._counts: dict[tuple[int, str], object] = {}
+        self._prefix: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+        self._shared: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+        self._too_big: set[tuple[int, str]] = set()  # prefixes whose activations exceed the cache
 
     def _start(self, scope: str, ranks: dict | None = None, k_max: int = 0) -> int:
         """First node a scope's candidates can change: everything before it is the same for every candidate.
@@ -94,18 +103,21 @@ class Ablator:
                 return index
         return 0
 
-    def _inputs(self, start: int):
-        """The inputs of the evaluated suffix: the raw inputs, or the cached live tensors at `start`."""
-        if start == 0 or start in self._too_big:
-            return self.x
-        if start not in self._prefix:
+    def _inputs(self, start: int, part: str):
+        """The inputs of the evaluated suffix for one part's rows: the raw inputs, or the cached live tensors
+        at `start`."""
+        x = self.x[self.parts[part]]
+        key = (start, part)
+        if start == 0 or key in self._too_big:
+            return x
+        if key not in self._prefix:
             live = live_tensors(self.forward.model, start)
-            size = min(self.batch, len(self.x))
+            size = min(self.batch, len(x))
             batched = self._batched(live, size)
             parts: dict[str, list[np.ndarray]] = {name: [] for name in batched}
             shared: dict[str, np.ndarray] = {}
-            for begin, stop in chunks(len(self.x), self.batch):
-                out = self.forward(pad_to(self.x[begin:stop], size), taps=tuple(live))
+            for begin, stop in chunks(len(x), self.batch):
+                out = self.forward(pad_to(x[begin:stop], size), taps=tuple(live))
                 for name in live:
                     if name in batched:
                         parts[name].append(np.asarray(out[name])[: stop - begin])
@@ -114,15 +126,14 @@ class Ablator:
             cached = {name: np.concatenate(values) for name, values in parts.items()}
             nbytes = sum(v.nbytes for v in cached.values())
             if nbytes > PREFIX_CACHE_BYTES:
-                self._too_big.add(start)
-                return self.x
+                self._too_big.add(key)
+                return x
             while self._prefix and nbytes + sum(v.nbytes for c in self._prefix.values() for v in c.values()) \
                     > PREFIX_CACHE_BYTES:  # the cache holds at most PREFIX_CACHE_BYTES in all: oldest out
-                oldest = next(iter(self._prefix))
-                del self._prefix[oldest], self._shared[oldest]
-            self._prefix[start] = cached
-            self._shared[start] = shared
-        return self._prefix[start]
+                del self._prefix[next(iter(self._prefix))]
+            self._prefix[key] = cached
+            self._shared[key] = shared
+        return self._prefix[key]
 
     def _batched(self, live: list[str], size: int) -> set[str]:
         """The live tensors that carry the batch axis: their leading size follows the batch's (a ViT's
@@ -141,12 +152,13 @@ class Ablator:
     def sequential_k(self) -> bool:
         return self.granularity == "weight" and jax.default_backend() == "cpu"
 
-    def _counts_fn(self, start: int):
-        if start not in self._counts:
-            self._counts[start] = self._build_counts(start)
-        return self._counts[start]
+    def _counts_fn(self, start: int, part: str):
+        key = (start, part if start else "")
+        if key not in self._counts:
+            self._counts[key] = self._build_counts(start, self._shared.get(key))
+        return self._counts[key]
 
-    def _build_counts(self, start: int = 0):
+    def _build_counts(self, start: int = 0, shared: dict | None = None):
         granularity, units, factor = self.granularity, self.units, self.factor
         # vmap over k turns weight ablation into kernels batched over k, i.e. grouped convolutions, which
         # XLA's CPU backend runs several times slower than k plain ones, and lax.map (a while loop) was
@@ -155,7 +167,7 @@ class Ablator:
         if start == 0:
             logits_fn = make_logits_fn(self.forward)
         else:
-            apply = build_apply(self.forward.model, start, static=self._shared[start])
+            apply = build_apply(self.forward.model, start, static=shared)
             name = logit_tensor(self.forward)
             taps = () if name == self.forward.output_name else (name,)
 
@@ -206,75 +218,101 @@ class Ablator:
                 ranks[unit] = np.full(self.scores.scores[unit].shape, NOT_CANDIDATE, np.int64)
         return {u: jnp.asarray(r.astype(np.int32)) for u, r in ranks.items()}, n_candidates
 
-    def evaluate(self, ranks: dict, ks: list[int], scope: str = "global") -> tuple[np.ndarray, np.ndarray]:
-        """(fix rate, clean accuracy) for each k, in batched calls (per-layer scopes reuse a cached prefix)."""
+    def evaluate(self, ranks: dict, ks: list[int], scope: str = "global",
+                 parts: tuple[str, ...] = ("pairs", "clean")) -> tuple[np.ndarray, np.ndarray]:
+        """(fix rate, clean accuracy) for each k, in batched calls (per-layer scopes reuse a cached prefix);
+        NaN for a part not evaluated."""
         start = self._start(scope, ranks, max(ks))
-        inputs = self._inputs(start)
-        if inputs is self.x:
-            start = 0
-        counts_fn = self._counts_fn(start)
         totals = np.zeros((len(ks), 2))
-        size = min(self.batch, len(self.x))
+        for part in parts:
+            rows = self.parts[part]
+            n = rows.stop - rows.start
+            if n == 0:
+                continue
+            inputs = self._inputs(start, part)
+            part_start = 0 if isinstance(inputs, np.ndarray) else start
+            counts_fn = self._counts_fn(part_start, part)
+            size = min(self.batch, n)
+            wrong, right, is_pair = self.wrong[rows], self.right[rows], self.is_pair[rows]
 
-        def part_of(begin, stop):
-            if isinstance(inputs, dict):
-                return {name: pad_to(value[begin:stop], size) for name, value in inputs.items()}
-            return pad_to(inputs[begin:stop], size)
+            def part_of(begin, stop, inputs=inputs, size=size):
+                if isinstance(inputs, dict):
+                    return {name: pad_to(value[begin:stop], size) for name, value in inputs.items()}
+                return pad_to(inputs[begin:stop], size)
 
-        for k_start, k_stop in chunks(len(ks), self.k_chunk):
-            k_arr = np.asarray(ks[k_start:k_stop], np.int32)
-            if not self.sequential_k:
-                k_arr = pad_to(k_arr, self.k_chunk)  # one shape for every vmapped call: one compile
-            for begin, stop in chunks(len(self.x), self.batch):
-                valid = pad_to(np.ones(stop - begin, np.float32), size)
-                part = counts_fn(self.forward.params, ranks, k_arr if self.sequential_k else jnp.asarray(k_arr),
-                                 part_of(begin, stop),
-                                 pad_to(self.wrong[begin:stop], size), pad_to(self.right[begin:stop], size),
-                                 pad_to(self.is_pair[begin:stop], size), valid)
-                totals[k_start:k_stop] += np.asarray(part)[: k_stop - k_start]
-        return totals[:, 0] / max(1, self.n_pairs), totals[:, 1] / max(1, self.n_clean)
+            for k_start, k_stop in chunks(len(ks), self.k_chunk):
+                k_arr = np.asarray(ks[k_start:k_stop], np.int32)
+                if not self.sequential_k:
+                    k_arr = pad_to(k_arr, self.k_chunk)  # one shape for every vmapped call: one compile
+                for begin, stop in chunks(n, self.batch):
+                    valid = pad_to(np.ones(stop - begin, np.float32), size)
+                    part_counts = counts_fn(self.forward.params, ranks,
+                                            k_arr if self.sequential_k else jnp.asarray(k_arr),
+                                            part_of(begin, stop), pad_to(wrong[begin:stop], size),
+                                            pad_to(right[begin:stop], size), pad_to(is_pair[begin:stop], size), valid)
+                    totals[k_start:k_stop] += np.asarray(part_counts)[: k_stop - k_start]
+        fix = totals[:, 0] / max(1, self.n_pairs) if "pairs" in parts else np.full(len(ks), np.nan)
+        acc = totals[:, 1] / max(1, self.n_clean) if "clean" in parts else np.full(len(ks), np.nan)
+        return fix, acc
 
     def search(self, scope: str, target_fix: float, max_drop_points: float, base_accuracy: float) -> AblationResult:
-        """Smallest k whose ablation reaches `target_fix` (doubling, then batched bisection)."""
+        """Smallest k whose ablation reaches `target_fix` (doubling, then batched bisection) on the pairs; the
+        clean set only where its accuracy decides (see the module docstring)."""
         ranks, n_candidates = self.ranks(scope)
-        curve: dict[int, tuple[float, float]] = {}
+        fixes: dict[int, float] = {}
+        accuracies: dict[int, float] = {}
 
         def run(ks):
-            ks = sorted({int(k) for k in ks if 0 < k <= n_candidates and k not in curve})
+            ks = sorted({int(k) for k in ks if 0 < k <= n_candidates and k not in fixes})
             if ks:
-                fix, acc = self.evaluate(ranks, ks, scope)
-                curve.update({k: (float(f), float(a)) for k, f, a in zip(ks, fix, acc)})
+                fix, _ = self.evaluate(ranks, ks, scope, ("pairs",))
+                fixes.update({k: float(f) for k, f in zip(ks, fix)})
+
+        def run_clean(ks):
+            ks = sorted({int(k) for k in ks if k not in accuracies})
+            if ks:
+                _, acc = self.evaluate(ranks, ks, scope, ("clean",))
+                accuracies.update({k: float(a) for k, a in zip(ks, acc)})
+
+        def curve() -> dict[int, tuple[float, float | None]]:
+            if self.full_curve:
+                run_clean(fixes)
+            return {k: (f, accuracies.get(k)) for k, f in fixes.items()}
 
         if n_candidates == 0:
             return AblationResult(scope, self.granularity, 0, None, 0.0, base_accuracy, base_accuracy, False)
         doubling = [2**i for i in range(int(np.ceil(np.log2(n_candidates))) + 1) if 2**i < n_candidates]
         doubling.append(n_candidates)
-        for begin in range(0, len(doubling), self.k_chunk):  # one batched call per chunk, smallest k first
-            run(doubling[begin:begin + self.k_chunk])
-            if any(f >= target_fix for f, _ in curve.values()):
+        step = 1 if self.sequential_k else self.k_chunk  # one k per call on CPU anyway: stop at the first
+        for begin in range(0, len(doubling), step):  # one batched call per chunk, smallest k first
+            run(doubling[begin:begin + step])
+            if any(f >= target_fix for f in fixes.values()):
                 break
-        reached = [k for k in sorted(curve) if curve[k][0] >= target_fix]
+        reached = [k for k in sorted(fixes) if fixes[k] >= target_fix]
         if not reached:
-            return self._result(scope, n_candidates, self._best_within(curve, base_accuracy, max_drop_points),
-                                curve, ranks, False, base_accuracy)
+            run_clean(fixes)
+            return self._result(scope, n_candidates, self._best_within(curve(), base_accuracy, max_drop_points),
+                                curve(), ranks, False, base_accuracy)
         hi = reached[0]
-        lo = max([k for k in curve if k < hi], default=0)
+        lo = max([k for k in fixes if k < hi], default=0)
         while hi - lo > max(1, int(hi * K_TOLERANCE)):
             run(np.unique(np.linspace(lo, hi, BISECTION_POINTS + 2).round().astype(int))[1:-1])
-            hi = min(k for k in curve if lo < k <= hi and curve[k][0] >= target_fix)
-            lo = max([k for k in curve if k < hi], default=0)
-        success = 100.0 * (base_accuracy - curve[hi][1]) <= max_drop_points
+            hi = min(k for k in fixes if lo < k <= hi and fixes[k] >= target_fix)
+            lo = max([k for k in fixes if k < hi], default=0)
+        run_clean([hi])
+        success = 100.0 * (base_accuracy - accuracies[hi]) <= max_drop_points
         k_target = hi
         if not success:  # the target costs too much accuracy: report the best set that keeps the bound
-            hi = self._best_within(curve, base_accuracy, max_drop_points)
-        result = self._result(scope, n_candidates, hi, curve, ranks, success, base_accuracy)
+            run_clean(fixes)
+            hi = self._best_within(curve(), base_accuracy, max_drop_points)
+        result = self._result(scope, n_candidates, hi, curve(), ranks, success, base_accuracy)
         result.k_target = k_target
         return result
 
     @staticmethod
     def _best_within(curve: dict, base_accuracy: float, max_drop_points: float) -> int:
         """The evaluated k with the highest fix rate whose clean-accuracy drop keeps the bound (else the
-        smallest drop); ties go to the smaller k."""
+        smallest drop); ties go to the smaller k. Every k of `curve` must carry its clean accuracy."""
         within = [k for k in curve if 100.0 * (base_accuracy - curve[k][1]) <= max_drop_points]
         if within:
             return max(within, key=lambda k: (curve[k][0], -k))
@@ -303,19 +341,20 @@ class Ablator:
 def progressive_ablation(forward: Forward, scores: NeuronScores, pairs: Pairs, x_clean: np.ndarray,
                          y_clean: np.ndarray, *, target_fix: float = 0.95, max_acc_drop: float = 2.0,
                          scopes: str = "all", base_accuracy: float | None = None, factor: float = 0.0,
-                         max_layer_scopes: int | None = MAX_LAYER_SCOPES,
+                         max_layer_scopes: int | None = MAX_LAYER_SCOPES, full_curve: bool = False,
                          progress=None) -> tuple[AblationResult, list[AblationResult]]:
     """Search each scope; return (the chosen result, every scope's result).
 
     `scopes`: 'global', 'per-layer' or 'all'; `factor` 0 ablates the top-k neurons, -1 flips their sign.
     Per-layer searches run for the `max_layer_scopes` layers holding the best-scored neurons (None: all;
-    each search costs as much as the global one, which matters on deep models).
+    each search costs as much as the global one, which matters on deep models). `full_curve`: clean
+    accuracy at every k tried (for a plot), not only where it decides.
     The chosen result is the smallest successful set (ties: the
     smaller clean-accuracy drop); with none successful, the one with the highest fix rate.
     """
     from .common import predict_labels
 
-    ablator = Ablator(forward, scores, pairs, x_clean, y_clean, factor=factor)
+    ablator = Ablator(forward, scores, pairs, x_clean, y_clean, factor=factor, full_curve=full_curve)
     if base_accuracy is None:
         base_accuracy = float(np.mean(predict_labels(forward, x_clean) == y_clean))
     names = []
