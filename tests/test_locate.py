@@ -93,6 +93,30 @@ def test_steps_compose_as_separate_functions(setup):
                    for p in chosen.curve)
 
 
+@pytest.mark.parametrize("bound", [2.0, 0.0])
+def test_clean_set_runs_only_where_it_decides_and_picks_what_the_full_curve_picks(setup, bound):
+    """The search runs the clean set at the minimal k reaching the target and, when that k breaks the bound
+    (bound 0), in order of fix rate until a k keeps it; every scope picks the set that a search evaluating
+    the clean set at every k picks, with the same accuracies where both evaluated it."""
+    model, case, _ = setup
+    forward = Forward(model)
+    pairs = build_pairs(forward, case)
+    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, find_layers(model))
+    run = dict(max_acc_drop=bound, max_layer_scopes=3)
+    _, lazy = progressive_ablation(forward, scores, pairs, case.x_clean, case.y_clean, **run)
+    _, full = progressive_ablation(forward, scores, pairs, case.x_clean, case.y_clean, full_curve=True, **run)
+    assert bound > 0 or any(not r.success and r.k_target for r in full)  # the fallback ran
+    for a, b in zip(lazy, full):
+        assert (a.scope, a.k, a.success, a.k_target) == (b.scope, b.k, b.success, b.k_target)
+        assert [p["k"] for p in a.curve] == [p["k"] for p in b.curve]
+        assert all(p["clean_accuracy"] is not None for p in b.curve)
+        for p, q in zip(a.curve, b.curve):
+            assert p["fix_rate"] == q["fix_rate"]
+            assert p["clean_accuracy"] is None or p["clean_accuracy"] == pytest.approx(q["clean_accuracy"])
+    skipped = sum(p["clean_accuracy"] is None for r in lazy for p in r.curve)
+    assert skipped >= len(lazy), "the clean set ran at (almost) every k"
+
+
 def test_saliency_finds_trigger_region_without_mask(setup):
     model, case, _ = setup
     from lancet import Forward

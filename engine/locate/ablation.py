@@ -6,7 +6,7 @@ gap is narrowed by batched bisection. Each step evaluates every pair for several
 on CPU, weight neurons: one k after another, and the doubling stops at the first k that reaches the target)
 in one jitted call per sample chunk. The clean set, usually ten times the pairs, is evaluated only where its
 accuracy decides something: at the minimal k reaching the target (is the drop within the bound?) and, when
-it is not, at every k tried (the best set within the bound); `full_curve` evaluates it at every k anyway
+it is not, at the k tried in order of fix rate until one keeps the bound (the best set within it); `full_curve` evaluates it at every k anyway
 (for the plot). The minimal set reaching the target is the EIN set when clean accuracy drops by at most the
 bound. Done globally (all layers ranked together) and within each layer.
 """
@@ -219,10 +219,13 @@ class Ablator:
         return {u: jnp.asarray(r.astype(np.int32)) for u, r in ranks.items()}, n_candidates
 
     def evaluate(self, ranks: dict, ks: list[int], scope: str = "global",
-                 parts: tuple[str, ...] = ("pairs", "clean")) -> tuple[np.ndarray, np.ndarray]:
+                 parts: tuple[str, ...] = ("pairs", "clean"), start_k: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
         """(fix rate, clean accuracy) for each k, in batched calls (per-layer scopes reuse a cached prefix);
-        NaN for a part not evaluated."""
-        start = self._start(scope, ranks, max(ks))
+        NaN for a part not evaluated. The suffix starts at the first node the top `start_k` (default: the
+        largest k) can change: callers evaluating many k one call at a time pass one `start_k` so that
+        they share one cached prefix and one compiled suffix."""
+        start = self._start(scope, ranks, max(start_k or 0, max(ks)))
         totals = np.zeros((len(ks), 2))
         for part in parts:
             rows = self.parts[part]
@@ -268,10 +271,10 @@ class Ablator:
                 fix, _ = self.evaluate(ranks, ks, scope, ("pairs",))
                 fixes.update({k: float(f) for k, f in zip(ks, fix)})
 
-        def run_clean(ks):
+        def run_clean(ks, start_k=None):
             ks = sorted({int(k) for k in ks if k not in accuracies})
             if ks:
-                _, acc = self.evaluate(ranks, ks, scope, ("clean",))
+                _, acc = self.evaluate(ranks, ks, scope, ("clean",), start_k=start_k)
                 accuracies.update({k: float(a) for k, a in zip(ks, acc)})
 
         def curve() -> dict[int, tuple[float, float | None]]:
@@ -289,10 +292,22 @@ class Ablator:
             if any(f >= target_fix for f in fixes.values()):
                 break
         reached = [k for k in sorted(fixes) if fixes[k] >= target_fix]
+        def best_within() -> int:
+            """The k tried with the highest fix rate whose clean-accuracy drop keeps the bound (ties: the
+            smaller k), else the smallest drop: the clean set runs in that order of preference and stops at
+            the first k within the bound."""
+            order = sorted(fixes, key=lambda k: (-fixes[k], k))
+            for begin in range(0, len(order), step):
+                run_clean(order[begin:begin + step], start_k=max(order))
+                within = [k for k in order[begin:begin + step]
+                          if 100.0 * (base_accuracy - accuracies[k]) <= max_drop_points]
+                if within:
+                    return within[0]
+            return max(fixes, key=lambda k: (accuracies[k], -k))
+
         if not reached:
-            run_clean(fixes)
-            return self._result(scope, n_candidates, self._best_within(curve(), base_accuracy, max_drop_points),
-                                curve(), ranks, False, base_accuracy)
+            k = best_within()
+            return self._result(scope, n_candidates, k, curve(), ranks, False, base_accuracy)
         hi = reached[0]
         lo = max([k for k in fixes if k < hi], default=0)
         while hi - lo > max(1, int(hi * K_TOLERANCE)):
@@ -303,20 +318,10 @@ class Ablator:
         success = 100.0 * (base_accuracy - accuracies[hi]) <= max_drop_points
         k_target = hi
         if not success:  # the target costs too much accuracy: report the best set that keeps the bound
-            run_clean(fixes)
-            hi = self._best_within(curve(), base_accuracy, max_drop_points)
+            hi = best_within()
         result = self._result(scope, n_candidates, hi, curve(), ranks, success, base_accuracy)
         result.k_target = k_target
         return result
-
-    @staticmethod
-    def _best_within(curve: dict, base_accuracy: float, max_drop_points: float) -> int:
-        """The evaluated k with the highest fix rate whose clean-accuracy drop keeps the bound (else the
-        smallest drop); ties go to the smaller k. Every k of `curve` must carry its clean accuracy."""
-        within = [k for k in curve if 100.0 * (base_accuracy - curve[k][1]) <= max_drop_points]
-        if within:
-            return max(within, key=lambda k: (curve[k][0], -k))
-        return max(curve, key=lambda k: (curve[k][1], -k))
 
     def _result(self, scope, n_candidates, k, curve, ranks, success, base_accuracy) -> AblationResult:
         points = [{"k": 0, "fix_rate": 0.0, "clean_accuracy": base_accuracy}]
