@@ -79,11 +79,14 @@ class Ablator:
         self.is_pair = np.concatenate([np.ones(pairs.used, np.float32), np.zeros(len(x_clean), np.float32)])
         self.n_clean = len(x_clean)
         self.parts = {"pairs": slice(0, pairs.used), "clean": slice(pairs.used, len(self.x))}
-        # Keyed by (start node, part): the jitted counts of the suffix, the batched live tensors of a cached
-        # prefix, and its live tensors without a batch axis (shape arithmetic: it depends on the batch size).
-        self._counts: dict[tuple[int, str], object] = {}
+        # Both parts run in chunks of one size (about the pair count): one compiled suffix per start node,
+        # where a size per part compiled two (most of the search's time on a LeNet).
+        self.size = min(batch, max(pairs.used, 64), len(self.x))
+        # Per start node: the jitted counts of the suffix and the prefix's live tensors without a batch axis
+        # (shape arithmetic); per (start node, part): the batched live tensors of the cached prefix.
+        self._counts: dict[int, object] = {}
+        self._shared: dict[int, dict[str, np.ndarray]] = {}
         self._prefix: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-        self._shared: dict[tuple[int, str], dict[str, np.ndarray]] = {}
         self._too_big: set[tuple[int, str]] = set()  # prefixes whose activations exceed the cache
 
     def _start(self, scope: str, ranks: dict | None = None, k_max: int = 0) -> int:
@@ -112,11 +115,11 @@ class Ablator:
             return x
         if key not in self._prefix:
             live = live_tensors(self.forward.model, start)
-            size = min(self.batch, len(x))
+            size = self.size
             batched = self._batched(live, size)
             parts: dict[str, list[np.ndarray]] = {name: [] for name in batched}
             shared: dict[str, np.ndarray] = {}
-            for begin, stop in chunks(len(x), self.batch):
+            for begin, stop in chunks(len(x), size):
                 out = self.forward(pad_to(x[begin:stop], size), taps=tuple(live))
                 for name in live:
                     if name in batched:
@@ -132,7 +135,7 @@ class Ablator:
                     > PREFIX_CACHE_BYTES:  # the cache holds at most PREFIX_CACHE_BYTES in all: oldest out
                 del self._prefix[next(iter(self._prefix))]
             self._prefix[key] = cached
-            self._shared[key] = shared
+            self._shared[start] = shared
         return self._prefix[key]
 
     def _batched(self, live: list[str], size: int) -> set[str]:
@@ -152,11 +155,10 @@ class Ablator:
     def sequential_k(self) -> bool:
         return self.granularity == "weight" and jax.default_backend() == "cpu"
 
-    def _counts_fn(self, start: int, part: str):
-        key = (start, part if start else "")
-        if key not in self._counts:
-            self._counts[key] = self._build_counts(start, self._shared.get(key))
-        return self._counts[key]
+    def _counts_fn(self, start: int):
+        if start not in self._counts:
+            self._counts[start] = self._build_counts(start, self._shared.get(start))
+        return self._counts[start]
 
     def _build_counts(self, start: int = 0, shared: dict | None = None):
         granularity, units, factor = self.granularity, self.units, self.factor
@@ -234,8 +236,8 @@ class Ablator:
                 continue
             inputs = self._inputs(start, part)
             part_start = 0 if isinstance(inputs, np.ndarray) else start
-            counts_fn = self._counts_fn(part_start, part)
-            size = min(self.batch, n)
+            counts_fn = self._counts_fn(part_start)
+            size = self.size
             wrong, right, is_pair = self.wrong[rows], self.right[rows], self.is_pair[rows]
 
             def part_of(begin, stop, inputs=inputs, size=size):
@@ -247,7 +249,7 @@ class Ablator:
                 k_arr = np.asarray(ks[k_start:k_stop], np.int32)
                 if not self.sequential_k:
                     k_arr = pad_to(k_arr, self.k_chunk)  # one shape for every vmapped call: one compile
-                for begin, stop in chunks(n, self.batch):
+                for begin, stop in chunks(n, size):
                     valid = pad_to(np.ones(stop - begin, np.float32), size)
                     part_counts = counts_fn(self.forward.params, ranks,
                                             k_arr if self.sequential_k else jnp.asarray(k_arr),
@@ -265,16 +267,19 @@ class Ablator:
         fixes: dict[int, float] = {}
         accuracies: dict[int, float] = {}
 
+        # Every call of this search starts at the first node any candidate can change: one cached prefix and
+        # one compiled suffix per part, where starting each call at its own largest k compiled a suffix per
+        # distinct start (2-3 s each on a CPU ResNet-18, more than evaluating the pairs from the start).
         def run(ks):
             ks = sorted({int(k) for k in ks if 0 < k <= n_candidates and k not in fixes})
             if ks:
-                fix, _ = self.evaluate(ranks, ks, scope, ("pairs",))
+                fix, _ = self.evaluate(ranks, ks, scope, ("pairs",), start_k=n_candidates)
                 fixes.update({k: float(f) for k, f in zip(ks, fix)})
 
-        def run_clean(ks, start_k=None):
+        def run_clean(ks):
             ks = sorted({int(k) for k in ks if k not in accuracies})
             if ks:
-                _, acc = self.evaluate(ranks, ks, scope, ("clean",), start_k=start_k)
+                _, acc = self.evaluate(ranks, ks, scope, ("clean",), start_k=n_candidates)
                 accuracies.update({k: float(a) for k, a in zip(ks, acc)})
 
         def curve() -> dict[int, tuple[float, float | None]]:
@@ -298,7 +303,7 @@ class Ablator:
             the first k within the bound."""
             order = sorted(fixes, key=lambda k: (-fixes[k], k))
             for begin in range(0, len(order), step):
-                run_clean(order[begin:begin + step], start_k=max(order))
+                run_clean(order[begin:begin + step])
                 within = [k for k in order[begin:begin + step]
                           if 100.0 * (base_accuracy - accuracies[k]) <= max_drop_points]
                 if within:
