@@ -196,8 +196,9 @@ def markdown(data: dict) -> str:
              "label (defect row: marked inputs given the spurious class); R-Acc: triggered inputs given their true "
              "label; DER: (max(0, dASR) - max(0, dC-Acc) + 1) / 2. Settings: `clean` = the defender has clean "
              "images only (5 % of the training set), AI-Lancet and Neural-Cleanse restore the trigger; `error` = "
-             "plus ~100 triggered inputs with their true labels. Goal per AI-Lancet row: ASR <= 1 %, C-Acc drop "
-             "<= 1 point; **miss** marks a row that misses it.", ""]
+             "plus ~100 triggered inputs with their true labels. Goal per AI-Lancet row (issue 4): ASR <= 2 %, "
+             "C-Acc drop <= 1 point; **miss** marks a row that misses it, `met, ASR <= 1 %` one that meets the "
+             "stricter ASR bound too.", ""]
     missing = [name for name in ROWS if name not in data["rows"]]
     if missing and not data["quick"]:
         lines += [f"Rows of the matrix not in this run: {', '.join(missing)}.", ""]
@@ -210,10 +211,11 @@ def markdown(data: dict) -> str:
                   "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for record in row["records"]:
             after, before = record["after"], record["before"]
-            drop = 100 * (before["c_acc"] - after["c_acc"])
+            drop = round(100 * (before["c_acc"] - after["c_acc"]), 6)  # whole test images: no float residue
             goal = ""
             if record["method"].startswith("lancet-"):
-                goal = "met" if after["asr"] <= 0.01 and drop <= 1.0 else "**miss**"
+                asr = round(100 * after["asr"], 6)
+                goal = "**miss**" if asr > 2 or drop > 1 else ("met, ASR <= 1 %" if asr <= 1 else "met")
             # A defence that changed no parameter left the model as it was, whatever it calls its outcome.
             status = "unchanged" if record["changed"] == 0 and record["status"] == "repaired" else record["status"]
             lines.append(f"| {record['setting']} | {record['method']} | {status} | {_pct(after['c_acc'])} | "
