@@ -126,7 +126,11 @@ def test_benchmark_der_and_table():
     assert bench.der(before, {"c_acc": 0.9, "asr": 0.0}) == 1.0
     assert bench.der(before, {"c_acc": 0.8, "asr": 1.0}) == pytest.approx(0.45)
     table = bench.markdown(data)
-    assert "| clean | lancet-flip | repaired | 89.5 | 2.0 | 90.0 | 0.988 | 12 | 3 | **miss** |" in table
+    assert "| clean | lancet-flip | repaired | 89.5 | 2.0 | 90.0 | 0.988 | 12 | 3 | met |" in table  # issue 4: <= 2 %
+    record = data["rows"]["r"]["records"][0]
+    for asr, c_acc, goal in [(0.025, 0.895, "**miss**"), (0.01, 0.895, "met, ASR <= 1 %"), (0.0, 0.889, "**miss**")]:
+        record["after"] = {**record["after"], "asr": asr, "c_acc": c_acc}
+        assert bench.markdown(data).split("| 3 | ")[1].startswith(goal + " |"), (asr, c_acc)
 
 
 def test_benchmark_merge_replaces_records_one_by_one(tmp_path):
