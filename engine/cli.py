@@ -140,7 +140,7 @@ def eval_command(model_path: str, data_path: str, backend: str, as_json: bool) -
 @click.option("--fill", type=click.Choice(["median", "inpaint"]), default="median", show_default=True,
               help="How a trigger region is refilled to build companions.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), 
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write the ablation curve PNG here (clean accuracy is then evaluated at every k tried).")
 @click.option("--mask-png", "mask_path", type=click.Path(dir_okay=False),
               help="Write the restored trigger mask PNG here (cases without x_error).")

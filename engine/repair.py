@@ -85,9 +85,10 @@ def _finetune_scopes(located: LocateResult) -> list[tuple[str, int]]:
 
     The chosen set when the search found one within the accuracy bound. Otherwise first the best set
     within the bound (the all-to-all LeNet, triggered inputs: held-out C-Acc / ASR 86.6 / 0.6 %, where the
-    set below alone was rejected at 79.8 %), then the smallest set that reaches the fix target in any scope whatever its clean-accuracy cost, since
-    training on correct data wins accuracy back (MobileNetV2 trojan: the best set within 2 points fixes
-    1 % of the pairs and cannot repair; ablating 176 weights fixes 96 % at 5.8 points, and trained, repairs).
+    set below alone was rejected at 79.8 %), then the smallest set that reaches the fix target in any scope
+    whatever its clean-accuracy cost, since training on correct data wins accuracy back (MobileNetV2 trojan:
+    the best set within 2 points fixes 1 % of the pairs and cannot repair; ablating 176 weights fixes 96 %
+    at 5.8 points, and trained, repairs).
     """
     chosen = located.chosen
     if chosen is not None and chosen.success and chosen.k:

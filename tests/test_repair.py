@@ -62,7 +62,8 @@ def test_repair_removes_backdoor_on_heldout(backdoor_case, repaired, method):
     else:
         margin = report["flip"]["margin"]
         assert margin in FLIP_MARGINS and changed_at_most >= len(report["eins"])
-        picked = [o for o in report["flip"]["options"] if o["margin"] == margin and o["scope"] == report["flip"]["scope"]]
+        picked = [o for o in report["flip"]["options"]
+                  if o["margin"] == margin and o["scope"] == report["flip"]["scope"]]
         assert picked and picked[0]["k"] == changed_at_most and picked[0]["drop_points"] <= 2.0
 
 

@@ -6,9 +6,9 @@ gap is narrowed by batched bisection. Each step evaluates every pair for several
 on CPU, weight neurons: one k after another, and the doubling stops at the first k that reaches the target)
 in one jitted call per sample chunk. The clean set, usually ten times the pairs, is evaluated only where its
 accuracy decides something: at the minimal k reaching the target (is the drop within the bound?) and, when
-it is not, at the k tried in order of fix rate until one keeps the bound (the best set within it); `full_curve` evaluates it at every k anyway
-(for the plot). The minimal set reaching the target is the EIN set when clean accuracy drops by at most the
-bound. Done globally (all layers ranked together) and within each layer.
+it is not, at the k tried in order of fix rate until one keeps the bound (the best set within it);
+`full_curve` evaluates it at every k anyway (for the plot). The minimal set reaching the target is the EIN
+set when clean accuracy drops by at most the bound. Done globally (all layers ranked together) and within each layer.
 """
 from __future__ import annotations
 
@@ -267,9 +267,9 @@ class Ablator:
         fixes: dict[int, float] = {}
         accuracies: dict[int, float] = {}
 
-        # Every call of this search starts at the first node any candidate can change: one cached prefix and
-        # one compiled suffix per part, where starting each call at its own largest k compiled a suffix per
-        # distinct start (2-3 s each on a CPU ResNet-18, more than evaluating the pairs from the start).
+        # Every call of this search starts at the first node any candidate can change: one compiled suffix
+        # (and one cached prefix per part), where starting each call at its own largest k compiled a suffix
+        # per distinct start (2-3.5 s each on a CPU ResNet-18, more than evaluating the pairs from the start).
         def run(ks):
             ks = sorted({int(k) for k in ks if 0 < k <= n_candidates and k not in fixes})
             if ks:
@@ -297,6 +297,7 @@ class Ablator:
             if any(f >= target_fix for f in fixes.values()):
                 break
         reached = [k for k in sorted(fixes) if fixes[k] >= target_fix]
+
         def best_within() -> int:
             """The k tried with the highest fix rate whose clean-accuracy drop keeps the bound (ties: the
             smaller k), else the smallest drop: the clean set runs in that order of preference and stops at
