@@ -117,6 +117,43 @@ def test_clean_set_runs_only_where_it_decides_and_picks_what_the_full_curve_pick
     assert skipped >= len(lazy), "the clean set ran at (almost) every k"
 
 
+def test_clean_set_is_abandoned_once_the_bound_is_out_of_reach(setup):
+    """With a bound, a k whose misses already rule the bound out stops early: NaN accuracy and a ceiling at
+    or above its real accuracy that still breaks the bound; a group holding a k within the bound runs to
+    the end, exactly."""
+    from lancet.locate.ablation import Ablator
+
+    model, case, _ = setup
+    forward = Forward(model)
+    pairs = build_pairs(forward, case)
+    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, find_layers(model))
+    ablator = Ablator(forward, scores, pairs, case.x_clean, case.y_clean, batch=64)
+    ranks, n = ablator.ranks("global")
+    ks = [1, n // 2]  # one neuron costs nothing; half the weights wreck the model
+    _, exact = ablator.evaluate(ranks, ks, parts=("clean",))
+    base = float(exact[0])
+    assert 100 * (base - exact[1]) > 30
+    # A group of k stops only once every k of it is out of reach: here the first keeps the bound.
+    grouped = ablator.evaluate_bounded(ranks, ks, parts=("clean",), bound=(base, 2.0))
+    np.testing.assert_allclose(grouped.accuracy, exact)
+    np.testing.assert_allclose(grouped.ceiling, exact)
+    assert list(grouped.rows_run) == [len(case.x_clean)] * 2
+    wrecked = ablator.evaluate_bounded(ranks, ks[1:], parts=("clean",), bound=(base, 2.0))
+    assert np.isnan(wrecked.accuracy[0]) and exact[1] <= wrecked.ceiling[0] < base - 0.02
+    assert wrecked.rows_run[0] < len(case.x_clean)
+    # A k a few points out of bound, its misses run first: the bound is out of reach sooner, same verdict.
+    doubling = [2**i for i in range(int(np.log2(n)))]
+    _, accuracies = ablator.evaluate(ranks, doubling, parts=("clean",))
+    k = next(k for k, a in zip(doubling, accuracies) if 100 * (base - a) > 4)
+    mild = ablator.evaluate_bounded(ranks, [k], parts=("clean",))
+    natural = ablator.evaluate_bounded(ranks, [k], parts=("clean",), bound=(base, 2.0))
+    ordered = ablator.evaluate_bounded(ranks, [k], parts=("clean",), bound=(base, 2.0),
+                                       order=np.argsort(-mild.misses, kind="stable"))
+    assert np.isnan(natural.accuracy[0]) and np.isnan(ordered.accuracy[0])
+    assert ordered.rows_run[0] < natural.rows_run[0], (k, mild.accuracy, natural.rows_run, ordered.rows_run)
+    assert mild.misses.sum() == round((1 - mild.accuracy[0]) * len(case.x_clean))
+
+
 def test_saliency_finds_trigger_region_without_mask(setup):
     model, case, _ = setup
     from lancet import Forward

@@ -6,8 +6,10 @@ gap is narrowed by batched bisection. Each step evaluates every pair for several
 on CPU, weight neurons: one k after another, and the doubling stops at the first k that reaches the target)
 in one jitted call per sample chunk. The clean set, usually ten times the pairs, is evaluated only where its
 accuracy decides something: at the minimal k reaching the target (is the drop within the bound?) and, when
-it is not, at the k tried in order of fix rate until one keeps the bound (the best set within it);
-`full_curve` evaluates it at every k anyway (for the plot). The minimal set reaching the target is the EIN
+it is not, at the k tried in order of fix rate until one keeps the bound (the best set within it), each
+abandoned as soon as it has missed too many inputs to keep the bound (the inputs missed at earlier k run
+first, so that an out-of-bound k shows itself early); `full_curve` evaluates it at every k anyway (for
+the plot). The minimal set reaching the target is the EIN
 set when clean accuracy drops by at most the bound. Done globally (all layers ranked together) and within each layer.
 """
 from __future__ import annotations
@@ -56,6 +58,17 @@ class AblationResult:
                 "fix_rate": self.fix_rate, "clean_accuracy": self.clean_accuracy,
                 "clean_accuracy_before": self.clean_accuracy_before,
                 "clean_drop_points": self.clean_drop_points, "success": self.success, "k_target": self.k_target}
+
+
+@dataclass
+class Evaluation:
+    """Per k of one `Ablator.evaluate_bounded` call (NaN for a part not run), and per clean input."""
+
+    fix: np.ndarray  # share of pairs no longer given the wrong label
+    accuracy: np.ndarray  # clean accuracy; NaN where the clean set was abandoned
+    ceiling: np.ndarray  # the clean accuracy at most: every input not run counted right
+    rows_run: np.ndarray  # clean inputs run before the result was known
+    misses: np.ndarray  # per clean input (original order): how many of the k run on it got it wrong
 
 
 class Ablator:
@@ -184,9 +197,8 @@ class Ablator:
             else:
                 logits = logits_fn(params, x, edits={u: Edit(scale=keep[u]) for u in units})
             pred = jnp.argmax(logits, axis=-1)
-            fixed = jnp.sum(valid * is_pair * (pred != wrong))
-            correct = jnp.sum(valid * (1 - is_pair) * (pred == right))
-            return jnp.stack([fixed, correct])
+            # Per input: a pair fixed (no longer the wrong label) or a clean input right; 0 for padding.
+            return valid * jnp.where(is_pair > 0, pred != wrong, pred == right)
 
         if sequential_k:
             one = jax.jit(one_k)
@@ -227,23 +239,40 @@ class Ablator:
         NaN for a part not evaluated. The suffix starts at the first node the top `start_k` (default: the
         largest k) can change: callers evaluating many k one call at a time pass one `start_k` so that
         they share one cached prefix and one compiled suffix."""
+        run = self.evaluate_bounded(ranks, ks, scope, parts, start_k)
+        return run.fix, run.accuracy
+
+    def evaluate_bounded(self, ranks: dict, ks: list[int], scope: str = "global",
+                         parts: tuple[str, ...] = ("pairs", "clean"), start_k: int | None = None,
+                         bound: tuple[float, float] | None = None, order: np.ndarray | None = None
+                         ) -> Evaluation:
+        """`evaluate` that may stop the clean set early. With `bound` = (accuracy before, max drop in
+        points), the clean set of a group of k is abandoned as soon as every k of it has missed too many
+        inputs to keep the bound, whatever the rest would give (accuracy NaN, ceiling below the bound).
+        `order`: the clean inputs' running order, a permutation; the inputs most likely to be missed first
+        (those missed at earlier k) make an out-of-bound k show itself after a chunk or two."""
         start = self._start(scope, ranks, max(start_k or 0, max(ks)))
         totals = np.zeros((len(ks), 2))
-        for part in parts:
+        ceiling = np.full(len(ks), np.nan)
+        complete = np.ones(len(ks), bool)
+        rows_run = np.zeros(len(ks), np.int64)
+        misses = np.zeros(self.n_clean, np.int64)
+        for column, part in enumerate(("pairs", "clean")):
             rows = self.parts[part]
             n = rows.stop - rows.start
-            if n == 0:
+            if part not in parts or n == 0:
                 continue
             inputs = self._inputs(start, part)
             part_start = 0 if isinstance(inputs, np.ndarray) else start
             counts_fn = self._counts_fn(part_start)
             size = self.size
-            wrong, right, is_pair = self.wrong[rows], self.right[rows], self.is_pair[rows]
+            picked = np.asarray(order) if part == "clean" and order is not None else np.arange(n)
+            wrong, right, is_pair = (a[rows][picked] for a in (self.wrong, self.right, self.is_pair))
 
-            def part_of(begin, stop, inputs=inputs, size=size):
+            def part_of(begin, stop, inputs=inputs, size=size, picked=picked):
                 if isinstance(inputs, dict):
-                    return {name: pad_to(value[begin:stop], size) for name, value in inputs.items()}
-                return pad_to(inputs[begin:stop], size)
+                    return {name: pad_to(value[picked[begin:stop]], size) for name, value in inputs.items()}
+                return pad_to(inputs[picked[begin:stop]], size)
 
             for k_start, k_stop in chunks(len(ks), self.k_chunk):
                 k_arr = np.asarray(ks[k_start:k_stop], np.int32)
@@ -251,14 +280,23 @@ class Ablator:
                     k_arr = pad_to(k_arr, self.k_chunk)  # one shape for every vmapped call: one compile
                 for begin, stop in chunks(n, size):
                     valid = pad_to(np.ones(stop - begin, np.float32), size)
-                    part_counts = counts_fn(self.forward.params, ranks,
-                                            k_arr if self.sequential_k else jnp.asarray(k_arr),
-                                            part_of(begin, stop), pad_to(wrong[begin:stop], size),
-                                            pad_to(right[begin:stop], size), pad_to(is_pair[begin:stop], size), valid)
-                    totals[k_start:k_stop] += np.asarray(part_counts)[: k_stop - k_start]
+                    hits = counts_fn(self.forward.params, ranks, k_arr if self.sequential_k else jnp.asarray(k_arr),
+                                     part_of(begin, stop), pad_to(wrong[begin:stop], size),
+                                     pad_to(right[begin:stop], size), pad_to(is_pair[begin:stop], size), valid)
+                    hits = np.asarray(hits)[: k_stop - k_start, : stop - begin]
+                    totals[k_start:k_stop, column] += hits.sum(axis=1)
+                    if part == "clean":
+                        np.add.at(misses, picked[begin:stop], (hits < 0.5).sum(axis=0))
+                        rows_run[k_start:k_stop] = stop
+                        best = (totals[k_start:k_stop, 1] + n - stop) / self.n_clean
+                        ceiling[k_start:k_stop] = best
+                        if bound is not None and stop < n and np.all(100.0 * (bound[0] - best) > bound[1]):
+                            complete[k_start:k_stop] = False
+                            break
         fix = totals[:, 0] / max(1, self.n_pairs) if "pairs" in parts else np.full(len(ks), np.nan)
         acc = totals[:, 1] / max(1, self.n_clean) if "clean" in parts else np.full(len(ks), np.nan)
-        return fix, acc
+        acc[~complete] = np.nan
+        return Evaluation(fix, acc, ceiling, rows_run, misses)
 
     def search(self, scope: str, target_fix: float, max_drop_points: float, base_accuracy: float) -> AblationResult:
         """Smallest k whose ablation reaches `target_fix` (doubling, then batched bisection) on the pairs; the
@@ -276,11 +314,24 @@ class Ablator:
                 fix, _ = self.evaluate(ranks, ks, scope, ("pairs",), start_k=n_candidates)
                 fixes.update({k: float(f) for k, f in zip(ks, fix)})
 
-        def run_clean(ks):
-            ks = sorted({int(k) for k in ks if k not in accuracies})
+        ceilings: dict[int, float] = {}  # clean accuracy at most, where the clean set was abandoned
+
+        missed = np.zeros(self.n_clean, np.int64)  # per clean input: how many k tried so far missed it
+
+        def run_clean(ks, bound=None):
+            ks = sorted({int(k) for k in ks if k not in accuracies and (bound is None or k not in ceilings)})
             if ks:
-                _, acc = self.evaluate(ranks, ks, scope, ("clean",), start_k=n_candidates)
-                accuracies.update({k: float(a) for k, a in zip(ks, acc)})
+                run = self.evaluate_bounded(ranks, ks, scope, ("clean",), n_candidates, bound,
+                                            order=np.argsort(-missed, kind="stable"))
+                missed[:] += run.misses
+                for k, a, c in zip(ks, run.accuracy, run.ceiling):
+                    if np.isnan(a):
+                        ceilings[k] = float(c)
+                    else:
+                        accuracies[k] = float(a)
+
+        def out_of_bound(k) -> bool:
+            return k not in accuracies or 100.0 * (base_accuracy - accuracies[k]) > max_drop_points
 
         def curve() -> dict[int, tuple[float, float | None]]:
             if self.full_curve:
@@ -301,15 +352,26 @@ class Ablator:
         def best_within() -> int:
             """The k tried with the highest fix rate whose clean-accuracy drop keeps the bound (ties: the
             smaller k), else the smallest drop: the clean set runs in that order of preference and stops at
-            the first k within the bound."""
+            the first k within the bound; at each k it stops as soon as the bound is out of reach."""
             order = sorted(fixes, key=lambda k: (-fixes[k], k))
             for begin in range(0, len(order), step):
-                run_clean(order[begin:begin + step])
-                within = [k for k in order[begin:begin + step]
-                          if 100.0 * (base_accuracy - accuracies[k]) <= max_drop_points]
+                run_clean(order[begin:begin + step], (base_accuracy, max_drop_points))
+                within = [k for k in order[begin:begin + step] if not out_of_bound(k)]
                 if within:
                     return within[0]
-            return max(fixes, key=lambda k: (accuracies[k], -k))
+            # None keeps the bound: the smallest drop (ties: the smaller k). An abandoned k is run to the
+            # end only while its ceiling could still match the best accuracy known.
+            def known(k) -> float:
+                return accuracies.get(k, ceilings.get(k, 0.0))
+
+            best = None
+            for k in sorted(fixes, key=lambda k: (-known(k), k)):
+                if best is not None and known(k) < accuracies[best]:
+                    break
+                run_clean([k])
+                if best is None or (accuracies[k], -k) > (accuracies[best], -best):
+                    best = k
+            return best
 
         if not reached:
             k = best_within()
@@ -321,7 +383,7 @@ class Ablator:
             hi = min(k for k in fixes if lo < k <= hi and fixes[k] >= target_fix)
             lo = max([k for k in fixes if k < hi], default=0)
         run_clean([hi])
-        success = 100.0 * (base_accuracy - accuracies[hi]) <= max_drop_points
+        success = not out_of_bound(hi)
         k_target = hi
         if not success:  # the target costs too much accuracy: report the best set that keeps the bound
             hi = best_within()
