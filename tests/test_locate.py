@@ -12,6 +12,7 @@ import pytest
 from lancet import Edit, Forward, load_model
 from lancet.case import Case, load_case
 from lancet.locate import build_pairs, ei_features, progressive_ablation, score_neurons
+from lancet.locate.ablation import K_TOLERANCE
 from lancet.locate.common import predict_labels
 from lancet.locate.pairs import NothingToFixError
 from lancet.locate.pipeline import locate
@@ -115,6 +116,21 @@ def test_clean_set_runs_only_where_it_decides_and_picks_what_the_full_curve_pick
             assert p["clean_accuracy"] is None or p["clean_accuracy"] == pytest.approx(q["clean_accuracy"])
     skipped = sum(p["clean_accuracy"] is None for r in lazy for p in r.curve)
     assert skipped >= len(lazy), "the clean set ran at (almost) every k"
+    # Where the target breaks the bound, the best set within it has the highest fix rate among the k tried
+    # within it, and the bound was pinned down by bisection: a tried k within it and a larger one beyond it
+    # lie within the k tolerance of each other.
+    narrowed = 0
+    for r in full:
+        if r.success or not r.k_target or 100 * (r.clean_accuracy_before - r.clean_accuracy) > bound:
+            continue
+        drop = {p["k"]: 100 * (r.clean_accuracy_before - p["clean_accuracy"]) for p in r.curve}
+        fix = {p["k"]: p["fix_rate"] for p in r.curve}
+        assert fix[r.k] == max(fix[k] for k in drop if drop[k] <= bound)
+        if any(k > r.k and fix[k] > fix[r.k] for k in fix):
+            assert any(0 < b - a <= max(1, int(b * K_TOLERANCE)) and drop[a] <= bound < drop[b]
+                       for a in drop for b in drop), r.scope
+            narrowed += 1
+    assert narrowed or bound > 0
 
 
 def test_clean_set_is_abandoned_once_the_bound_is_out_of_reach(setup):
