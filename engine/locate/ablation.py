@@ -316,7 +316,6 @@ class Ablator:
                 fixes.update({k: float(f) for k, f in zip(ks, fix)})
 
         ceilings: dict[int, float] = {}  # clean accuracy at most, where the clean set was abandoned
-
         missed = np.zeros(self.n_clean, np.int64)  # per clean input: how many k tried so far missed it
 
         def run_clean(ks, bound=None):
