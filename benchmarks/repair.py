@@ -194,7 +194,9 @@ def markdown(data: dict) -> str:
              f"{data['seconds']:.0f} s in all).", "",
              "Held-out test data no method saw. C-Acc: clean accuracy; ASR: triggered inputs given the attacker's "
              "label (defect row: marked inputs given the spurious class); R-Acc: triggered inputs given their true "
-             "label; DER: (max(0, dASR) - max(0, dC-Acc) + 1) / 2. Settings: `clean` = the defender has clean "
+             "label; floor: the ASR floor after the repair (the clean originals of the triggered images given the "
+             "attacker's label, i.e. without the trigger: an ASR near it means the trigger adds little or "
+             "nothing); DER: (max(0, dASR) - max(0, dC-Acc) + 1) / 2. Settings: `clean` = the defender has clean "
              "images only (5 % of the training set), AI-Lancet and Neural-Cleanse restore the trigger; `error` = "
              "plus ~100 triggered inputs with their true labels. Goal per AI-Lancet row (issue 4): ASR <= 2 %, "
              "C-Acc drop <= 1 point; **miss** marks a row that misses it, `met, ASR <= 1 %` one that meets the "
@@ -207,8 +209,8 @@ def markdown(data: dict) -> str:
                   f"Recipe `{json.dumps(row['recipe'], sort_keys=True)}`; before: C-Acc {_pct(row['before']['c_acc'])}, "
                   f"ASR {_pct(row['before']['asr'])}, R-Acc {_pct(row['before']['r_acc'])}; ASR floor (clean originals "
                   f"of the triggered images given the attacker's label) {_pct(row['before']['asr_floor'])}.", "",
-                  "| setting | method | status | C-Acc | ASR | R-Acc | DER | changed params | seconds | goal |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| setting | method | status | C-Acc | ASR | floor | R-Acc | DER | changed params | seconds | goal |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for record in row["records"]:
             after, before = record["after"], record["before"]
             drop = round(100 * (before["c_acc"] - after["c_acc"]), 6)  # whole test images: no float residue
@@ -219,8 +221,8 @@ def markdown(data: dict) -> str:
             # A defence that changed no parameter left the model as it was, whatever it calls its outcome.
             status = "unchanged" if record["changed"] == 0 and record["status"] == "repaired" else record["status"]
             lines.append(f"| {record['setting']} | {record['method']} | {status} | {_pct(after['c_acc'])} | "
-                         f"{_pct(after['asr'])} | {_pct(after['r_acc'])} | {record['der']:.3f} | {record['changed']:,} | "
-                         f"{record['seconds']:.0f} | {goal} |")
+                         f"{_pct(after['asr'])} | {_pct(after['asr_floor'])} | {_pct(after['r_acc'])} | "
+                         f"{record['der']:.3f} | {record['changed']:,} | {record['seconds']:.0f} | {goal} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -113,7 +113,7 @@ def benchmark_sample():
 
     before = {"c_acc": 0.9, "asr": 1.0, "r_acc": 0.0, "asr_floor": 0.01}
     record = {"setting": "clean", "method": "lancet-flip", "status": "repaired", "before": before,
-              "after": {"c_acc": 0.895, "asr": 0.02, "r_acc": 0.9}, "der": 0.9875, "changed": 12, "seconds": 3.0}
+              "after": {"c_acc": 0.895, "asr": 0.02, "r_acc": 0.9, "asr_floor": 0.015}, "der": 0.9875, "changed": 12, "seconds": 3.0}
     data = {"quick": True, "command": "python benchmarks/repair.py --quick", "seconds": 1.0,
             "environment": {"cpus": 2, "jax": "x", "jax_backend": "cpu"},
             "rows": {"r": {"description": "d", "recipe": {}, "before": before, "records": [record]}}}
@@ -126,7 +126,7 @@ def test_benchmark_der_and_table():
     assert bench.der(before, {"c_acc": 0.9, "asr": 0.0}) == 1.0
     assert bench.der(before, {"c_acc": 0.8, "asr": 1.0}) == pytest.approx(0.45)
     table = bench.markdown(data)
-    assert "| clean | lancet-flip | repaired | 89.5 | 2.0 | 90.0 | 0.988 | 12 | 3 | met |" in table  # issue 4: <= 2 %
+    assert "| clean | lancet-flip | repaired | 89.5 | 2.0 | 1.5 | 90.0 | 0.988 | 12 | 3 | met |" in table  # issue 4
     record = data["rows"]["r"]["records"][0]
     for asr, c_acc, goal in [(0.025, 0.895, "**miss**"), (0.01, 0.895, "met, ASR <= 1 %"), (0.0, 0.889, "**miss**")]:
         record["after"] = {**record["after"], "asr": asr, "c_acc": c_acc}
