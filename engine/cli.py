@@ -76,7 +76,17 @@ def _json_default(value: Any) -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnx-lancet")
 def main() -> None:
-    """Locate and repair the error-inducing neurons of an ONNX classifier (AI-Lancet)."""
+    """Locate and repair the error-inducing neurons of an ONNX classifier (AI-Lancet).
+
+    Compiled programs are kept in a disk cache ($LANCET_CACHE/xla) for later runs; LANCET_COMPILE_CACHE=off
+    turns that off.
+    """
+    from .cache import enable_compile_cache
+
+    try:
+        enable_compile_cache()
+    except OSError as exc:  # an unwritable cache folder costs speed, not the run
+        click.echo(f"lancet: note: no compile cache ({exc})", err=True)
 
 
 @main.command()

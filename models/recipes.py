@@ -24,9 +24,9 @@ FULL_IMAGE_ATTACKS = ("blended",)
 
 def cache_dir() -> Path:
     """Where trained models and cases are kept ($LANCET_CACHE, default ~/.cache/onnx-lancet)."""
-    root = Path(os.environ.get("LANCET_CACHE", Path.home() / ".cache" / "onnx-lancet"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    from lancet.cache import cache_root
+
+    return cache_root()
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("LANCET_CACHE", str(ROOT / ".cache" / "test-models"))
 
+from lancet.cache import enable_compile_cache  # noqa: E402
+
+# Programs compiled once are loaded from disk afterwards, in this session (many tests build the same
+# forward) and in later ones, as the CLI does.
+enable_compile_cache()
+
 
 @pytest.fixture(scope="session")
 def torch_threads():
