@@ -29,7 +29,8 @@ is 3.02, flagged). When the mask model flags no class, `restore_triggers` (kind 
 trigger model, an additive perturbation shared by all inputs, x' = clip(x + d_t), with loss
 CE(f(x'), t) + lam_t * |d_t|_2 and the same cost schedule; the anomaly index is taken on the L2 norms.
 Measured on that model (500 steps, Adam lr .05): norm 1.1 for the target against 3.3-6.7 for the other
-classes, raw-norm anomaly index 7.6 (flagged); on the clean digits LeNet neither model flags a class (largest raw-norm indices 1.18 and 1.23; nor on log norms).
+classes, raw-norm anomaly index 7.6 (flagged); on the clean digits LeNet neither model flags a class
+(largest raw-norm indices 1.18 and 1.23; nor on log norms).
 """
 from __future__ import annotations
 
