@@ -16,17 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lancet.cache import cache_root
+
 RECIPE_VERSION = 3  # 3: spurious-mark defect with mislabelled marked batches
 SPURIOUS_OTHER_SHARE = 0.05
 CASE_VERSION = 2  # 2: x_companion instead of trigger_mask for full-image triggers
 FULL_IMAGE_ATTACKS = ("blended",)
-
-
-def cache_dir() -> Path:
-    """Where trained models and cases are kept ($LANCET_CACHE, default ~/.cache/onnx-lancet)."""
-    from lancet.cache import cache_root
-
-    return cache_root()
 
 
 @dataclass(frozen=True)
@@ -207,7 +202,7 @@ def build_case(recipe: Recipe, *, force: bool = False) -> BuiltCase:
     The trained model is keyed by the recipe; the case files are rewritten (without retraining) when the
     case layout version changes.
     """
-    folder = cache_dir() / recipe.name
+    folder = cache_root() / recipe.name
     if (folder / "meta.json").is_file() and not force:
         meta = json.loads((folder / "meta.json").read_text())
         if meta.get("case_version") != CASE_VERSION:
@@ -222,7 +217,7 @@ def build_case(recipe: Recipe, *, force: bool = False) -> BuiltCase:
     trigger = _trigger(recipe, shape) if recipe.attack != "none" else None
     x_train, y_train = _train_set(recipe, x[train_idx], y[train_idx], trigger)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", dir=cache_dir()))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", dir=cache_root()))
     try:
         train_and_export = _keras_model if is_keras(recipe) else _torch_model
         train_and_export(recipe, x_train, y_train, x[test_idx[:4]], tmp / "model.onnx")
