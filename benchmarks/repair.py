@@ -95,6 +95,48 @@ class Row:
                          else np.full_like(self.y_error, target))
         self.before = self.figures()
 
+    def restore_cache(self, seed: int) -> Path:
+        """Where this row's trigger restoration is kept: next to the cached model, keyed by the restore code,
+        the model file, the defender's clean images and the seed (any change restores again)."""
+        import hashlib
+
+        from lancet.locate import restore as restore_module
+
+        digest = hashlib.sha256()
+        for part in (Path(restore_module.__file__).read_bytes(), Path(self.built.model).read_bytes(),
+                     np.ascontiguousarray(self.case.x_clean).tobytes(), str(seed).encode()):
+            digest.update(part)
+        return Path(self.built.model).parent / f"restore-{digest.hexdigest()[:16]}.npz"
+
+    def load_restore(self, seed: int) -> None:
+        """Take the trigger restoration of an earlier run from the cache (with the seconds it took then)."""
+        from lancet.locate.restore import RestoreResult
+
+        path = self.restore_cache(seed)
+        if self.restore is not None or not path.exists():
+            return
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            self.restore = RestoreResult(data["masks"], data["patterns"], data["norms"], data["attack_rates"],
+                                         data["anomaly"], meta["flagged"], meta["threshold"], meta["details"],
+                                         meta["kind"], tuple(meta["bounds"]), meta["also_flagged"])
+        self.restore_seconds = float(meta["seconds"])
+
+    def save_restore(self, seed: int) -> None:
+        """Keep this row's trigger restoration for later runs (restoring costs minutes to an hour)."""
+        import io
+
+        from lancet.io import write_bytes_atomic
+
+        r = self.restore
+        meta = {"flagged": r.flagged, "threshold": r.threshold, "details": r.details, "kind": r.kind,
+                "bounds": [float(b) for b in r.bounds], "also_flagged": [int(c) for c in r.also_flagged],
+                "seconds": self.restore_seconds}
+        buffer = io.BytesIO()
+        np.savez(buffer, masks=r.masks, patterns=r.patterns, norms=r.norms, attack_rates=r.attack_rates,
+                 anomaly=r.anomaly, meta=np.asarray(json.dumps(meta)))
+        write_bytes_atomic(self.restore_cache(seed), buffer.getvalue())
+
     def case_for(self, setting: str):
         """The defender's case in a setting: clean only, or with the error inputs (and companions or mask)."""
         from lancet.case import Case
@@ -124,6 +166,14 @@ def _changed_count(model, changed: dict) -> int:
     return int(sum(np.sum(np.asarray(v) != np.asarray(model.params[k])) for k, v in changed.items()))
 
 
+def _lancet_details(result) -> dict:
+    """Which neurons an AI-Lancet repair changed: the fine-tuned scope and set size, or the flip choice."""
+    details = {k: result.details[k] for k in ("finetune_scope", "finetune_neurons") if k in result.details}
+    if "flip" in result.details:
+        details["flip"] = {k: result.details["flip"].get(k) for k in ("scope", "margin", "neurons")}
+    return details
+
+
 def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, progress) -> list[dict]:
     """Every method on one row and setting; returns one record per method."""
     import jax.numpy as jnp
@@ -131,6 +181,7 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
     from lancet.defences import DEFENCES
     from lancet.defences.common import DefenceResult
     from lancet.errors import LancetError
+    from lancet.locate.pipeline import LocateResult
     from lancet.repair import repair
 
     case = row.case_for(setting)
@@ -141,23 +192,36 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
         start = time.perf_counter()
         record = {"row": row.name, "setting": setting, "method": method}
         if method.startswith("lancet-"):
+            reuse = located
+            if reuse is None and setting == "clean":
+                row.load_restore(seed)
+                if row.restore is not None:  # restored in an earlier run: only the pairs onwards run
+                    reuse = LocateResult(row.model, row.forward, "weight", None, None, None, [], {}, 0.0,
+                                         restore=row.restore)
             result = repair(row.built.model, case, None, method=method.split("-", 1)[1], seed=seed, progress=False,
-                            reuse=located)
+                            reuse=reuse)
             reused = located is not None
             located = located or result.locate_result
             if located.restore is not None and row.restore is None:
                 row.restore, row.restore_seconds = located.restore, located.seconds.get("restore", 0.0)
+                row.save_restore(seed)
             params = result.repaired_params
             record.update(status=result.status, accepted=result.accepted, eins=len(result.eins),
-                          changed=int(sum(result.changed_parameters.values())), reasons=result.reasons)
+                          changed=int(sum(result.changed_parameters.values())), reasons=result.reasons,
+                          details=_lancet_details(result))
             seconds = time.perf_counter() - start + (sum(located.seconds.get(k, 0.0) for k in shared) if reused else 0.0)
+            if setting == "clean" and "restore" not in located.seconds:
+                seconds += row.restore_seconds  # the cached restoration's seconds, as measured when it ran
         else:
+            if method == "nc_unlearning" and row.restore is None:
+                row.load_restore(seed)
             if method == "nc_unlearning" and row.restore is None:
                 from lancet.case import num_classes
                 from lancet.locate.restore import restore_triggers
 
                 row.restore = restore_triggers(row.forward, row.case.x_clean, num_classes(row.model) or 10, seed=seed)
                 row.restore_seconds = time.perf_counter() - start
+                row.save_restore(seed)
                 start = time.perf_counter()
             if method in CLEAN_DATA_ONLY and method in row.outcomes:
                 outcome = row.outcomes[method]
