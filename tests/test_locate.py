@@ -234,6 +234,17 @@ def test_clean_only_case_restores_the_trigger(setup, backdoor_case):
     asr_after = np.mean(predict_labels(forward, heldout["x_error"], params=repaired.repaired_params) == heldout["target"])
     print(f"restored-trigger finetune: held-out accuracy {acc_before:.4f} -> {acc_after:.4f}, ASR {asr_after:.4f}")
     assert asr_after <= 0.05 and acc_before - acc_after <= 0.02
+    # The residual trigger: restored again on the repaired model, the target's trigger is no longer anomalous;
+    # on the original model it is found again as small as before.
+    kept = [t for t in repaired.details["finetune_tried"]
+            if (t["scope"], t["neurons"]) == (repaired.details["finetune_scope"], repaired.details["finetune_neurons"])]
+    residual = kept[0]["residual_trigger"]
+    assert residual["class"] == 0 and residual["norm"] > 2 * residual["norm_before"], residual
+    assert residual["anomaly_index"] < 2 < residual["anomaly_index_before"], residual
+    from lancet.locate.restore import residual_trigger
+
+    unrepaired = residual_trigger(forward, case.x_clean, result.restore, forward.params)
+    assert unrepaired["anomaly_index"] > 2 and unrepaired["norm"] < 1.5 * unrepaired["norm_before"], unrepaired
 
 
 def test_cli_locate_writes_report_and_plot(backdoor_case, tmp_path):

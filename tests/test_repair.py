@@ -172,6 +172,25 @@ def test_finetune_tries_the_best_set_within_the_bound_then_the_smallest_reaching
     assert _finetune_scopes(located) == [("global", 8)]
 
 
+def test_finetune_on_a_restored_trigger_tries_the_deepest_scopes_reaching_the_target_next():
+    from lancet.locate.ablation import AblationResult
+    from lancet.locate.pipeline import LocateResult
+    from lancet.repair import _finetune_scopes
+
+    def scope(name, k, success, k_target):
+        return AblationResult(name, "weight", 1000, k, 0.5, 0.8, 0.85, success, k_target=k_target)
+
+    results = [scope("global", 300, True, 300), scope("conv1.weight", 7, True, 7),
+               scope("fc1.weight", 120, False, 150), scope("fc2.weight", 60, False, None),
+               scope("fc3.weight", 20, False, 25)]
+    depth = {"global": 0, "conv1.weight": 0, "fc1.weight": 9, "fc2.weight": 11, "fc3.weight": 13}
+    located = LocateResult(None, None, "weight", None, None, results[1], results, {}, 0.85)
+    assert _finetune_scopes(located, depth) == [("conv1.weight", 7)]  # real error inputs: the smallest set
+    located.restore = object()  # pairs from a restored trigger
+    # the smallest set, then the deepest scopes reaching the target but the output layer
+    assert _finetune_scopes(located, depth) == [("conv1.weight", 7), ("fc1.weight", 150), ("global", 300)]
+
+
 def test_flip_takes_the_largest_margin_within_the_bound_then_the_smallest_drop():
     from lancet.repair import FlipOption, _pick_flip
 
@@ -191,7 +210,7 @@ def test_finetune_keeps_the_first_set_whose_repair_passes(backdoor_case, monkeyp
 
     real = repair_module._finetune_scopes
     monkeypatch.setattr(repair_module, "_finetune_scopes",
-                        lambda located: [(located.chosen.scope, 1), *real(located)])
+                        lambda located, depth=None: [(located.chosen.scope, 1), *real(located, depth)])
     result = repair(backdoor_case.model, backdoor_case.case, method="finetune", progress=False)
     tried = result.details["finetune_tried"]
     assert [t["accepted"] for t in tried] == [False, True] and tried[0]["neurons"] == 2

@@ -120,6 +120,10 @@ class Ablator:
                 return index
         return 0
 
+    def depth(self, scope: str) -> int:
+        """Index of the first node a scope's neurons change: how deep in the graph the scope sits."""
+        return self._start(scope)
+
     def _inputs(self, start: int, part: str):
         """The inputs of the evaluated suffix for one part's rows: the raw inputs, or the cached live tensors
         at `start`."""
