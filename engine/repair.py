@@ -336,6 +336,10 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
         changed, repaired, after, reasons, scope, neurons, details["finetune"] = best
         details["finetune_scope"], details["finetune_neurons"] = scope, neurons
         details["finetune_tried"] = tried
+        residual = [t["residual_trigger"] for t in tried
+                    if (t["scope"], t["neurons"]) == (scope, neurons) and "residual_trigger" in t]
+        if residual:  # the kept set's: how large the flagged class's trigger has to be now
+            details["residual_trigger"] = residual[0]
     seconds["fix"] = time.perf_counter() - tick
     accepted = not reasons
 

@@ -236,9 +236,7 @@ def test_clean_only_case_restores_the_trigger(setup, backdoor_case):
     assert asr_after <= 0.05 and acc_before - acc_after <= 0.02
     # The residual trigger: restored again on the repaired model, the target's trigger is no longer anomalous;
     # on the original model it is found again as small as before.
-    kept = [t for t in repaired.details["finetune_tried"]
-            if (t["scope"], t["neurons"]) == (repaired.details["finetune_scope"], repaired.details["finetune_neurons"])]
-    residual = kept[0]["residual_trigger"]
+    residual = repaired.details["residual_trigger"]
     assert residual["class"] == 0 and residual["norm"] > 2 * residual["norm_before"], residual
     assert residual["anomaly_index"] < 2 < residual["anomaly_index_before"], residual
     from lancet.locate.restore import residual_trigger
