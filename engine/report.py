@@ -105,9 +105,11 @@ def repair_tables(report: dict, console) -> None:
         facts["fine-tuned neurons"] = f"{report['finetune_neurons']} (top of scope {report.get('finetune_scope')})"
     if "residual_trigger" in report:
         residual = report["residual_trigger"]
-        facts["residual trigger"] = (f"class {residual['class']}: {residual['norm_before']:.4g} -> "
-                                     f"{residual['norm']:.4g} (anomaly index {residual['anomaly_index_before']:.2f}"
-                                     f" -> {residual['anomaly_index']:.2f})")
+        facts["residual trigger"] = "; ".join(
+            f"class {c}: {before:.4g} -> {after:.4g} (anomaly index {i_before:.2f} -> {i_after:.2f})"
+            for c, before, after, i_before, i_after in zip(residual["classes"], residual["norms_before"],
+                                                            residual["norms"], residual["anomaly_indices_before"],
+                                                            residual["anomaly_indices"]))
     facts |= {"changed parameters": report["changed_parameter_count"],
               "pairs": f"{report['pairs_used']} used, {report['pairs_dropped']} dropped",
               "output": report["output"] if report["written"] else "not written",

@@ -237,12 +237,12 @@ def test_clean_only_case_restores_the_trigger(setup, backdoor_case):
     # The residual trigger: restored again on the repaired model, the target's trigger is no longer anomalous;
     # on the original model it is found again as small as before.
     residual = repaired.details["residual_trigger"]
-    assert residual["class"] == 0 and residual["norm"] > 2 * residual["norm_before"], residual
-    assert residual["anomaly_index"] < 2 < residual["anomaly_index_before"], residual
+    assert residual["classes"] == [0] and residual["norms"][0] > 2 * residual["norms_before"][0], residual
+    assert residual["anomaly_index"] < 2 < residual["anomaly_indices_before"][0], residual
     from lancet.locate.restore import residual_trigger
 
     unrepaired = residual_trigger(forward, case.x_clean, result.restore, forward.params)
-    assert unrepaired["anomaly_index"] > 2 and unrepaired["norm"] < 1.5 * unrepaired["norm_before"], unrepaired
+    assert unrepaired["anomaly_index"] > 2 and unrepaired["norms"][0] < 1.5 * unrepaired["norms_before"][0]
 
 
 def test_cli_locate_writes_report_and_plot(backdoor_case, tmp_path):

@@ -150,10 +150,12 @@ def _restore(forward: Forward, x_clean: np.ndarray, num_classes: int, kind: str,
 
 def residual_trigger(forward: Forward, x_clean: np.ndarray, restore: RestoreResult, params, *,
                      steps: int | None = None, seed: int = 1) -> dict:
-    """After a repair, restore the flagged class's trigger again on the repaired `params` (the same trigger
-    model and step budget, another seed) and rate its size against the other classes' triggers of the
+    """After a repair, restore the flagged classes' triggers again on the repaired `params` (the same trigger
+    model and step budget, another seed) and rate their sizes against the other classes' triggers of the
     original restoration: a backdoor still in place leaves a small trigger (a high anomaly index), a removed
-    one a trigger as large as an honest class needs. Returns the new norm and anomaly index.
+    one a trigger as large as an honest class needs. Returns per flagged class the new norm and anomaly
+    index, and `anomaly_index`, the largest of them (every flagged class counts: the benchmark's Keras CNN
+    has a natural shortcut to 'bag' flagged beside its backdoor target).
 
     This is what a defender with clean data only can check: the restored trigger the repair was trained
     against is one stand-in for the real one. Fashion-MNIST LeNet-5 Trojan (target trigger 16.2 px, index
@@ -161,16 +163,19 @@ def residual_trigger(forward: Forward, x_clean: np.ndarray, restore: RestoreResu
     fc1, ASR 6.7 %: index 1.1; fc3, ASR 0.1 %: 78.8 px, -0.6. One class costs about a tenth of a whole
     restoration (all classes run in one batch).
     """
-    target = restore.flagged
+    classes = list(restore.flagged_classes)
     budget = int(restore.details.get("steps", 500)) if steps is None else steps
-    _, _, norms, _, _, _, _, _ = _optimise(forward, x_clean, [target], restore.kind, steps=budget,
+    _, _, norms, _, _, _, _, _ = _optimise(forward, x_clean, classes, restore.kind, steps=budget,
                                            batch=64, lr=restore.details.get("lr"), lam=None, seed=seed,
                                            progress=None, params=params)
     combined = np.array(restore.norms, np.float64)
-    combined[target] = float(norms[0])
-    return {"class": int(target), "norm": float(norms[0]), "norm_before": float(restore.norms[target]),
-            "anomaly_index": float(anomaly_index(combined)[target]),
-            "anomaly_index_before": float(restore.anomaly[target])}
+    combined[classes] = norms
+    after = anomaly_index(combined)[classes]
+    return {"classes": classes, "norms": [float(n) for n in norms],
+            "norms_before": [float(restore.norms[c]) for c in classes],
+            "anomaly_indices": [float(a) for a in after],
+            "anomaly_indices_before": [float(restore.anomaly[c]) for c in classes],
+            "anomaly_index": float(np.max(after))}
 
 
 def _optimise(forward: Forward, x_clean: np.ndarray, targets: list[int], kind: str, *, steps: int, batch: int,
