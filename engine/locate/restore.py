@@ -154,8 +154,11 @@ def residual_trigger(forward: Forward, x_clean: np.ndarray, restore: RestoreResu
     model and step budget, another seed) and rate their sizes against the other classes' triggers of the
     original restoration: a backdoor still in place leaves a small trigger (a high anomaly index), a removed
     one a trigger as large as an honest class needs. Returns per flagged class the new norm and anomaly
-    index, and `anomaly_index`, the largest of them (every flagged class counts: the benchmark's Keras CNN
-    has a natural shortcut to 'bag' flagged beside its backdoor target).
+    index, and `anomaly_index`, the smallest of them: a natural shortcut flagged beside a backdoor stays
+    anomalous whatever is repaired (the benchmark's Keras CNN flags 'bag' first and its backdoor target
+    second; after fine-tuning the set that repairs, held-out ASR 0.3 %: indices 4.4 and 0.9; after a set
+    that leaves 4.0 % ASR: 2.3 and 1.3, so the largest index picked the wrong set). Every flagged class's
+    pairs must already be fixed for a repair to be accepted.
 
     This is what a defender with clean data only can check: the restored trigger the repair was trained
     against is one stand-in for the real one. Fashion-MNIST LeNet-5 Trojan (target trigger 16.2 px, index
@@ -175,7 +178,7 @@ def residual_trigger(forward: Forward, x_clean: np.ndarray, restore: RestoreResu
             "norms_before": [float(restore.norms[c]) for c in classes],
             "anomaly_indices": [float(a) for a in after],
             "anomaly_indices_before": [float(restore.anomaly[c]) for c in classes],
-            "anomaly_index": float(np.max(after))}
+            "anomaly_index": float(np.min(after))}
 
 
 def _optimise(forward: Forward, x_clean: np.ndarray, targets: list[int], kind: str, *, steps: int, batch: int,
