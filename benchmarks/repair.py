@@ -112,8 +112,10 @@ class Row:
         """Take the trigger restoration of an earlier run from the cache (with the seconds it took then)."""
         from lancet.locate.restore import RestoreResult
 
+        if self.restore is not None:
+            return
         path = self.restore_cache(seed)
-        if self.restore is not None or not path.exists():
+        if not path.exists():
             return
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
@@ -213,7 +215,7 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
             if setting == "clean" and "restore" not in located.seconds:
                 seconds += row.restore_seconds  # the cached restoration's seconds, as measured when it ran
         else:
-            if method == "nc_unlearning" and row.restore is None:
+            if method == "nc_unlearning":
                 row.load_restore(seed)
             if method == "nc_unlearning" and row.restore is None:
                 from lancet.case import num_classes

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +33,7 @@ SEARCH_TARGET = {"flip": 0.99, "finetune": 0.95}
 SEARCH_FACTOR = {"flip": -1.0, "finetune": 0.0}
 ERROR_LOSS_SHARE = 1 / 3
 RESTORED_CANDIDATES = 4  # sets fine-tuning may try when the trigger was restored from clean data
-# Clean data only: the flagged class's trigger is restored again on each fine-tuned model (the residual
+# Clean data only: the flagged classes' triggers are restored again on each fine-tuned model (the residual
 # trigger, restore.residual_trigger). A set is kept at once when that trigger's anomaly index is at most
 # RESIDUAL_GOOD (about as large as the median class's; the digits spurious LeNet: 0.02 and -0.00 for two
 # sets that both repair, restoration noise); otherwise the candidates are tried in turn and the accepted one
@@ -151,6 +151,20 @@ def _finetune_sets(forward: Forward, located: LocateResult, case: Case) -> list[
         ranks, candidates = ablator.ranks(scope)
         sets.append((ablator.eins(ranks, min(candidates, int(np.ceil(k * FINETUNE_MARGIN)))), scope))
     return sets
+
+
+class _Trained(NamedTuple):
+    """One fine-tuned candidate set: its parameters, figures on the defender's data and residual trigger."""
+
+    changed: dict
+    repaired: dict
+    after: dict
+    reasons: list[str]
+    scope: str | None
+    neurons: int
+    finetune: dict
+    heldback_accuracy: float
+    residual: dict | None = None
 
 
 @dataclass
@@ -313,33 +327,32 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
                        "clean_accuracy": after["clean_accuracy"],
                        "heldback_accuracy": tuned.history[tuned.best_epoch]["heldback_accuracy"]}
             tried.append(attempt)
-            outcome = (changed, repaired, after, reasons, scope, len(trained),
-                       {"error_weight": error_weight, "best_epoch": tuned.best_epoch,
-                        "epochs_run": len(tuned.history) - 1, "history": tuned.history})
+            outcome = _Trained(changed, repaired, after, reasons, scope, len(trained),
+                               {"error_weight": error_weight, "best_epoch": tuned.best_epoch,
+                                "epochs_run": len(tuned.history) - 1, "history": tuned.history},
+                               attempt["heldback_accuracy"])
             if reasons:  # with none accepted, the last one tried is reported
-                best = outcome if best is None or best[3] else best
+                best = outcome if best is None or best.reasons else best
                 continue
             if located.restore is None:
                 best = outcome
                 break
-            # Clean data only: is the backdoor still there? Restore the flagged class's trigger again.
+            # Clean data only: is the backdoor still there? Restore the flagged classes' triggers again.
             from .locate.restore import residual_trigger
 
             residual = residual_trigger(forward, case.x_clean, located.restore, repaired, seed=seed + 1)
             attempt["residual_trigger"] = residual
-            kept.append((residual["anomaly_index"], attempt["heldback_accuracy"], outcome))
-            reference = kept[0][1]  # the held-back accuracy of the first accepted set
-            safe = [a for a in kept if a[1] >= reference - HELDBACK_TOLERANCE]
-            best = min(safe, key=lambda a: a[0])[2]
-            if best is outcome and residual["anomaly_index"] <= RESIDUAL_GOOD:
+            kept.append(outcome._replace(residual=residual))
+            safe = [k for k in kept if k.heldback_accuracy >= kept[0].heldback_accuracy - HELDBACK_TOLERANCE]
+            best = min(safe, key=lambda k: k.residual["anomaly_index"])
+            if best is kept[-1] and residual["anomaly_index"] <= RESIDUAL_GOOD:
                 break
-        changed, repaired, after, reasons, scope, neurons, details["finetune"] = best
-        details["finetune_scope"], details["finetune_neurons"] = scope, neurons
+        changed, repaired, after, reasons = best.changed, best.repaired, best.after, best.reasons
+        details["finetune"] = best.finetune
+        details["finetune_scope"], details["finetune_neurons"] = best.scope, best.neurons
         details["finetune_tried"] = tried
-        residual = [t["residual_trigger"] for t in tried
-                    if (t["scope"], t["neurons"]) == (scope, neurons) and "residual_trigger" in t]
-        if residual:  # the kept set's: how large the flagged class's trigger has to be now
-            details["residual_trigger"] = residual[0]
+        if best.residual is not None:  # the kept set's: how large the flagged classes' triggers have to be now
+            details["residual_trigger"] = best.residual
     seconds["fix"] = time.perf_counter() - tick
     accepted = not reasons
 
