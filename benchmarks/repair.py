@@ -173,6 +173,12 @@ def _lancet_details(result) -> dict:
     details = {k: result.details[k] for k in ("finetune_scope", "finetune_neurons") if k in result.details}
     if "flip" in result.details:
         details["flip"] = {k: result.details["flip"].get(k) for k in ("scope", "margin", "neurons")}
+    if "finetune_tried" in result.details:  # every candidate set, with its held-out figures (see run_setting)
+        details["finetune_tried"] = [
+            {**{k: attempt.get(k) for k in ("scope", "neurons", "accepted", "clean_accuracy", "heldback_accuracy",
+                                            "heldout")},
+             "residual_index": (attempt.get("residual_trigger") or {}).get("anomaly_index")}
+            for attempt in result.details["finetune_tried"]]
     return details
 
 
@@ -200,8 +206,11 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
                 if row.restore is not None:  # restored in an earlier run: only the pairs onwards run
                     reuse = LocateResult(row.model, row.forward, "weight", None, None, None, [], {}, 0.0,
                                          restore=row.restore)
+            def score_candidate(attempt: dict, candidate_params) -> None:
+                attempt["heldout"] = row.figures(candidate_params)
+
             result = repair(row.built.model, case, None, method=method.split("-", 1)[1], seed=seed, progress=False,
-                            reuse=reuse)
+                            reuse=reuse, observe=score_candidate)
             reused = located is not None
             located = located or result.locate_result
             if located.restore is not None and row.restore is None:

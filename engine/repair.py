@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -248,11 +248,15 @@ def _fix_rate(before_pred: np.ndarray, after_pred: np.ndarray, y_error: np.ndarr
 def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | None = None, *,
            method: str = "flip", granularity: str = "weight", max_acc_drop: float = 2.0,
            target_fix: float = 0.95, seed: int = 0, force: bool = False, progress: bool = True,
-           finetune_epochs: int = 30, reuse: LocateResult | None = None) -> RepairResult:
+           finetune_epochs: int = 30, reuse: LocateResult | None = None,
+           observe: Callable[[dict, Mapping[str, Any]], None] | None = None) -> RepairResult:
     """Locate, fix, export and evaluate; write `out` only when accepted (or `force`) and verified.
 
     `reuse`: the `locate_result` of an earlier repair of the same model and case; its pairs and scores
     are reused (only the ablation search for this method runs).
+    `observe`: called with each fine-tuned candidate's entry of `details["finetune_tried"]` and its
+    parameters, after the residual check; what it adds to the entry goes into the report (the repair
+    benchmark scores every candidate on held-out data, where the report keeps only the chosen one).
     """
     if method not in METHODS:
         raise BadInputError(f"unknown method {method!r}; use one of {METHODS}")
@@ -331,21 +335,25 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
                                {"error_weight": error_weight, "best_epoch": tuned.best_epoch,
                                 "epochs_run": len(tuned.history) - 1, "history": tuned.history},
                                attempt["heldback_accuracy"])
+            if not reasons and located.restore is not None:
+                # Clean data only: is the backdoor still there? Restore the flagged classes' triggers again.
+                from .locate.restore import residual_trigger
+
+                outcome = outcome._replace(residual=residual_trigger(forward, case.x_clean, located.restore,
+                                                                     repaired, seed=seed + 1))
+                attempt["residual_trigger"] = outcome.residual
+            if observe is not None:
+                observe(attempt, repaired)
             if reasons:  # with none accepted, the last one tried is reported
                 best = outcome if best is None or best.reasons else best
                 continue
             if located.restore is None:
                 best = outcome
                 break
-            # Clean data only: is the backdoor still there? Restore the flagged classes' triggers again.
-            from .locate.restore import residual_trigger
-
-            residual = residual_trigger(forward, case.x_clean, located.restore, repaired, seed=seed + 1)
-            attempt["residual_trigger"] = residual
-            kept.append(outcome._replace(residual=residual))
+            kept.append(outcome)
             safe = [k for k in kept if k.heldback_accuracy >= kept[0].heldback_accuracy - HELDBACK_TOLERANCE]
             best = min(safe, key=lambda k: k.residual["anomaly_index"])
-            if best is kept[-1] and residual["anomaly_index"] <= RESIDUAL_GOOD:
+            if best is kept[-1] and outcome.residual["anomaly_index"] <= RESIDUAL_GOOD:
                 break
         changed, repaired, after, reasons = best.changed, best.repaired, best.after, best.reasons
         details["finetune"] = best.finetune

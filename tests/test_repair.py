@@ -11,9 +11,11 @@ import numpy as np
 import onnx
 import pytest
 
-from lancet import load_model
+from lancet import Forward, load_model
+from lancet.case import load_case
 from lancet.errors import BadInputError, RepairRejectedError
 from lancet.evaluate import OrtPredictor
+from lancet.locate.common import predict_labels
 from lancet.repair import FLIP_MARGINS, repair
 from lancet.surgery import replace_parameters, verify_repaired
 
@@ -211,7 +213,15 @@ def test_finetune_keeps_the_first_set_whose_repair_passes(backdoor_case, monkeyp
     real = repair_module._finetune_scopes
     monkeypatch.setattr(repair_module, "_finetune_scopes",
                         lambda located, depth=None: [(located.chosen.scope, 1), *real(located, depth)])
-    result = repair(backdoor_case.model, backdoor_case.case, method="finetune", progress=False)
+    model = load_model(backdoor_case.model)
+    case, forward = load_case(backdoor_case.case, model), Forward(model)
+
+    def observe(attempt, params):  # each candidate's own parameters: its accuracy is the entry's
+        attempt["observed_accuracy"] = float(np.mean(predict_labels(forward, case.x_clean, params=params)
+                                                     == case.y_clean))
+
+    result = repair(backdoor_case.model, case, method="finetune", progress=False, observe=observe)
     tried = result.details["finetune_tried"]
     assert [t["accepted"] for t in tried] == [False, True] and tried[0]["neurons"] == 2
     assert result.accepted and result.details["finetune_neurons"] == tried[1]["neurons"]
+    assert [t["observed_accuracy"] for t in tried] == pytest.approx([t["clean_accuracy"] for t in tried])
