@@ -189,7 +189,6 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
     from lancet.defences import DEFENCES
     from lancet.defences.common import DefenceResult
     from lancet.errors import LancetError
-    from lancet.locate.pipeline import LocateResult
     from lancet.repair import repair
 
     case = row.case_for(setting)
@@ -200,17 +199,15 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
         start = time.perf_counter()
         record = {"row": row.name, "setting": setting, "method": method}
         if method.startswith("lancet-"):
-            reuse = located
-            if reuse is None and setting == "clean":
-                row.load_restore(seed)
-                if row.restore is not None:  # restored in an earlier run: only the pairs onwards run
-                    reuse = LocateResult(row.model, row.forward, "weight", None, None, None, [], {}, 0.0,
-                                         restore=row.restore)
+            if located is None and setting == "clean":
+                row.load_restore(seed)  # restored in an earlier run: only the pairs onwards run
+
             def score_candidate(attempt: dict, candidate_params) -> None:
                 attempt["heldout"] = row.figures(candidate_params)
 
             result = repair(row.built.model, case, None, method=method.split("-", 1)[1], seed=seed, progress=False,
-                            reuse=reuse, observe=score_candidate)
+                            reuse=located, observe=score_candidate,
+                            restore=row.restore if setting == "clean" else None)
             reused = located is not None
             located = located or result.locate_result
             if located.restore is not None and row.restore is None:

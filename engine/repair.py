@@ -24,6 +24,7 @@ from .io import check_output_path, write_bytes_atomic
 from .loader import load_model
 from .locate.common import predict_labels
 from .locate.pipeline import LocateResult, locate
+from .locate.restore import RestoreResult
 from .neurons import find_layers
 
 METHODS = ("flip", "finetune")
@@ -249,11 +250,13 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
            method: str = "flip", granularity: str = "weight", max_acc_drop: float = 2.0,
            target_fix: float = 0.95, seed: int = 0, force: bool = False, progress: bool = True,
            finetune_epochs: int = 30, reuse: LocateResult | None = None,
-           observe: Callable[[dict, Mapping[str, Any]], None] | None = None) -> RepairResult:
+           observe: Callable[[dict, Mapping[str, Any]], None] | None = None,
+           restore: RestoreResult | None = None) -> RepairResult:
     """Locate, fix, export and evaluate; write `out` only when accepted (or `force`) and verified.
 
     `reuse`: the `locate_result` of an earlier repair of the same model and case; its pairs and scores
-    are reused (only the ablation search for this method runs).
+    are reused (only the ablation search for this method runs). `restore`: a trigger restoration done
+    earlier on this model and x_clean, used instead of restoring again (clean data only).
     `observe`: called with each fine-tuned candidate's entry of `details["finetune_tried"]` and its
     parameters, after the residual check; what it adds to the entry goes into the report (the repair
     benchmark scores every candidate on held-out data, where the report keeps only the chosen one).
@@ -273,7 +276,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     tick = time.perf_counter()
     located = locate(model, case, granularity=granularity, target_fix=SEARCH_TARGET[method],
                      max_acc_drop=max_acc_drop, factor=SEARCH_FACTOR[method], seed=seed, progress=progress,
-                     forward=forward, reuse=reuse)
+                     forward=forward, reuse=reuse, restore=restore)
     seconds["locate"] = time.perf_counter() - tick
     if located.status == "no_backdoor":
         seconds["total"] = time.perf_counter() - start

@@ -223,6 +223,9 @@ def test_clean_only_case_restores_the_trigger(setup, backdoor_case):
         assert norms == sorted(norms, reverse=True)
         assert not norms or norms[-1] == pytest.approx(result.restore.norms[cls], rel=1e-3)
     json.dumps(result.to_json())  # the trace is JSON (no infinities)
+    # A restoration done earlier is taken as it is: nothing restored again, the same EINs.
+    again = locate(model, clean_only, progress=False, restore=result.restore)
+    assert "restore" not in again.seconds and again.restore is result.restore and again.eins == result.eins
     # Repair from the restored trigger alone removes the real trigger on held-out data.
     from lancet.repair import repair
 

@@ -107,7 +107,8 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
            target_fix: float = 0.99, max_acc_drop: float = 2.0, fill: str = "median", scopes: str = "all",
            discount: bool = True, factor: float = 0.0, restore_steps: int = 500, seed: int = 0,
            progress: bool = True, forward: Forward | None = None,
-           reuse: LocateResult | None = None, full_curve: bool = False) -> LocateResult:
+           reuse: LocateResult | None = None, full_curve: bool = False,
+           restore: RestoreResult | None = None) -> LocateResult:
     """Locate the error-inducing neurons of `model` for `case`.
 
     Without x_error the trigger is first restored from x_clean (`restore.py`); with no anomalous class the
@@ -118,6 +119,8 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
     about 94 % of held-out triggered inputs on the MNIST-digits LeNet, the stricter target 99 %.
     `full_curve`: the ablation curve carries the clean accuracy at every k tried (else only where it decides
     the search; the clean set is most of the evaluated inputs).
+    `restore`: a trigger restoration done earlier on this model and x_clean (restoring costs minutes to an
+    hour on a CPU ResNet); used instead of restoring again when the case has no x_error.
     """
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -130,7 +133,10 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
 
     tick = time.perf_counter()
     base_accuracy = float(np.mean(predict_labels(forward, case.x_clean) == case.y_clean))
-    restore = reuse.restore if reuse is not None else None
+    if reuse is not None and reuse.restore is not None:
+        restore = reuse.restore
+    if case.x_error is not None:  # error inputs given: no trigger to restore
+        restore = None
     if reuse is not None and reuse.scores is not None and reuse.scores.granularity == granularity:
         pairs, features, scores = reuse.pairs, reuse.features, reuse.scores
         seconds.update(reused=0.0)
