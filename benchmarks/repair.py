@@ -121,7 +121,8 @@ class Row:
             meta = json.loads(str(data["meta"]))
             self.restore = RestoreResult(data["masks"], data["patterns"], data["norms"], data["attack_rates"],
                                          data["anomaly"], meta["flagged"], meta["threshold"], meta["details"],
-                                         meta["kind"], tuple(meta["bounds"]), meta["also_flagged"])
+                                         meta["kind"], tuple(meta["bounds"]), meta["also_flagged"],
+                                         meta.get("sources"), meta.get("targets"))
         self.restore_seconds = float(meta["seconds"])
 
     def save_restore(self, seed: int) -> None:
@@ -133,6 +134,7 @@ class Row:
         r = self.restore
         meta = {"flagged": r.flagged, "threshold": r.threshold, "details": r.details, "kind": r.kind,
                 "bounds": [float(b) for b in r.bounds], "also_flagged": [int(c) for c in r.also_flagged],
+                "sources": r.sources, "targets": r.targets,
                 "seconds": self.restore_seconds}
         buffer = io.BytesIO()
         np.savez(buffer, masks=r.masks, patterns=r.patterns, norms=r.norms, attack_rates=r.attack_rates,
@@ -227,7 +229,8 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
                 from lancet.case import num_classes
                 from lancet.locate.restore import restore_triggers
 
-                row.restore = restore_triggers(row.forward, row.case.x_clean, num_classes(row.model) or 10, seed=seed)
+                row.restore = restore_triggers(row.forward, row.case.x_clean, num_classes(row.model) or 10, seed=seed,
+                                               y_clean=row.case.y_clean)
                 row.restore_seconds = time.perf_counter() - start
                 row.save_restore(seed)
                 start = time.perf_counter()

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-import numpy as np
 
 from .errors import LancetError
 

@@ -343,7 +343,8 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
                 from .locate.restore import residual_trigger
 
                 outcome = outcome._replace(residual=residual_trigger(forward, case.x_clean, located.restore,
-                                                                     repaired, seed=seed + 1))
+                                                                     repaired, seed=seed + 1,
+                                                                     y_clean=case.y_clean))
                 attempt["residual_trigger"] = outcome.residual
             if observe is not None:
                 observe(attempt, repaired)

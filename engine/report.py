@@ -62,7 +62,8 @@ def locate_tables(report: dict, console, top: int = 20) -> None:
              "clean accuracy": report["clean_accuracy"]}
     if report.get("restore"):
         restore = report["restore"]
-        facts["restored trigger: flagged classes"] = ", ".join(map(str, restore["flagged_classes"])) or "none"
+        flagged = restore.get("flagged_triggers", restore["flagged_classes"])  # 's->t' when source-specific
+        facts["restored trigger: flagged classes"] = ", ".join(map(str, flagged)) or "none"
         facts["trigger model"] = restore["trigger_kind"]
         facts["anomaly index (max)"] = max(restore["anomaly_index"])
     if report.get("pairs"):
@@ -107,7 +108,8 @@ def repair_tables(report: dict, console) -> None:
         residual = report["residual_trigger"]
         facts["residual trigger"] = "; ".join(
             f"class {c}: {before:.4g} -> {after:.4g} (anomaly index {i_before:.2f} -> {i_after:.2f})"
-            for c, before, after, i_before, i_after in zip(residual["classes"], residual["norms_before"],
+            for c, before, after, i_before, i_after in zip(residual.get("labels", residual["classes"]),
+                                                            residual["norms_before"],
                                                             residual["norms"], residual["anomaly_indices_before"],
                                                             residual["anomaly_indices"]))
     facts |= {"changed parameters": report["changed_parameter_count"],

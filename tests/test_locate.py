@@ -292,6 +292,9 @@ def test_clean_model_no_backdoor_found(tmp_path):
     assert result.restore.flagged is None and max(result.restore.anomaly) < result.restore.threshold
     additive = result.restore.details["additive"]  # the fallback trigger model ran and found nothing either
     assert additive["flagged_class"] is None and max(additive["anomaly_index"]) < result.restore.threshold
+    pairwise = result.restore.details["source_specific"]  # nor the source-specific one, over its 90 rows
+    assert len(pairwise["rows"]) == 90 and pairwise["flagged_triggers"] == []
+    assert max(pairwise["anomaly_index"]) < pairwise["anomaly_threshold"]
     assert result.to_json()["restore"]["backdoor_found"] is False
 
 
@@ -315,6 +318,26 @@ def test_additive_restoration_flags_blended_target(tmp_path):
     png = tmp_path / "perturbation.png"
     save_mask_png(result, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_source_specific_restoration_flags_the_all_to_all_rows():
+    """An all-to-all backdoor (y -> y + 1) has no single target class; restored per (source, target) pair,
+    the attacker's rows stand out among the 90 and only they are flagged; their pairs are source inputs."""
+    pytest.importorskip("torch")
+    from lancet.locate.restore import restore_pairwise, restored_pairs_inputs
+    from lancet.models.recipes import Recipe, build_case
+
+    built = build_case(Recipe(attack="badnets", mode="all_to_all"))
+    model = load_model(built.model)
+    case = load_case(built.case, model)
+    result = restore_pairwise(Forward(model), case.x_clean, case.y_clean, 10, steps=200)
+    flagged = result.flagged_classes
+    assert flagged and result.threshold > 2.5  # stricter than Neural Cleanse's 2 over 10 classes
+    assert all(result.targets[r] == (result.sources[r] + 1) % 10 for r in flagged), result.summary()["flagged_triggers"]
+    assert all(result.attack_rates[r] >= 0.8 for r in flagged)
+    x_error, y_right, companions = restored_pairs_inputs(result, case.x_clean, case.y_clean)
+    sources = {result.sources[r] for r in flagged}
+    assert set(np.unique(y_right)) == sources and len(x_error) == int(np.isin(case.y_clean, list(sources)).sum())
 
 
 def test_anomaly_index_sees_a_small_mask_among_widely_spread_ones():

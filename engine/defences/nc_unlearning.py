@@ -21,17 +21,26 @@ def defend(forward: Forward, case: Case, *, seed: int = 0, restore: RestoreResul
            **_: object) -> DefenceResult:
     """Restore (or reuse `restore`), then unlearn the restored trigger (see the module docstring)."""
     start = time.perf_counter()
-    restore = restore or restore_triggers(forward, case.x_clean, num_classes(forward.model) or 10, seed=seed)
+    restore = restore or restore_triggers(forward, case.x_clean, num_classes(forward.model) or 10, seed=seed,
+                                          y_clean=case.y_clean)
     details = {"flagged_class": restore.flagged, "flagged_classes": restore.flagged_classes,
                "anomaly_index": float(np.max(restore.anomaly)) if len(restore.anomaly) else None}
     if restore.flagged is None:
         return DefenceResult("nc_unlearning", "no_backdoor", {}, time.perf_counter() - start, details)
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(case.x_clean), size=max(1, int(round(STAMPED_SHARE * len(case.x_clean)))), replace=False)
-    targets = np.resize(np.asarray(restore.flagged_classes), len(picks))  # each flagged class in turn
-    stamped = np.concatenate([restore.apply(case.x_clean[picks[targets == t]], int(t))
-                              for t in restore.flagged_classes])
-    picks = np.concatenate([picks[targets == t] for t in restore.flagged_classes])
+    rows = restore.flagged_classes
+    if restore.sources is None:
+        targets = np.resize(np.asarray(rows), len(picks))  # each flagged class in turn
+        chosen = [picks[targets == t] for t in rows]
+    else:  # a source-specific trigger on its source class's inputs, as many per flagged row
+        per_row = max(1, len(picks) // len(rows))
+        chosen = []
+        for row in rows:
+            members = np.flatnonzero(restore.applies_to(case.y_clean, row))
+            chosen.append(rng.choice(members, size=min(per_row, len(members)), replace=False))
+    stamped = np.concatenate([restore.apply(case.x_clean[c], int(row)) for c, row in zip(chosen, rows)])
+    picks = np.concatenate(chosen)
     names = trainable_parameters(forward.model, find_layers(forward.model))
     x, y, weights = training_data(case, stamped, case.y_clean[picks])
     tuned = train_all(forward, names, x, y, weights, seed=seed)

@@ -150,7 +150,7 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
             bar.update()
 
         restore = restore_triggers(forward, case.x_clean, num_classes(model) or 10, steps=restore_steps, seed=seed,
-                                   progress=tick_restore)
+                                   progress=tick_restore, y_clean=case.y_clean)
         bar.close()
         seconds["restore"] = time.perf_counter() - tick
         if restore.flagged is None:
