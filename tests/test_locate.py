@@ -335,9 +335,9 @@ def test_source_specific_restoration_flags_the_all_to_all_rows():
     assert flagged and result.threshold > 2.5  # stricter than Neural Cleanse's 2 over 10 classes
     assert all(result.targets[r] == (result.sources[r] + 1) % 10 for r in flagged), result.summary()["flagged_triggers"]
     assert all(result.attack_rates[r] >= 0.8 for r in flagged)
+    # Pairs: the flagged triggers stamped on every class but their targets'; build_pairs keeps what they move.
     x_error, y_right, companions = restored_pairs_inputs(result, case.x_clean, case.y_clean)
-    sources = {result.sources[r] for r in flagged}
-    assert set(np.unique(y_right)) == sources and len(x_error) == int(np.isin(case.y_clean, list(sources)).sum())
+    assert len(x_error) == sum(int(np.sum(case.y_clean != result.targets[r])) for r in flagged)
 
 
 def test_anomaly_index_sees_a_small_mask_among_widely_spread_ones():

@@ -33,11 +33,11 @@ def defend(forward: Forward, case: Case, *, seed: int = 0, restore: RestoreResul
     if restore.sources is None:
         targets = np.resize(np.asarray(rows), len(picks))  # each flagged class in turn
         chosen = [picks[targets == t] for t in rows]
-    else:  # a source-specific trigger on its source class's inputs, as many per flagged row
+    else:  # a source-specific trigger on any class but its target's (see restored_pairs_inputs)
         per_row = max(1, len(picks) // len(rows))
         chosen = []
         for row in rows:
-            members = np.flatnonzero(restore.applies_to(case.y_clean, row))
+            members = np.flatnonzero(case.y_clean != restore.target_of(row))
             chosen.append(rng.choice(members, size=min(per_row, len(members)), replace=False))
     stamped = np.concatenate([restore.apply(case.x_clean[c], int(row)) for c, row in zip(chosen, rows)])
     picks = np.concatenate(chosen)
