@@ -35,7 +35,8 @@ classes, raw-norm anomaly index 7.6 (flagged); on the clean digits LeNet neither
 An all-to-all backdoor (each class to the next) has no single target, so neither per-target model sees it.
 When both flag nothing and the labels of x_clean are known, a third model runs: one mask and pattern per
 (source, target) pair, each optimised on its source class's inputs, the 90 rows of a 10-class model rated
-against each other (`restore_pairwise`); the flagged rows make pairs of their source's inputs only.
+against each other (`restore_pairwise`). A flagged row's trigger is stamped on every class but its target
+(see `restored_pairs_inputs`: the all-to-all trigger carries the shared patch and moves other classes too).
 """
 from __future__ import annotations
 
@@ -191,7 +192,9 @@ def restore_pairwise(forward: Forward, x_clean: np.ndarray, y_clean: np.ndarray,
     steps: a clean MNIST-digits LeNet's largest row index 1.90; an all-to-all one's attacker rows 1->2, 4->5,
     9->0 at 4.6, 3.4, 3.0 (its other attacker rows did not converge: 0->1 needed 75 px), the largest honest
     row 2.1; the all-to-all Fashion LeNet of the benchmark: attacker rows 7->8 (4.3, but it moves only 74 %
-    of class 7: not flagged) and 1->2 (3.8), the largest honest row 2.6.
+    of class 7: not flagged) and 1->2 (3.8), the largest honest row 2.6. `success`: the share of a row's
+    batch its trigger must flip to count as working (Neural Cleanse's bar; 0.75 did not find more of that
+    model's attacker rows that move 80 % of their source).
     """
     present = [c for c in range(num_classes) if np.any(y_clean == c)]
     sources = [s for s in present for t in range(num_classes) if t != s]
