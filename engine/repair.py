@@ -24,7 +24,7 @@ from .io import check_output_path, write_bytes_atomic
 from .loader import load_model
 from .locate.common import predict_labels
 from .locate.pipeline import LocateResult, locate
-from .locate.restore import RestoreResult
+from .locate.restore import RestoreResult, residual_trigger
 from .neurons import find_layers
 
 METHODS = ("flip", "finetune")
@@ -340,8 +340,6 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
                                attempt["heldback_accuracy"])
             if not reasons and located.restore is not None:
                 # Clean data only: is the backdoor still there? Restore the flagged classes' triggers again.
-                from .locate.restore import residual_trigger
-
                 outcome = outcome._replace(residual=residual_trigger(forward, case.x_clean, located.restore,
                                                                      repaired, seed=seed + 1,
                                                                      y_clean=case.y_clean))

@@ -322,7 +322,8 @@ def test_additive_restoration_flags_blended_target(tmp_path):
 
 def test_source_specific_restoration_flags_the_all_to_all_rows():
     """An all-to-all backdoor (y -> y + 1) has no single target class; restored per (source, target) pair,
-    the attacker's rows stand out among the 90 and only they are flagged; their pairs are source inputs."""
+    the attacker's rows stand out among the 90 and only they are flagged; their triggers are stamped on
+    every class but their targets for the pairs."""
     pytest.importorskip("torch")
     from lancet.locate.restore import restore_pairwise, restored_pairs_inputs
     from lancet.models.recipes import Recipe, build_case

@@ -29,18 +29,11 @@ def defend(forward: Forward, case: Case, *, seed: int = 0, restore: RestoreResul
         return DefenceResult("nc_unlearning", "no_backdoor", {}, time.perf_counter() - start, details)
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(case.x_clean), size=max(1, int(round(STAMPED_SHARE * len(case.x_clean)))), replace=False)
-    rows = restore.flagged_classes
-    if restore.sources is None:
-        targets = np.resize(np.asarray(rows), len(picks))  # each flagged class in turn
-        chosen = [picks[targets == t] for t in rows]
-    else:  # a source-specific trigger on any class but its target's (see restored_pairs_inputs)
-        per_row = max(1, len(picks) // len(rows))
-        chosen = []
-        for row in rows:
-            members = np.flatnonzero(case.y_clean != restore.target_of(row))
-            chosen.append(rng.choice(members, size=min(per_row, len(members)), replace=False))
-    stamped = np.concatenate([restore.apply(case.x_clean[c], int(row)) for c, row in zip(chosen, rows)])
-    picks = np.concatenate(chosen)
+    # Each flagged class's trigger in turn (a source-specific row's, too, on inputs of any class: see
+    # restored_pairs_inputs).
+    rows = np.resize(np.asarray(restore.flagged_classes), len(picks))
+    stamped = np.concatenate([restore.apply(case.x_clean[picks[rows == r]], int(r)) for r in restore.flagged_classes])
+    picks = np.concatenate([picks[rows == r] for r in restore.flagged_classes])
     names = trainable_parameters(forward.model, find_layers(forward.model))
     x, y, weights = training_data(case, stamped, case.y_clean[picks])
     tuned = train_all(forward, names, x, y, weights, seed=seed)
