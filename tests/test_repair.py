@@ -61,6 +61,11 @@ def test_repair_removes_backdoor_on_heldout(backdoor_case, repaired, method):
     assert 0 < report["changed_parameter_count"] <= changed_at_most
     if method == "finetune":
         assert changed_at_most == 2 * len(report["eins"])
+        # Trained from both starts; the one with the lower held-back loss is kept, and the kept-values start
+        # never wins untrained (that would hand back the backdoored weights).
+        starts = report["finetune"]["starts"]
+        assert set(starts) == {"ablated", "keep"} and starts["keep"]["best_epoch"] >= 1
+        assert report["finetune"]["start"] == min(starts, key=lambda init: starts[init]["heldback_loss"])
     else:
         margin = report["flip"]["margin"]
         assert margin in FLIP_MARGINS and changed_at_most >= len(report["eins"])

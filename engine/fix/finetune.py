@@ -28,6 +28,11 @@ class FinetuneResult:
     best_epoch: int
     history: list[dict] = field(default_factory=list)
 
+    @property
+    def heldback_loss(self) -> float:
+        """The kept epoch's loss on the held-back split (what early stopping minimised)."""
+        return float(self.history[self.best_epoch]["heldback_loss"])
+
 
 def finetune(forward: Forward, masks: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, *,
              weights: np.ndarray | None = None, epochs: int = 30, lr: float = 1e-2, batch: int = 64, holdout: float = 0.2, patience: int = 6,
