@@ -103,7 +103,10 @@ def repair_tables(report: dict, console) -> None:
     console.print(table)
     facts = {"EINs": report["ein_count"]}
     if "finetune_neurons" in report:
-        facts["fine-tuned neurons"] = f"{report['finetune_neurons']} (top of scope {report.get('finetune_scope')})"
+        start = (report.get("finetune") or {}).get("start")
+        facts["fine-tuned neurons"] = (f"{report['finetune_neurons']} (top of scope {report.get('finetune_scope')}"
+                                       + (f"; trained from {'zero' if start == 'ablated' else 'their values'}"
+                                          if start else "") + ")")
     if "residual_trigger" in report:
         residual = report["residual_trigger"]
         facts["residual trigger"] = "; ".join(

@@ -74,6 +74,18 @@ def test_repair_removes_backdoor_on_heldout(backdoor_case, repaired, method):
         assert picked and picked[0]["k"] == changed_at_most and picked[0]["drop_points"] <= 2.0
 
 
+def test_repair_table_says_how_the_set_was_fine_tuned(repaired):
+    from rich.console import Console
+
+    from lancet.report import repair_tables
+
+    report = repaired[1]["finetune"].to_json()
+    console = Console(record=True, width=200)
+    repair_tables(report, console)
+    start = "zero" if report["finetune"]["start"] == "ablated" else "their values"
+    assert f"trained from {start}" in console.export_text()
+
+
 @pytest.mark.parametrize("method", ["flip", "finetune"])
 def test_surgery_changes_only_ein_weights(backdoor_case, repaired, method):
     folder, results = repaired
