@@ -1,7 +1,8 @@
 """Neuron-fine-tuning: train only the EIN parameters, everything else frozen.
 
-The EIN elements start from zero (their ablated value, which the locate step showed removes the error)
-and are trained with Adam on the defender's correctly labelled data (x_clean plus the error inputs with
+The EIN elements start from zero (`init='ablated'`: their ablated value, which the locate step showed
+removes the error) or from their values (`init='keep'`; `repair` trains both and keeps the one with the
+lower held-back loss) and are trained with Adam on the defender's correctly labelled data (x_clean plus the error inputs with
 their right labels); gradients are multiplied by the EIN masks, so no other element moves (Adam's update
 of an element whose gradient is always zero stays zero). A held-back split (`holdout`) picks the epoch
 with the lowest loss (early stopping with `patience`).
