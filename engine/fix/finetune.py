@@ -2,9 +2,9 @@
 
 The EIN elements start from zero (`init='ablated'`: their ablated value, which the locate step showed
 removes the error) or from their values (`init='keep'`; `repair` trains both and keeps the one with the
-lower held-back loss) and are trained with Adam on the defender's correctly labelled data (x_clean plus the error inputs with
-their right labels); gradients are multiplied by the EIN masks, so no other element moves (Adam's update
-of an element whose gradient is always zero stays zero). A held-back split (`holdout`) picks the epoch
+lower held-back loss) and are trained with Adam on the defender's correctly labelled data (x_clean plus
+the error inputs with their right labels); gradients are multiplied by the EIN masks, so no other element
+moves (Adam's update of an element whose gradient is always zero stays zero). A held-back split (`holdout`) picks the epoch
 with the lowest loss (early stopping with `patience`).
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ class FinetuneResult:
 
 
 def finetune(forward: Forward, masks: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, *,
-             weights: np.ndarray | None = None, epochs: int = 30, lr: float = 1e-2, batch: int = 64, holdout: float = 0.2, patience: int = 6,
-             init: str = "ablated", seed: int = 0, progress=None,
+             weights: np.ndarray | None = None, epochs: int = 30, lr: float = 1e-2, batch: int = 64,
+             holdout: float = 0.2, patience: int = 6, init: str = "ablated", seed: int = 0, progress=None,
              start: Mapping[str, np.ndarray] | None = None, keep_start: bool = True) -> FinetuneResult:
     """Train the masked parameter elements on (x, y); return the best parameters by held-back loss.
 
