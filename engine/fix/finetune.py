@@ -4,8 +4,8 @@ The EIN elements start from zero (`init='ablated'`: their ablated value, which t
 removes the error) or from their values (`init='keep'`; `repair` trains both and keeps the one with the
 lower held-back loss) and are trained with Adam on the defender's correctly labelled data (x_clean plus
 the error inputs with their right labels); gradients are multiplied by the EIN masks, so no other element
-moves (Adam's update of an element whose gradient is always zero stays zero). A held-back split (`holdout`) picks the epoch
-with the lowest loss (early stopping with `patience`).
+moves (Adam's update of an element whose gradient is always zero stays zero). A held-back split
+(`holdout`) picks the epoch with the lowest loss (early stopping with `patience`).
 """
 from __future__ import annotations
 
