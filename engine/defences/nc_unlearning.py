@@ -29,8 +29,9 @@ def defend(forward: Forward, case: Case, *, seed: int = 0, restore: RestoreResul
         return DefenceResult("nc_unlearning", "no_backdoor", {}, time.perf_counter() - start, details)
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(case.x_clean), size=max(1, int(round(STAMPED_SHARE * len(case.x_clean)))), replace=False)
-    # Each flagged class's trigger in turn (a source-specific row's, too, on inputs of any class: see
-    # restored_pairs_inputs).
+    # Each flagged class's trigger in turn on random clean inputs, their true labels kept, as Neural Cleanse
+    # unlearns; a source-specific row's trigger the same way (it moves other classes too, see
+    # restored_pairs_inputs; inputs of its target class are stamped here as well, labelled as they are).
     rows = np.resize(np.asarray(restore.flagged_classes), len(picks))
     stamped = np.concatenate([restore.apply(case.x_clean[picks[rows == r]], int(r)) for r in restore.flagged_classes])
     picks = np.concatenate([picks[rows == r] for r in restore.flagged_classes])
