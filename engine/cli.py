@@ -194,14 +194,16 @@ def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, r
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--max-acc-drop", type=click.FloatRange(0, 100), default=2.0, show_default=True,
               help="Largest clean-accuracy drop (points) accepted.")
+@click.option("--max-class-drop", type=click.FloatRange(0, 100), default=None,
+              help="Largest accuracy drop (points) accepted on any one class of x_clean (default: no bound).")
 @click.option("--target-fix", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Smallest error-fix rate accepted.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Write the repaired model even when it misses the bounds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
 @handle_errors
-def repair(model_path, data_path, out_path, method, granularity, report_path, max_acc_drop, target_fix, seed, force,
-           as_json) -> None:
+def repair(model_path, data_path, out_path, method, granularity, report_path, max_acc_drop, max_class_drop, target_fix,
+           seed, force, as_json) -> None:
     """Locate the EINs, fix them (flip or fine-tune), export the repaired ONNX file, compare before/after."""
     from .io import check_output_path
     from .repair import repair as run_repair
@@ -209,8 +211,8 @@ def repair(model_path, data_path, out_path, method, granularity, report_path, ma
     if report_path:
         check_output_path(Path(report_path), inputs=(Path(model_path), Path(data_path)))
     result = run_repair(model_path, data_path, out_path, method=method, granularity=granularity,
-                        max_acc_drop=max_acc_drop, target_fix=target_fix, seed=seed, force=force,
-                        progress=not as_json)
+                        max_acc_drop=max_acc_drop, max_class_drop=max_class_drop, target_fix=target_fix,
+                        seed=seed, force=force, progress=not as_json)
     report = result.to_json()
     from .report import repair_tables
 

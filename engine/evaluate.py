@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -10,6 +11,21 @@ from .errors import BadInputError
 from .forward import Forward
 from .ir import Model
 from .runtime import ort_session
+
+
+def class_accuracy(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Accuracy on each class present in `y`, keyed by the class index as a string (JSON keys). An overall
+    figure within bounds can hide one class paying for the repair: flipping a backdoor's EINs takes the
+    target class's recall down far more than the mean (Fashion LeNet, triggered inputs: class 0 81 -> 47 %
+    while the overall accuracy drops 1.2 points)."""
+    return {str(int(c)): float(np.mean(pred[y == c] == c)) for c in np.unique(y)}
+
+
+def largest_class_drop(before: Mapping[str, float], after: Mapping[str, float], y: np.ndarray) -> dict:
+    """The class of `y` whose accuracy drops most from `before` to `after` (points), with its image count."""
+    label = max(before, key=lambda c: (before[c] - after[c], -int(c)))
+    return {"class": int(label), "before": before[label], "after": after[label],
+            "drop_points": 100.0 * (before[label] - after[label]), "images": int(np.sum(y == int(label)))}
 
 
 def static_batch(model: Model) -> int | None:

@@ -1,8 +1,9 @@
 """`repair()`: locate the EINs, fix them (flip or fine-tune), export by graph surgery, evaluate before/after.
 
-Acceptance: the clean-accuracy drop on x_clean is at most `max_acc_drop` points and at least `target_fix`
-of the error inputs the model got wrong no longer get their wrong label. A repair that misses is not
-written unless `force`; a repaired file that fails the checker, onnxruntime or parity is never written.
+Acceptance: the clean-accuracy drop on x_clean is at most `max_acc_drop` points (and, when given, no class of
+x_clean loses more than `max_class_drop` points) and at least `target_fix` of the error inputs the model got
+wrong no longer get their wrong label. A repair that misses is not written unless `force`; a repaired file
+that fails the checker, onnxruntime or parity is never written.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 from . import __version__
 from .case import Case, load_case
 from .errors import BadInputError, RepairRejectedError
-from .evaluate import static_batch
+from .evaluate import class_accuracy, largest_class_drop, static_batch
 from .fix import ein_masks, finetune, flip
 from .forward import Forward
 from .io import check_output_path, write_bytes_atomic
@@ -90,7 +91,8 @@ class RepairResult:
 
 def _evaluate(forward: Forward, params, case: Case, x_error, y_error) -> dict:
     clean_pred = predict_labels(forward, case.x_clean, params=params)
-    report = {"clean_accuracy": float(np.mean(clean_pred == case.y_clean))}
+    report = {"clean_accuracy": float(np.mean(clean_pred == case.y_clean)),
+              "clean_class_accuracy": class_accuracy(clean_pred, case.y_clean)}
     if x_error is not None and len(x_error):
         pred = predict_labels(forward, x_error, params=params)
         report["error_accuracy"] = float(np.mean(pred == y_error))
@@ -184,19 +186,23 @@ class FlipOption:
     k: int
     fix_rate: float
     drop_points: float
+    class_drop_points: float = 0.0  # the largest drop of any one class of x_clean
 
 
-def _pick_flip(options: list[FlipOption], max_acc_drop: float, target_fix: float) -> FlipOption | None:
+def _pick_flip(options: list[FlipOption], max_acc_drop: float, target_fix: float,
+               max_class_drop: float | None = None) -> FlipOption | None:
     """The flip set to apply: among the options that reach `target_fix` on the pairs within `max_acc_drop`
-    points, the largest margin, then the smallest clean-accuracy drop, then the smallest set. None when no
-    option qualifies."""
-    ok = [o for o in options if o.fix_rate >= target_fix and o.drop_points <= max_acc_drop]
+    points (and `max_class_drop` for every class, when given), the largest margin, then the smallest
+    clean-accuracy drop, then the smallest set. None when no option qualifies."""
+    ok = [o for o in options if o.fix_rate >= target_fix and o.drop_points <= max_acc_drop
+          and (max_class_drop is None or o.class_drop_points <= max_class_drop)]
     if not ok:
         return None
     return min(ok, key=lambda o: (-o.margin, o.drop_points, o.k))
 
 
-def _flip_set(forward: Forward, located: LocateResult, case: Case, max_acc_drop: float) -> tuple[list[dict], dict]:
+def _flip_set(forward: Forward, located: LocateResult, case: Case, max_acc_drop: float,
+              max_class_drop: float | None = None) -> tuple[list[dict], dict]:
     """The neurons to flip and how they were chosen: FLIP_MARGINS x k of every successful scope, each
     flipped and evaluated on the pairs and x_clean in one batched call per scope, picked by `_pick_flip`.
     Without a successful scope, the located EINs as they are."""
@@ -209,18 +215,22 @@ def _flip_set(forward: Forward, located: LocateResult, case: Case, max_acc_drop:
 
     ablator = Ablator(forward, located.scores, located.pairs, case.x_clean, case.y_clean,
                       factor=SEARCH_FACTOR["flip"])
+    base = class_accuracy(predict_labels(forward, case.x_clean), case.y_clean)
+    base_per_class = np.array([base.get(str(c), np.nan) for c in range(int(case.y_clean.max()) + 1)])
     options, ranks_of = [], {}
     for result in good:
         ranks, candidates = ablator.ranks(result.scope)
         ranks_of[result.scope] = ranks
         ks = {m: min(candidates, int(np.ceil(result.k * m))) for m in FLIP_MARGINS}
         unique = sorted(set(ks.values()))
-        fix, acc = ablator.evaluate(ranks, unique, result.scope)
+        run = ablator.evaluate_bounded(ranks, unique, result.scope)
+        class_drops = np.nanmax(100.0 * (base_per_class - run.class_accuracy), axis=1)
         for margin, k in ks.items():
             i = unique.index(k)
-            options.append(FlipOption(result.scope, margin, k, float(fix[i]),
-                                      100.0 * (located.base_accuracy - float(acc[i]))))
-    picked = _pick_flip(options, max_acc_drop, SEARCH_TARGET["flip"])
+            options.append(FlipOption(result.scope, margin, k, float(run.fix[i]),
+                                      100.0 * (located.base_accuracy - float(run.accuracy[i])),
+                                      float(class_drops[i])))
+    picked = _pick_flip(options, max_acc_drop, SEARCH_TARGET["flip"], max_class_drop)
     if picked is None:
         return fallback
     eins = ablator.eins(ranks_of[picked.scope], picked.k)
@@ -229,16 +239,21 @@ def _flip_set(forward: Forward, located: LocateResult, case: Case, max_acc_drop:
 
 
 def _judge(forward: Forward, repaired, case: Case, x_error, y_error, before: dict, before_pred,
-           max_acc_drop: float, target_fix: float) -> tuple[dict, list[str]]:
+           max_acc_drop: float, target_fix: float, max_class_drop: float | None = None) -> tuple[dict, list[str]]:
     """Figures of the repaired params on the defender's data, and the reasons it misses the bounds."""
     after = _evaluate(forward, repaired, case, x_error, y_error)
     after_pred = after.pop("_pred", None)
     if before_pred is not None:
         after["error_fix_rate"] = _fix_rate(before_pred, after_pred, y_error)
     drop = 100.0 * (before["clean_accuracy"] - after["clean_accuracy"])
+    worst = after["largest_class_drop"] = largest_class_drop(before["clean_class_accuracy"],
+                                                             after["clean_class_accuracy"], case.y_clean)
     reasons = []
     if drop > max_acc_drop:
         reasons.append(f"clean accuracy drops {drop:.2f} points (bound {max_acc_drop})")
+    if max_class_drop is not None and worst["drop_points"] > max_class_drop:
+        reasons.append(f"class {worst['class']} accuracy drops {worst['drop_points']:.2f} points on its "
+                       f"{worst['images']} clean images (bound {max_class_drop})")
     if after.get("error_fix_rate", 1.0) < target_fix:
         reasons.append(f"error-fix rate {after['error_fix_rate']:.3f} below target {target_fix}")
     return after, reasons
@@ -254,12 +269,15 @@ def _fix_rate(before_pred: np.ndarray, after_pred: np.ndarray, y_error: np.ndarr
 
 def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | None = None, *,
            method: str = "flip", granularity: str = "weight", max_acc_drop: float = 2.0,
-           target_fix: float = 0.95, seed: int = 0, force: bool = False, progress: bool = True,
-           finetune_epochs: int = 30, reuse: LocateResult | None = None,
+           max_class_drop: float | None = None, target_fix: float = 0.95, seed: int = 0, force: bool = False,
+           progress: bool = True, finetune_epochs: int = 30, reuse: LocateResult | None = None,
            observe: Callable[[dict, Mapping[str, Any]], None] | None = None,
            restore: RestoreResult | None = None) -> RepairResult:
     """Locate, fix, export and evaluate; write `out` only when accepted (or `force`) and verified.
 
+    `max_class_drop`: largest accuracy drop (points) accepted on any single class of x_clean (default: no
+    bound); the class that drops most is reported either way (`after["largest_class_drop"]`). Fine-tuning
+    then tries its next candidate set when one breaks it.
     `reuse`: the `locate_result` of an earlier repair of the same model and case; its pairs and scores
     are reused (only the ablation search for this method runs). `restore`: a trigger restoration done
     earlier on this model and x_clean, used instead of restoring again (clean data only).
@@ -312,11 +330,11 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
         return {**forward.params, **{k: jnp.asarray(v) for k, v in changed.items()}}
 
     if method == "flip":
-        flipped, details["flip"] = _flip_set(forward, located, case, max_acc_drop)
+        flipped, details["flip"] = _flip_set(forward, located, case, max_acc_drop, max_class_drop)
         changed = flip(model, model.params, layers, flipped, granularity)
         repaired = checked(changed)
         after, reasons = _judge(forward, repaired, case, x_error, y_error, before, before_pred, max_acc_drop,
-                                target_fix)
+                                target_fix, max_class_drop)
     else:
         x_train = np.concatenate([case.x_clean, x_error])
         y_train = np.concatenate([case.y_clean, y_error])
@@ -340,7 +358,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
             changed = tuned.changed
             repaired = checked(changed)
             after, reasons = _judge(forward, repaired, case, x_error, y_error, before, before_pred, max_acc_drop,
-                                    target_fix)
+                                    target_fix, max_class_drop)
             attempt = {"scope": scope, "neurons": len(trained), "start": start_init, "accepted": not reasons,
                        "reasons": reasons,
                        "clean_accuracy": after["clean_accuracy"],

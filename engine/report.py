@@ -102,6 +102,12 @@ def repair_tables(report: dict, console) -> None:
             table.add_row(metric, _fmt(report["before"].get(metric, "")), _fmt(report["after"].get(metric, "")))
     console.print(table)
     facts = {"EINs": report["ein_count"]}
+    worst = report.get("after", {}).get("largest_class_drop")
+    if worst:
+        facts["class losing most (x_clean)"] = (
+            f"class {worst['class']}: {_fmt(worst['before'])} -> {_fmt(worst['after'])} "
+            f"({worst['drop_points']:.1f} points down; {worst['images']} images)" if worst["drop_points"] > 0
+            else "none: no class of x_clean loses accuracy")
     if "finetune_neurons" in report:
         start = (report.get("finetune") or {}).get("start")
         facts["fine-tuned neurons"] = (f"{report['finetune_neurons']} (top of scope {report.get('finetune_scope')}"

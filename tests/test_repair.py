@@ -87,6 +87,80 @@ def test_repair_table_says_how_the_set_was_fine_tuned(repaired):
 
 
 @pytest.mark.parametrize("method", ["flip", "finetune"])
+def test_report_gives_each_class_and_the_one_losing_most(backdoor_case, repaired, method):
+    """Per-class accuracy on x_clean before and after, checked against onnxruntime on the written file."""
+    folder, results = repaired
+    report = results[method].to_json()
+    case = np.load(backdoor_case.case)
+    x, y = case["x_clean"], case["y_clean"]
+    for when, path in (("before", backdoor_case.model), ("after", folder / f"{method}.onnx")):
+        pred = OrtPredictor(load_model(path), path).predict(x)
+        expected = {str(c): float(np.mean(pred[y == c] == c)) for c in np.unique(y)}
+        assert report[when]["clean_class_accuracy"] == pytest.approx(expected, abs=1e-9)
+    drops = {c: 100 * (report["before"]["clean_class_accuracy"][c] - report["after"]["clean_class_accuracy"][c])
+             for c in report["before"]["clean_class_accuracy"]}
+    worst = report["after"]["largest_class_drop"]
+    assert worst["drop_points"] == pytest.approx(max(drops.values()))
+    assert drops[str(worst["class"])] == pytest.approx(worst["drop_points"])
+    assert worst["images"] == int(np.sum(y == worst["class"]))
+    from rich.console import Console
+
+    from lancet.report import repair_tables
+
+    console = Console(record=True, width=200)
+    repair_tables(report, console)
+    assert "class losing most" in console.export_text()
+
+
+def test_class_drop_bound_holds_for_what_the_flip_search_picks(backdoor_case, repaired):
+    """The flip search sees each option's per-class accuracy (the same as judging the flipped model), and
+    with `max_class_drop` below what the picked option costs a class, it picks another or rejects."""
+    flipped = repaired[1]["flip"]
+    located, worst = flipped.locate_result, flipped.after["largest_class_drop"]
+    picked = [o for o in flipped.details["flip"]["options"]
+              if (o["scope"], o["margin"]) == (flipped.details["flip"]["scope"], flipped.details["flip"]["margin"])]
+    assert picked[0]["class_drop_points"] == pytest.approx(worst["drop_points"])
+    assert worst["drop_points"] > 0, "the flip costs some class accuracy on this model"
+    bound = worst["drop_points"] - 0.01
+    strict = repair(backdoor_case.model, backdoor_case.case, method="flip", progress=False, reuse=located,
+                    max_class_drop=bound)
+    if strict.accepted:
+        assert strict.after["largest_class_drop"]["drop_points"] <= bound
+        assert (strict.details["flip"]["scope"], strict.details["flip"]["margin"]) != \
+               (flipped.details["flip"]["scope"], flipped.details["flip"]["margin"])
+    else:  # no option keeps the bound: the located EINs are flipped as they are, and judged
+        assert strict.reasons and not strict.details["flip"]["options"]
+    loose = repair(backdoor_case.model, backdoor_case.case, method="flip", progress=False, reuse=located,
+                   max_class_drop=worst["drop_points"] + 0.01)
+    assert loose.accepted and loose.after["largest_class_drop"] == worst
+
+
+def test_class_drop_bound_rejects_a_judged_repair():
+    """The judge names the class, its drop and image count; no bound, no reason."""
+    from lancet.repair import _judge
+
+    class Stub:  # a forward whose repaired params mislabel two of class 1's four images
+        def logits(self, x, params=None, edits=None):
+            labels = np.asarray(x)[:, 0].astype(int)
+            if params == "repaired":
+                labels = np.where(np.asarray(x)[:, 1] > 0, 0, labels)
+            return np.eye(3, dtype=np.float32)[labels]
+
+    from lancet.case import Case
+
+    y = np.array([0, 0, 1, 1, 1, 1, 2, 2])
+    x = np.stack([y, [0, 0, 1, 1, 0, 0, 0, 0]], axis=1).astype(np.float32)
+    case = Case(x, y)
+    from lancet.repair import _evaluate
+
+    before = _evaluate(Stub(), None, case, None, None)
+    after, reasons = _judge(Stub(), "repaired", case, None, None, before, None, 100.0, 0.95, max_class_drop=40)
+    assert after["largest_class_drop"] == {"class": 1, "before": 1.0, "after": 0.5, "drop_points": 50.0, "images": 4}
+    assert reasons == ["class 1 accuracy drops 50.00 points on its 4 clean images (bound 40)"]
+    assert _judge(Stub(), "repaired", case, None, None, before, None, 100.0, 0.95)[1] == []
+
+
+@pytest.mark.parametrize("method", ["flip", "finetune"])
 def test_surgery_changes_only_ein_weights(backdoor_case, repaired, method):
     folder, results = repaired
     original, fixed = onnx.load(str(backdoor_case.model)), onnx.load(str(folder / f"{method}.onnx"))
@@ -160,13 +234,15 @@ def test_cli_rejected_repair_exit_3_and_force(backdoor_case, tmp_path):
     # No repair can fix every error input while keeping every clean one: target 1.0 on a
     # clean-accuracy bound of 0 points with channel flips is out of reach on this model.
     args = ["repair", backdoor_case.model, "--data", backdoor_case.case, "--out", out, "--granularity", "channel",
-            "--max-acc-drop", "0", "--report", tmp_path / "r.json"]
+            "--max-acc-drop", "0", "--max-class-drop", "0", "--report", tmp_path / "r.json"]
     run = run_cli(*args)
     assert run.returncode == 3, run.stdout + run.stderr
     assert "rejected" in run.stderr and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".strict")], "partial file left behind"
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["accepted"] is False and report["written"] is False and report["reasons"]
+    if report["after"]["largest_class_drop"]["drop_points"] > 0:  # --max-class-drop reached the judge
+        assert any("accuracy drops" in r and r.startswith("class ") for r in report["reasons"])
     forced = run_cli(*args, "--force")
     assert forced.returncode == 3 and out.exists() and "written anyway" in forced.stderr
 
@@ -221,6 +297,11 @@ def test_flip_takes_the_largest_margin_within_the_bound_then_the_smallest_drop()
     assert _pick_flip(options, 0.3, 0.99) == options[5]  # only the minimal fc set keeps a 0.3-point bound
     assert _pick_flip(options, 0.1, 0.99) is None
     assert _pick_flip(options, 3.0, 0.99) == options[0]  # a larger margin beats a smaller drop
+    # A per-class bound rules out an option whose overall drop is small but one class pays for it.
+    for option, class_drop in zip(options, (30.0, 20.0, 20.0, 5.0, 12.0, 4.0)):
+        option.class_drop_points = class_drop
+    assert _pick_flip(options, 2.0, 0.99, max_class_drop=5.0) == options[5]
+    assert _pick_flip(options, 2.0, 0.99, max_class_drop=3.0) is None
 
 
 def test_finetune_keeps_the_first_set_whose_repair_passes(backdoor_case, monkeypatch):

@@ -70,6 +70,7 @@ class Evaluation:
     ceiling: np.ndarray  # the clean accuracy at most: every input not run counted right
     rows_run: np.ndarray  # clean inputs run before the result was known
     misses: np.ndarray  # per clean input (original order): how many of the k run on it got it wrong
+    class_accuracy: np.ndarray  # (k, class) clean accuracy per class of y_clean; NaN where abandoned or absent
 
 
 class Ablator:
@@ -262,6 +263,8 @@ class Ablator:
         complete = np.ones(len(ks), bool)
         rows_run = np.zeros(len(ks), np.int64)
         misses = np.zeros(self.n_clean, np.int64)
+        clean_labels = self.right[self.parts["clean"]]
+        class_hits = np.zeros((len(ks), int(clean_labels.max(initial=-1)) + 1))
         for column, part in enumerate(("pairs", "clean")):
             rows = self.parts[part]
             n = rows.stop - rows.start
@@ -292,6 +295,7 @@ class Ablator:
                     totals[k_start:k_stop, column] += hits.sum(axis=1)
                     if part == "clean":
                         np.add.at(misses, picked[begin:stop], (hits < 0.5).sum(axis=0))
+                        np.add.at(class_hits[k_start:k_stop].T, right[begin:stop], hits.T)
                         rows_run[k_start:k_stop] = stop
                         best = (totals[k_start:k_stop, 1] + n - stop) / self.n_clean
                         ceiling[k_start:k_stop] = best
@@ -301,7 +305,10 @@ class Ablator:
         fix = totals[:, 0] / max(1, self.n_pairs) if "pairs" in parts else np.full(len(ks), np.nan)
         acc = totals[:, 1] / max(1, self.n_clean) if "clean" in parts else np.full(len(ks), np.nan)
         acc[~complete] = np.nan
-        return Evaluation(fix, acc, ceiling, rows_run, misses)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            class_acc = class_hits / np.bincount(clean_labels, minlength=class_hits.shape[1])
+        class_acc[~complete | ("clean" not in parts)] = np.nan
+        return Evaluation(fix, acc, ceiling, rows_run, misses, class_acc)
 
     def search(self, scope: str, target_fix: float, max_drop_points: float, base_accuracy: float) -> AblationResult:
         """Smallest k whose ablation reaches `target_fix` (doubling, then batched bisection) on the pairs; the
