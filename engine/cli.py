@@ -192,6 +192,8 @@ def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, r
 @click.option("--method", type=click.Choice(["flip", "finetune"]), default="flip", show_default=True)
 @click.option("--granularity", type=click.Choice(["weight", "channel"]), default="weight", show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a PNG here: per-class accuracy before/after, and the fine-tuning run or flip options.")
 @click.option("--max-acc-drop", type=click.FloatRange(0, 100), default=2.0, show_default=True,
               help="Largest clean-accuracy drop (points) accepted.")
 @click.option("--max-class-drop", type=click.FloatRange(0, 100), default=None,
@@ -202,18 +204,26 @@ def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, r
 @click.option("--force", is_flag=True, help="Write the repaired model even when it misses the bounds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
 @handle_errors
-def repair(model_path, data_path, out_path, method, granularity, report_path, max_acc_drop, max_class_drop, target_fix,
-           seed, force, as_json) -> None:
+def repair(model_path, data_path, out_path, method, granularity, report_path, plot_path, max_acc_drop, max_class_drop,
+           target_fix, seed, force, as_json) -> None:
     """Locate the EINs, fix them (flip or fine-tune), export the repaired ONNX file, compare before/after."""
     from .io import check_output_path
     from .repair import repair as run_repair
 
-    if report_path:
-        check_output_path(Path(report_path), inputs=(Path(model_path), Path(data_path)))
+    for path in (report_path, plot_path):
+        if path:
+            check_output_path(Path(path), inputs=(Path(model_path), Path(data_path)))
+    if plot_path:
+        _require_matplotlib()
     result = run_repair(model_path, data_path, out_path, method=method, granularity=granularity,
                         max_acc_drop=max_acc_drop, max_class_drop=max_class_drop, target_fix=target_fix,
                         seed=seed, force=force, progress=not as_json)
     report = result.to_json()
+    if plot_path:
+        from .plots import plot_repair
+
+        plot_repair(report, plot_path)
+        report["plot"] = plot_path
     from .report import repair_tables
 
     emit_report(report, report_path, as_json, repair_tables)

@@ -112,6 +112,22 @@ def test_report_gives_each_class_and_the_one_losing_most(backdoor_case, repaired
     assert "class losing most" in console.export_text()
 
 
+@pytest.mark.parametrize("method", ["flip", "finetune"])
+def test_repair_plot_is_written_from_the_report(repaired, method, tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from lancet.plots import plot_repair
+
+    report = repaired[1][method].to_json()
+    right = report["flip"]["options"] if method == "flip" else report["finetune"]["history"]
+    assert right, "the right-hand panel has something to show"
+    plot_repair(report, tmp_path / "r.png")
+    image = imread(tmp_path / "r.png")
+    assert image.shape[0] > 300 and image.shape[1] > 800
+    assert [p.name for p in tmp_path.iterdir()] == ["r.png"], "no temporary file left behind"
+
+
 def test_class_drop_bound_holds_for_what_the_flip_search_picks(backdoor_case, repaired):
     """The flip search sees each option's per-class accuracy (the same as judging the flipped model), and
     with `max_class_drop` below what the picked option costs a class, it picks another or rejects."""
@@ -234,13 +250,15 @@ def test_cli_rejected_repair_exit_3_and_force(backdoor_case, tmp_path):
     # No repair can fix every error input while keeping every clean one: target 1.0 on a
     # clean-accuracy bound of 0 points with channel flips is out of reach on this model.
     args = ["repair", backdoor_case.model, "--data", backdoor_case.case, "--out", out, "--granularity", "channel",
-            "--max-acc-drop", "0", "--max-class-drop", "0", "--report", tmp_path / "r.json"]
+            "--max-acc-drop", "0", "--max-class-drop", "0", "--report", tmp_path / "r.json", "--plot",
+            tmp_path / "r.png"]
     run = run_cli(*args)
     assert run.returncode == 3, run.stdout + run.stderr
     assert "rejected" in run.stderr and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".strict")], "partial file left behind"
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["accepted"] is False and report["written"] is False and report["reasons"]
+    assert report["plot"] == str(tmp_path / "r.png") and (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if report["after"]["largest_class_drop"]["drop_points"] > 0:  # --max-class-drop reached the judge
         assert any("accuracy drops" in r and r.startswith("class ") for r in report["reasons"])
     forced = run_cli(*args, "--force")
