@@ -92,8 +92,11 @@ def accuracy(predictor, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def evaluate_case(predictor, case: Case) -> dict:
-    """clean_accuracy on x_clean and error_accuracy on x_error (share predicted as y_error), with counts."""
-    report = {"clean_accuracy": accuracy(predictor, case.x_clean, case.y_clean), "clean_count": len(case.x_clean)}
+    """clean_accuracy on x_clean (overall and per class) and error_accuracy on x_error (share predicted as
+    y_error), with counts."""
+    clean_pred = predictor.predict(case.x_clean)
+    report = {"clean_accuracy": float(np.mean(clean_pred == case.y_clean)), "clean_count": len(case.x_clean),
+              "clean_class_accuracy": class_accuracy(clean_pred, case.y_clean)}
     if case.x_error is not None:
         report["error_accuracy"] = accuracy(predictor, case.x_error, case.y_error)
         report["error_count"] = len(case.x_error)

@@ -18,6 +18,8 @@ def key_value_table(title: str, data: dict, console) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in data.items():
+        if isinstance(value, dict):  # e.g. per-class accuracy: one compact line
+            value = ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
         table.add_row(str(key), _fmt(value))
     console.print(table)
 
