@@ -202,10 +202,11 @@ def _pick_flip(options: list[FlipOption], max_acc_drop: float, target_fix: float
 
 
 def _flip_set(forward: Forward, located: LocateResult, case: Case, max_acc_drop: float,
-              max_class_drop: float | None = None) -> tuple[list[dict], dict]:
+              max_class_drop: float | None, class_accuracy_before: Mapping[str, float]) -> tuple[list[dict], dict]:
     """The neurons to flip and how they were chosen: FLIP_MARGINS x k of every successful scope, each
-    flipped and evaluated on the pairs and x_clean in one batched call per scope, picked by `_pick_flip`.
-    Without a successful scope, the located EINs as they are."""
+    flipped and evaluated on the pairs and x_clean in one batched call per scope, picked by `_pick_flip`
+    (each option's largest class drop measured against `class_accuracy_before`). Without a successful
+    scope, the located EINs as they are."""
     good = [r for r in located.scopes if r.success and r.k]
     fallback = (located.eins, {"scope": located.chosen.scope if located.chosen else None, "margin": 1.0,
                                "neurons": len(located.eins), "options": []})
@@ -215,8 +216,8 @@ def _flip_set(forward: Forward, located: LocateResult, case: Case, max_acc_drop:
 
     ablator = Ablator(forward, located.scores, located.pairs, case.x_clean, case.y_clean,
                       factor=SEARCH_FACTOR["flip"])
-    base = class_accuracy(predict_labels(forward, case.x_clean), case.y_clean)
-    base_per_class = np.array([base.get(str(c), np.nan) for c in range(int(case.y_clean.max()) + 1)])
+    base_per_class = np.array([class_accuracy_before.get(str(c), np.nan)
+                               for c in range(int(case.y_clean.max()) + 1)])
     options, ranks_of = [], {}
     for result in good:
         ranks, candidates = ablator.ranks(result.scope)
@@ -330,7 +331,8 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
         return {**forward.params, **{k: jnp.asarray(v) for k, v in changed.items()}}
 
     if method == "flip":
-        flipped, details["flip"] = _flip_set(forward, located, case, max_acc_drop, max_class_drop)
+        flipped, details["flip"] = _flip_set(forward, located, case, max_acc_drop, max_class_drop,
+                                             before["clean_class_accuracy"])
         changed = flip(model, model.params, layers, flipped, granularity)
         repaired = checked(changed)
         after, reasons = _judge(forward, repaired, case, x_error, y_error, before, before_pred, max_acc_drop,
