@@ -150,15 +150,18 @@ class Row:
         return Case(self.case.x_clean, self.case.y_clean)
 
     def figures(self, params=None) -> dict:
-        """Held-out C-Acc, ASR, R-Acc of the model with `params` (default: the original), and the ASR floor:
-        the share of the triggered images' clean originals that already get the attacker's label."""
+        """Held-out C-Acc, ASR, R-Acc of the model with `params` (default: the original), the ASR floor:
+        the share of the triggered images' clean originals that already get the attacker's label, and the
+        accuracy of each class (JSON only: a mean within bounds can hide one class paying for a repair)."""
+        from lancet.evaluate import class_accuracy
         from lancet.locate.common import predict_labels
 
         clean = predict_labels(self.forward, self.x_test, params=params)
         error = predict_labels(self.forward, self.x_error, params=params)
         return {"c_acc": float(np.mean(clean == self.y_test)), "asr": float(np.mean(error == self.y_attack)),
                 "r_acc": float(np.mean(error == self.y_error)),
-                "asr_floor": float(np.mean(clean[self.originals] == self.y_attack))}
+                "asr_floor": float(np.mean(clean[self.originals] == self.y_attack)),
+                "class_acc": class_accuracy(clean, self.y_test)}
 
 
 def der(before: dict, after: dict) -> float:
