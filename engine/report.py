@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+MAX_DICT_ITEMS = 12  # a table cell holds this many entries of a dict (per-class accuracy of 1,000 classes: the lowest)
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -18,8 +20,13 @@ def key_value_table(title: str, data: dict, console) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in data.items():
-        if isinstance(value, dict):  # e.g. per-class accuracy: one compact line
-            value = ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+        if isinstance(value, dict):  # e.g. per-class accuracy: one compact line (the lowest values if long)
+            items = list(value.items())
+            if len(items) > MAX_DICT_ITEMS:
+                items = sorted(items, key=lambda item: item[1])[:MAX_DICT_ITEMS]
+                value = f"lowest {MAX_DICT_ITEMS} of {len(value)}: " + ", ".join(f"{k}: {_fmt(v)}" for k, v in items)
+            else:
+                value = ", ".join(f"{k}: {_fmt(v)}" for k, v in items)
         table.add_row(str(key), _fmt(value))
     console.print(table)
 
