@@ -364,6 +364,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
             attempt = {"scope": scope, "neurons": len(trained), "start": start_init, "accepted": not reasons,
                        "reasons": reasons,
                        "clean_accuracy": after["clean_accuracy"],
+                       "largest_class_drop": after["largest_class_drop"]["drop_points"],
                        "heldback_accuracy": tuned.history[tuned.best_epoch]["heldback_accuracy"]}
             tried.append(attempt)
             outcome = _Trained(changed, repaired, after, reasons, scope, len(trained),

@@ -151,6 +151,20 @@ def test_class_drop_bound_holds_for_what_the_flip_search_picks(backdoor_case, re
     assert loose.accepted and loose.after["largest_class_drop"] == worst
 
 
+def test_finetune_candidates_are_judged_by_the_class_bound(backdoor_case, repaired):
+    """Every fine-tuned candidate records its largest class drop; with a bound of 0 points the ones that
+    cost any class accuracy are rejected for it, and the repair is accepted only if some candidate costs none."""
+    located = repaired[1]["finetune"].locate_result
+    strict = repair(backdoor_case.model, backdoor_case.case, method="finetune", progress=False, reuse=located,
+                    max_class_drop=0.0)
+    tried = strict.details["finetune_tried"]
+    assert tried
+    for attempt in tried:
+        names_class = any(r.startswith("class ") and "accuracy drops" in r for r in attempt["reasons"])
+        assert names_class == (attempt["largest_class_drop"] > 0), attempt
+    assert strict.accepted == any(not attempt["reasons"] for attempt in tried)
+
+
 def test_class_drop_bound_rejects_a_judged_repair():
     """The judge names the class, its drop and image count; no bound, no reason."""
     from lancet.repair import _judge
