@@ -264,6 +264,15 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def _worst_class(before: dict, after: dict) -> str:
+    """'class: -points' for the held-out class losing most ('none' if none loses; blank if not recorded)."""
+    if "class_acc" not in before or "class_acc" not in after:
+        return ""
+    drops = {c: 100 * (before["class_acc"][c] - after["class_acc"][c]) for c in before["class_acc"]}
+    worst = max(drops, key=lambda c: (drops[c], -int(c)))
+    return f"{worst}: -{drops[worst]:.1f}" if drops[worst] > 0 else "none"
+
+
 def markdown(data: dict) -> str:
     """The results as a markdown table in the field's vocabulary (held-out figures, percent)."""
     lines = [f"# Repair benchmark{' (quick)' if data['quick'] else ''}", "",
@@ -278,7 +287,9 @@ def markdown(data: dict) -> str:
              "images only (5 % of the training set), AI-Lancet and Neural-Cleanse restore the trigger; `error` = "
              "plus ~100 triggered inputs with their true labels. Goal per AI-Lancet row (issue 4): ASR <= 2 %, "
              "C-Acc drop <= 1 point; **miss** marks a row that misses it, `met, ASR <= 1 %` one that meets the "
-             "stricter ASR bound too.", ""]
+             "stricter ASR bound too. Worst class: the held-out class whose accuracy drops most, and by how many "
+             "points (a mean within bounds can hide one class paying for a repair; recorded since 2026-11-30, "
+             "blank in older cells).", ""]
     missing = [name for name in ROWS if name not in data["rows"]]
     if missing and not data["quick"]:
         lines += [f"Rows of the matrix not in this run: {', '.join(missing)}.", ""]
@@ -287,8 +298,9 @@ def markdown(data: dict) -> str:
                   f"Recipe `{json.dumps(row['recipe'], sort_keys=True)}`; before: C-Acc {_pct(row['before']['c_acc'])}, "
                   f"ASR {_pct(row['before']['asr'])}, R-Acc {_pct(row['before']['r_acc'])}; ASR floor (clean originals "
                   f"of the triggered images given the attacker's label) {_pct(row['before']['asr_floor'])}.", "",
-                  "| setting | method | status | C-Acc | ASR | floor | R-Acc | DER | changed params | seconds | goal |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| setting | method | status | C-Acc | ASR | floor | R-Acc | worst class | DER | changed params | "
+                  "seconds | goal |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for record in row["records"]:
             after, before = record["after"], record["before"]
             drop = round(100 * (before["c_acc"] - after["c_acc"]), 6)  # whole test images: no float residue
@@ -300,7 +312,7 @@ def markdown(data: dict) -> str:
             status = "unchanged" if record["changed"] == 0 and record["status"] == "repaired" else record["status"]
             lines.append(f"| {record['setting']} | {record['method']} | {status} | {_pct(after['c_acc'])} | "
                          f"{_pct(after['asr'])} | {_pct(after['asr_floor'])} | {_pct(after['r_acc'])} | "
-                         f"{record['der']:.3f} | {record['changed']:,} | {record['seconds']:.0f} | {goal} |")
+                         f"{_worst_class(before, after)} | {record['der']:.3f} | {record['changed']:,} | {record['seconds']:.0f} | {goal} |")
         lines.append("")
     return "\n".join(lines)
 

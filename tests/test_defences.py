@@ -126,7 +126,13 @@ def test_benchmark_der_and_table():
     assert bench.der(before, {"c_acc": 0.9, "asr": 0.0}) == 1.0
     assert bench.der(before, {"c_acc": 0.8, "asr": 1.0}) == pytest.approx(0.45)
     table = bench.markdown(data)
-    assert "| clean | lancet-flip | repaired | 89.5 | 2.0 | 1.5 | 90.0 | 0.988 | 12 | 3 | met |" in table  # issue 4
+    assert "| clean | lancet-flip | repaired | 89.5 | 2.0 | 1.5 | 90.0 |  | 0.988 | 12 | 3 | met |" in table  # issue 4
+    record = data["rows"]["r"]["records"][0]
+    record["before"] = {**record["before"], "class_acc": {"0": 0.9, "1": 0.8, "2": 0.7}}
+    record["after"] = {**record["after"], "class_acc": {"0": 0.85, "1": 0.81, "2": 0.6}}
+    assert "| 90.0 | 2: -10.0 | 0.988 |" in bench.markdown(data)  # the class losing most
+    record["after"]["class_acc"] = {"0": 0.9, "1": 0.8, "2": 0.75}
+    assert "| 90.0 | none | 0.988 |" in bench.markdown(data)
     record = data["rows"]["r"]["records"][0]
     for asr, c_acc, goal in [(0.025, 0.895, "**miss**"), (0.01, 0.895, "met, ASR <= 1 %"), (0.0, 0.889, "**miss**")]:
         record["after"] = {**record["after"], "asr": asr, "c_acc": c_acc}
