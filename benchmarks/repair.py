@@ -266,11 +266,12 @@ def _pct(value: float) -> str:
 
 def _worst_class(before: dict, after: dict) -> str:
     """'class: -points' for the held-out class losing most ('none' if none loses; blank if not recorded)."""
+    from lancet.evaluate import largest_class_drop
+
     if "class_acc" not in before or "class_acc" not in after:
         return ""
-    drops = {c: 100 * (before["class_acc"][c] - after["class_acc"][c]) for c in before["class_acc"]}
-    worst = max(drops, key=lambda c: (drops[c], -int(c)))
-    return f"{worst}: -{drops[worst]:.1f}" if drops[worst] > 0 else "none"
+    worst = largest_class_drop(before["class_acc"], after["class_acc"])
+    return f"{worst['class']}: -{worst['drop_points']:.1f}" if worst["drop_points"] > 0 else "none"
 
 
 def markdown(data: dict) -> str:
@@ -312,7 +313,8 @@ def markdown(data: dict) -> str:
             status = "unchanged" if record["changed"] == 0 and record["status"] == "repaired" else record["status"]
             lines.append(f"| {record['setting']} | {record['method']} | {status} | {_pct(after['c_acc'])} | "
                          f"{_pct(after['asr'])} | {_pct(after['asr_floor'])} | {_pct(after['r_acc'])} | "
-                         f"{_worst_class(before, after)} | {record['der']:.3f} | {record['changed']:,} | {record['seconds']:.0f} | {goal} |")
+                         f"{_worst_class(before, after)} | {record['der']:.3f} | {record['changed']:,} | "
+                         f"{record['seconds']:.0f} | {goal} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -21,11 +21,13 @@ def class_accuracy(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {str(int(c)): float(np.mean(pred[y == c] == c)) for c in np.unique(y)}
 
 
-def largest_class_drop(before: Mapping[str, float], after: Mapping[str, float], y: np.ndarray) -> dict:
-    """The class of `y` whose accuracy drops most from `before` to `after` (points), with its image count."""
+def largest_class_drop(before: Mapping[str, float], after: Mapping[str, float], y: np.ndarray | None = None) -> dict:
+    """The class whose accuracy drops most from `before` to `after` (points; ties: the lowest class), with
+    its image count in `y` when given."""
     label = max(before, key=lambda c: (before[c] - after[c], -int(c)))
     return {"class": int(label), "before": before[label], "after": after[label],
-            "drop_points": 100.0 * (before[label] - after[label]), "images": int(np.sum(y == int(label)))}
+            "drop_points": 100.0 * (before[label] - after[label]),
+            "images": None if y is None else int(np.sum(y == int(label)))}
 
 
 def static_batch(model: Model) -> int | None:

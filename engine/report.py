@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-MAX_DICT_ITEMS = 12  # a table cell holds this many entries of a dict (per-class accuracy of 1,000 classes: the lowest)
+MAX_DICT_ITEMS = 12  # a table cell shows at most this many entries of a dict (of 1,000 classes: the lowest)
 
 
 def _fmt(value: Any) -> str:
@@ -21,12 +21,10 @@ def key_value_table(title: str, data: dict, console) -> None:
     table.add_column("value")
     for key, value in data.items():
         if isinstance(value, dict):  # e.g. per-class accuracy: one compact line (the lowest values if long)
-            items = list(value.items())
-            if len(items) > MAX_DICT_ITEMS:
-                items = sorted(items, key=lambda item: item[1])[:MAX_DICT_ITEMS]
-                value = f"lowest {MAX_DICT_ITEMS} of {len(value)}: " + ", ".join(f"{k}: {_fmt(v)}" for k, v in items)
-            else:
-                value = ", ".join(f"{k}: {_fmt(v)}" for k, v in items)
+            long = len(value) > MAX_DICT_ITEMS
+            items = sorted(value.items(), key=lambda item: item[1])[:MAX_DICT_ITEMS] if long else value.items()
+            value = (f"lowest {MAX_DICT_ITEMS} of {len(value)}: " if long else "") + \
+                ", ".join(f"{k}: {_fmt(v)}" for k, v in items)
         table.add_row(str(key), _fmt(value))
     console.print(table)
 

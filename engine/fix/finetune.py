@@ -38,8 +38,8 @@ class FinetuneResult:
 
 # Per forward and learning rate: the jitted training step and loss. Frozen parameters and masks are
 # arguments, not closed-over constants, so a second run on the same set (another start, another seed)
-# reuses the compiled step instead of tracing and compiling it again (~0.8 s on a LeNet, ~1.3 s on the
-# ResNet-18 of the benchmarks).
+# reuses the compiled step instead of tracing and compiling it again (a second call, measured: LeNet
+# 0.80 -> 0.02 s, the benchmarks' ResNet-18 1.61 -> 0.45 s).
 _TRAINING_FNS: "weakref.WeakKeyDictionary[Forward, dict]" = weakref.WeakKeyDictionary()
 
 
