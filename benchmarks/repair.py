@@ -18,6 +18,8 @@ given their true label), DER (defence effectiveness rating, BackdoorBench: (max(
                                 [--out benchmarks/results/repair.json] [--markdown docs/repair-benchmark.md]
 
 `--quick`: the Fashion-MNIST LeNet-5 BadNets row, both settings, every method (under 10 min on 2 cores).
+`--recipe-seed N`: the same recipes trained with another seed (rows NAME-sN): do the figures carry over
+to fresh models, or were they one model's luck?
 """
 from __future__ import annotations
 
@@ -69,13 +71,16 @@ CLEAN_DATA_ONLY = ("anp",)  # defences that never read error inputs: run once pe
 class Row:
     """One built recipe: model, forward, full case, held-out arrays and the attacker's labels."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, recipe_seed: int = 0):
         from lancet import Forward, load_model
         from lancet.case import load_case
         from lancet.models.recipes import Recipe, build_case
 
         fields, self.description = ROWS[name]
         self.name = name
+        if recipe_seed:  # a fresh model of the same recipe: do the table's figures carry over?
+            fields = dict(fields, seed=recipe_seed)
+            self.name, self.description = f"{name}-s{recipe_seed}", f"{self.description} (recipe seed {recipe_seed})"
         self.restore, self.restore_seconds = None, 0.0  # one trigger restoration per row, shared
         self.outcomes: dict = {}  # outcomes of CLEAN_DATA_ONLY defences, shared by the settings
         self.recipe = Recipe(**fields)
@@ -291,7 +296,8 @@ def markdown(data: dict) -> str:
              "stricter ASR bound too. Worst class: the held-out class whose accuracy drops most, and by how many "
              "points (a mean within bounds can hide one class paying for a repair; recorded since 2026-11-30, "
              "blank in older cells).", ""]
-    missing = [name for name in ROWS if name not in data["rows"]]
+    present = {name.removesuffix(f"-s{row['recipe'].get('seed', 0)}") for name, row in data["rows"].items()}
+    missing = [name for name in ROWS if name not in present]
     if missing and not data["quick"]:
         lines += [f"Rows of the matrix not in this run: {', '.join(missing)}.", ""]
     for name, row in data["rows"].items():
@@ -379,7 +385,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS))
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the methods' seed")
+    parser.add_argument("--recipe-seed", type=int, default=0,
+                        help="train the rows' models with this seed instead (rows named NAME-sN): fresh models of "
+                             "the same recipes, to check that the table's figures are not one model's luck")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/repair[-quick].json)")
     parser.add_argument("--markdown", default=None, help="markdown path (default docs/repair-benchmark[-quick].md)")
     parser.add_argument("--plot", default=None, help="PNG path (default next to the JSON)")
@@ -399,19 +408,20 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python benchmarks/repair.py" + (" --quick" if args.quick else "") + (
         f" --rows {' '.join(args.rows)}" if args.rows else "") + (
         f" --settings {' '.join(args.settings)}" if tuple(args.settings) != SETTINGS else "") + (
-        f" --methods {' '.join(args.methods)}" if tuple(args.methods) != METHODS else "")
+        f" --methods {' '.join(args.methods)}" if tuple(args.methods) != METHODS else "") + (
+        f" --recipe-seed {args.recipe_seed}" if args.recipe_seed else "")
     data = {"quick": args.quick, "command": command, "environment": environment(), "rows": {}, "seconds": 0.0}
     start = time.perf_counter()
     bar = tqdm(total=len(rows) * len(args.settings) * len(args.methods), desc="repair benchmark")
     for name in rows:
-        row = Row(name)
+        row = Row(name, args.recipe_seed)
         entry = {"description": row.description, "recipe": asdict(row.recipe), "before": row.before,
                  "build_seconds": round(row.build_seconds, 1), "records": []}
-        data["rows"][name] = entry
+        data["rows"][row.name] = entry
         for setting in args.settings:
             def progress(record):
                 bar.update()
-                bar.write(f"{name:32s} {setting:5s} {record['method']:16s} C-Acc {_pct(record['after']['c_acc']):>5s} "
+                bar.write(f"{row.name:32s} {setting:5s} {record['method']:16s} C-Acc {_pct(record['after']['c_acc']):>5s} "
                           f"ASR {_pct(record['after']['asr']):>5s} R-Acc {_pct(record['after']['r_acc']):>5s} "
                           f"{record['seconds']:7.1f} s")
             entry["records"] += run_setting(row, setting, tuple(args.methods), args.seed, progress)
