@@ -18,8 +18,8 @@ given their true label), DER (defence effectiveness rating, BackdoorBench: (max(
                                 [--out benchmarks/results/repair.json] [--markdown docs/repair-benchmark.md]
 
 `--quick`: the Fashion-MNIST LeNet-5 BadNets row, both settings, every method (under 10 min on 2 cores).
-`--recipe-seed N`: the same recipes trained with another seed (rows NAME-sN): do the figures carry over
-to fresh models, or were they one model's luck?
+`--recipe-seed N`: the same recipes trained with another seed (rows NAME-sN; default outputs
+results/repair-seedN.json, docs/repair-benchmark-seedN.md): do the figures carry over to fresh models?
 """
 from __future__ import annotations
 
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
     rows = args.rows or (QUICK_ROWS if args.quick else tuple(ROWS))
-    suffix = "-quick" if args.quick else ""
+    suffix = "-quick" if args.quick else f"-seed{args.recipe_seed}" if args.recipe_seed else ""
     root = Path(__file__).resolve().parent
     out = Path(args.out or root / "results" / f"repair{suffix}.json")
     md_path = Path(args.markdown or root.parent / "docs" / f"repair-benchmark{suffix}.md")
