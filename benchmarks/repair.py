@@ -389,8 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe-seed", type=int, default=0,
                         help="train the rows' models with this seed instead (rows named NAME-sN): fresh models of "
                              "the same recipes, to check that the table's figures are not one model's luck")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/repair[-quick].json)")
-    parser.add_argument("--markdown", default=None, help="markdown path (default docs/repair-benchmark[-quick].md)")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/repair[-quick or -seedN].json)")
+    parser.add_argument("--markdown", default=None, help="markdown path (default docs/repair-benchmark[-quick or -seedN].md)")
     parser.add_argument("--plot", default=None, help="PNG path (default next to the JSON)")
     parser.add_argument("--from-json", nargs="+", metavar="JSON",
                         help="no runs: merge the rows of earlier result files and write the markdown and plot")
