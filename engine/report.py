@@ -120,6 +120,11 @@ def repair_tables(report: dict, console) -> None:
         facts["fine-tuned neurons"] = (f"{report['finetune_neurons']} (top of scope {report.get('finetune_scope')}"
                                        + (f"; trained from {'zero' if start == 'ablated' else 'their values'}"
                                           if start else "") + ")")
+    held = (report.get("finetune") or {}).get("heldback_error")
+    if held:
+        facts["error inputs held back"] = (
+            f"{held['fixed']}/{held['inputs']} fixed (never trained on; at 95 % confidence at most "
+            f"{100 * held['unfixed_upper_95']:.1f} % of such inputs stay wrong)")
     if "residual_trigger" in report:
         residual = report["residual_trigger"]
         facts["residual trigger"] = "; ".join(

@@ -86,6 +86,46 @@ def test_repair_table_says_how_the_set_was_fine_tuned(repaired):
     assert f"trained from {start}" in console.export_text()
 
 
+def test_heldback_error_inputs_are_counted_on_the_written_file(backdoor_case, repaired):
+    """The error inputs fine-tuning never trained on: the report's count is what onnxruntime gives on the
+    written file, its bound the Clopper-Pearson one, and the table says both."""
+    from rich.console import Console
+
+    from lancet.evaluate import error_rate_upper_bound
+    from lancet.report import repair_tables
+
+    folder, results = repaired
+    report = results["finetune"].to_json()
+    held = report["finetune"]["heldback_error"]
+    case = np.load(backdoor_case.case)
+    rows = np.asarray(held["rows"])
+    assert held["inputs"] == len(rows) > 0 and len(set(held["rows"])) == len(rows)
+    assert len(rows) < len(case["x_error"])  # a held-back share, not all of them
+    x, y = case["x_error"][rows], case["y_error"][rows]
+    before = OrtPredictor(load_model(backdoor_case.model), backdoor_case.model).predict(x)
+    after = OrtPredictor(load_model(folder / "finetune.onnx"), folder / "finetune.onnx").predict(x)
+    assert np.all(before != y)  # only inputs the model got wrong count
+    assert held["fixed"] == int(np.sum(after != before))
+    assert held["fix_rate"] == pytest.approx(held["fixed"] / held["inputs"])
+    assert held["unfixed_upper_95"] == pytest.approx(error_rate_upper_bound(held["inputs"] - held["fixed"],
+                                                                            held["inputs"]))
+    console = Console(record=True, width=200)
+    repair_tables(report, console)
+    assert f"{held['fixed']}/{held['inputs']} fixed (never trained on" in console.export_text()
+
+
+def test_error_rate_upper_bound_is_clopper_pearson():
+    from lancet.evaluate import error_rate_upper_bound
+
+    for n in (1, 24, 110):  # none wrong: the closed form 1 - alpha^(1/n)
+        assert error_rate_upper_bound(0, n) == pytest.approx(1 - 0.05 ** (1 / n), abs=1e-9)
+    assert error_rate_upper_bound(1, 10) == pytest.approx(0.3942, abs=1e-4)  # tabulated one-sided 95 %
+    assert error_rate_upper_bound(5, 100, confidence=0.99) > error_rate_upper_bound(5, 100) > 0.05
+    bounds = [error_rate_upper_bound(k, 50) for k in range(0, 51, 5)]
+    assert bounds == sorted(bounds) and bounds[-1] == 1.0
+    assert error_rate_upper_bound(0, 0) == 1.0
+
+
 @pytest.mark.parametrize("method", ["flip", "finetune"])
 def test_report_gives_each_class_and_the_one_losing_most(backdoor_case, repaired, method):
     """Per-class accuracy on x_clean before and after, checked against onnxruntime on the written file."""

@@ -29,6 +29,7 @@ class FinetuneResult:
     changed: dict[str, np.ndarray]
     best_epoch: int
     history: list[dict] = field(default_factory=list)
+    heldback: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # rows of x never trained on
 
     @property
     def heldback_loss(self) -> float:
@@ -129,4 +130,4 @@ def finetune(forward: Forward, masks: Mapping[str, np.ndarray], x: np.ndarray, y
         elif epoch - best[2] >= patience:
             break
     changed = {k: np.asarray(v, dtype=np.asarray(forward.params[k]).dtype) for k, v in best[1].items()}
-    return FinetuneResult(changed, best[2], history)
+    return FinetuneResult(changed, best[2], history, np.sort(val).astype(np.int64))
