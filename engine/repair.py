@@ -240,12 +240,16 @@ def _flip_set(forward: Forward, located: LocateResult, case: Case, max_acc_drop:
 
 
 def _judge(forward: Forward, repaired, case: Case, x_error, y_error, before: dict, before_pred,
-           max_acc_drop: float, target_fix: float, max_class_drop: float | None = None) -> tuple[dict, list[str]]:
-    """Figures of the repaired params on the defender's data, and the reasons it misses the bounds."""
+           max_acc_drop: float, target_fix: float, max_class_drop: float | None = None,
+           heldback_rows: np.ndarray | None = None) -> tuple[dict, list[str]]:
+    """Figures of the repaired params on the defender's data, and the reasons it misses the bounds.
+    `heldback_rows`: rows of x_error fine-tuning never trained on (their figures: `after["heldback_error"]`)."""
     after = _evaluate(forward, repaired, case, x_error, y_error)
     after_pred = after.pop("_pred", None)
     if before_pred is not None:
         after["error_fix_rate"] = _fix_rate(before_pred, after_pred, y_error)
+        if heldback_rows is not None:
+            after["heldback_error"] = _heldback_error(before_pred, after_pred, y_error, heldback_rows)
     drop = 100.0 * (before["clean_accuracy"] - after["clean_accuracy"])
     worst = after["largest_class_drop"] = largest_class_drop(before["clean_class_accuracy"],
                                                              after["clean_class_accuracy"], case.y_clean)
@@ -260,20 +264,17 @@ def _judge(forward: Forward, repaired, case: Case, x_error, y_error, before: dic
     return after, reasons
 
 
-def _heldback_error(forward: Forward, params, heldback: np.ndarray, clean_count: int, x_error: np.ndarray,
-                    y_error: np.ndarray, before_pred: np.ndarray | None) -> dict | None:
-    """The error inputs fine-tuning held back for early stopping (never trained on) that the model got
-    wrong before: how many the repaired `params` fix, and the 95 % upper bound on the share left unfixed.
-    The fix rate `_judge` checks is on inputs the set was trained on; these few say how far it carries, and
-    how little they can vouch for (a Blended LeNet's 18-weight set fixed all 24 held back and 96 % of those
-    it trained on, and left 7.3 % of held-out triggered inputs at the target)."""
-    if before_pred is None:
-        return None
-    rows = heldback[heldback >= clean_count] - clean_count  # x_train is x_clean, then x_error
+def _heldback_error(before_pred: np.ndarray, after_pred: np.ndarray, y_error: np.ndarray,
+                    rows: np.ndarray) -> dict | None:
+    """Of the error inputs at `rows` (those fine-tuning held back for early stopping, never trained on), the
+    ones the model got wrong before: how many the repair fixes, and the 95 % upper bound on the share left
+    unfixed. The fix rate `_judge` checks is on inputs the set was trained on; these few say how far it
+    carries, and how little they can vouch for (a Blended LeNet's 18-weight set fixed all 24 held back and 96 %
+    of those it trained on, and left 7.3 % of held-out triggered inputs at the target)."""
     rows = rows[before_pred[rows] != y_error[rows]]
     if not rows.size:
         return None
-    fixed = int(np.sum(predict_labels(forward, x_error[rows], params=params) != before_pred[rows]))
+    fixed = int(np.sum(after_pred[rows] != before_pred[rows]))
     return {"inputs": int(rows.size), "fixed": fixed, "fix_rate": fixed / rows.size,
             "unfixed_upper_95": error_rate_upper_bound(int(rows.size) - fixed, int(rows.size)),
             "rows": [int(r) for r in rows]}
@@ -378,23 +379,21 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
             tuned = starts[start_init]
             changed = tuned.changed
             repaired = checked(changed)
-            heldback_error = _heldback_error(forward, repaired, tuned.heldback, len(case.x_clean), x_error,
-                                             y_error, before_pred)
+            heldback = tuned.heldback[tuned.heldback >= len(case.x_clean)] - len(case.x_clean)  # x_clean, x_error
             after, reasons = _judge(forward, repaired, case, x_error, y_error, before, before_pred, max_acc_drop,
-                                    target_fix, max_class_drop)
+                                    target_fix, max_class_drop, heldback_rows=heldback)
             attempt = {"scope": scope, "neurons": len(trained), "start": start_init, "accepted": not reasons,
                        "reasons": reasons,
                        "clean_accuracy": after["clean_accuracy"],
                        "largest_class_drop": after["largest_class_drop"]["drop_points"],
                        "heldback_accuracy": tuned.history[tuned.best_epoch]["heldback_accuracy"],
-                       "heldback_error": heldback_error}
+                       "heldback_error": after.get("heldback_error")}
             tried.append(attempt)
             outcome = _Trained(changed, repaired, after, reasons, scope, len(trained),
                                {"error_weight": error_weight, "start": start_init, "best_epoch": tuned.best_epoch,
                                 "epochs_run": len(tuned.history) - 1, "history": tuned.history,
                                 "starts": {init: {"heldback_loss": r.heldback_loss, "best_epoch": r.best_epoch}
-                                           for init, r in starts.items()},
-                                "heldback_error": heldback_error},
+                                           for init, r in starts.items()}},
                                attempt["heldback_accuracy"])
             if not reasons and located.restore is not None:
                 # Clean data only: is the backdoor still there? Restore the flagged classes' triggers again.

@@ -120,7 +120,7 @@ def repair_tables(report: dict, console) -> None:
         facts["fine-tuned neurons"] = (f"{report['finetune_neurons']} (top of scope {report.get('finetune_scope')}"
                                        + (f"; trained from {'zero' if start == 'ablated' else 'their values'}"
                                           if start else "") + ")")
-    held = (report.get("finetune") or {}).get("heldback_error")
+    held = report.get("after", {}).get("heldback_error")
     if held:
         facts["error inputs held back"] = (
             f"{held['fixed']}/{held['inputs']} fixed (never trained on; at 95 % confidence at most "

@@ -96,7 +96,7 @@ def test_heldback_error_inputs_are_counted_on_the_written_file(backdoor_case, re
 
     folder, results = repaired
     report = results["finetune"].to_json()
-    held = report["finetune"]["heldback_error"]
+    held = report["after"]["heldback_error"]
     case = np.load(backdoor_case.case)
     rows = np.asarray(held["rows"])
     assert held["inputs"] == len(rows) > 0 and len(set(held["rows"])) == len(rows)
