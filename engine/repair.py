@@ -38,8 +38,8 @@ RESTORED_CANDIDATES = 4  # sets fine-tuning tries when the trigger was restored 
 # Clean data only, every candidate set is fine-tuned and the one kept is picked by `_pick_restored`: among the
 # accepted sets whose accuracy on the fine-tuning's held-back split is at most HELDBACK_TOLERANCE below the
 # best set's, and (when any is) whose residual trigger (restore.residual_trigger: the flagged classes'
-# triggers restored again on the fine-tuned model) is no longer anomalous, the one in the deepest single layer.
-HELDBACK_TOLERANCE = 0.01
+# triggers restored again on the fine-tuned model) is no longer anomalous, the deepest one.
+HELDBACK_TOLERANCE = 0.03
 # Fine-tuning trains each set from two starts, the EIN elements zeroed (their ablated value) and kept at
 # their values, and keeps the one with the lower loss on its held-back split. Neither start wins everywhere
 # (held-out ASR with triggered inputs, zeroed / kept: Fashion LeNet Blended 2.5 / 1.8 %, BadNets 1.3 / 0.1,
@@ -142,8 +142,8 @@ def _finetune_sets(forward: Forward, located: LocateResult,
                    case: Case) -> list[tuple[list[dict], str | None, int]]:
     """The neuron sets fine-tuning tries, with their scopes and depths: the top FINETUNE_MARGIN x k of each of
     `_finetune_scopes` (the minimal ablation set sits right at the edge; a margin lets training push the
-    error further away). Depth: the index of the first node a single-layer set changes; -1 for a set
-    across layers (`global`), see `_pick_restored`."""
+    error further away). Depth (see `_pick_restored`): the index of the first node the set's layer changes,
+    for a set across layers (`global`) that of the layer holding its median element."""
     from .locate.ablation import Ablator
 
     ablator = Ablator(forward, located.scores, located.pairs, case.x_clean[:1], case.y_clean[:1])
@@ -156,9 +156,9 @@ def _finetune_sets(forward: Forward, located: LocateResult,
     sets = []
     for scope, k in scopes:
         ranks, candidates = ablator.ranks(scope)
-        single_layer = scope in {layer.name for layer in located.scores.layers}
-        sets.append((ablator.eins(ranks, min(candidates, int(np.ceil(k * FINETUNE_MARGIN)))), scope,
-                     depth.get(scope, -1) if single_layer else -1))
+        eins = ablator.eins(ranks, min(candidates, int(np.ceil(k * FINETUNE_MARGIN))))
+        depths = sorted(depth.get(e.get("initializer", e.get("layer")), 0) for e in eins)
+        sets.append((eins, scope, depths[(len(depths) - 1) // 2] if depths else 0))
     return sets
 
 
@@ -174,34 +174,37 @@ class _Trained(NamedTuple):
     finetune: dict
     heldback_accuracy: float
     residual: dict | None = None
-    depth: int = -1  # see `_finetune_sets`
+    depth: int = 0  # see `_finetune_sets`
 
 
 def _pick_restored(kept: list[_Trained], threshold: float) -> _Trained:
     """The fine-tuned set to keep when the pairs come from a restored trigger (clean data only), of the
     accepted ones (each with its residual trigger): among those whose held-back accuracy is at most
     HELDBACK_TOLERANCE below the best one's, and whose residual trigger's anomaly index is at most
-    `threshold` (the restoration's own flagging threshold) when any's is, the deepest single-layer set
-    (then the higher held-back accuracy); a set across layers counts as the shallowest.
+    `threshold` (the restoration's own flagging threshold) when any's is, the deepest set (`_finetune_sets`:
+    a set across layers sits where its median element does), then a single-layer set, then the higher
+    held-back accuracy.
 
     Why depth: the restored trigger resembles the real one in pixels only partly (a watermark restored as a
     part of it), while deep in the network both drive the same few target-class features; training a
     shallow set teaches it to ignore the restored pixels, training a deep one removes the features the real
-    trigger reaches too. Fashion-MNIST LeNet-5s (table + fresh seeds 1, 2; held-out ASR after fine-tuning
-    each candidate, clean data only): conv1 / conv2 sets 4.2-75.9 %, fc1 0.2-4.9 %, fc2 0.0-1.1 % on all
-    nine models; sets across layers (they take in output-layer weights) 1.5-6.4 %. The held-back split rules
-    out a deep set that costs accuracy (digits MLP, second layer: held back 88.9 % against 93.7 %, held-out
-    accuracy 0.9 points down, ASR 3.1 %). Replayed over the candidates recorded on 20 models (scratch
-    records), this rule meets the goal on 16, the former one (first set whose residual index is at most 0.5)
-    on 14: it wins both Trojan seeds (6.4 -> 0.3 %, 4.5 -> 0.7 %) and the ViT (held-out drop 1.6 -> -0.3)
-    and loses the Keras CNN (0.3 -> 4.0 %: its set across layers, mostly dense-layer weights, repairs; its
-    conv layer's set does not). The residual index alone ordered candidates too noisily to rely on
-    (indices 0.38 and 0.43 for sets leaving 6.4 and 21.1 % ASR).
+    trigger reaches too. Fashion-MNIST LeNet-5s (the benchmark's + fresh seeds 1, 2; held-out ASR after
+    fine-tuning each candidate, clean data only): conv1 / conv2 sets 4.2-75.9 %, fc1 0.2-6.7 %, fc2 0.0-1.1 %
+    on all nine models. The held-back split is no guide to which set removes the backdoor (a set that leaves
+    it fits the restored trigger more easily: the Blended LeNet's conv2 set is best held back at 92.3 %, fc2
+    at 90.0 %, held-out ASR 6.9 and 0.0 %), hence the wide tolerance; it rules out a deep set that costs
+    much accuracy (VGG-11 seed 1: the classifier's last hidden layer at 86.8 % against 95.2 %, held-out
+    accuracy 3.9 points down). Rules replayed over the candidates recorded on 15 models where every
+    candidate was fine-tuned (scratch records): this one meets the goal on 13; the former one (the first
+    set whose residual anomaly index is at most 0.5) on 11 (it kept sets leaving 4.5-21.1 % on both
+    Trojan seeds and the VGG-11 seed 1); tolerances of 1 and 2 points on 11, 5 points and none on 12.
+    Missed: the digits MLP's second layer (held back 1.6 points below its first layer on 66 inputs, held-out
+    accuracy 2.6 points down) and a ViT whose head set is 7 points below on the held-back split.
     """
     best_heldback = max(k.heldback_accuracy for k in kept)
     safe = [k for k in kept if k.heldback_accuracy >= best_heldback - HELDBACK_TOLERANCE]
     gone = [k for k in safe if k.residual["anomaly_index"] <= threshold] or safe
-    return max(gone, key=lambda k: (k.depth, k.heldback_accuracy))
+    return max(gone, key=lambda k: (k.depth, k.scope != "global", k.heldback_accuracy))
 
 
 @dataclass

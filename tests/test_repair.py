@@ -358,6 +358,29 @@ def test_finetune_on_a_restored_trigger_tries_the_deepest_scopes_reaching_the_ta
     assert _finetune_scopes(located, depth) == [("conv1.weight", 7), ("fc1.weight", 150), ("global", 300)]
 
 
+def test_restored_trigger_pick_keeps_the_deepest_safe_set_whose_backdoor_is_gone():
+    from lancet.repair import HELDBACK_TOLERANCE, _pick_restored, _Trained
+
+    def trained(scope, depth, heldback, residual):
+        return _Trained({}, {}, {}, [], scope, 10, {}, heldback, {"anomaly_index": residual}, depth)
+
+    shallow, fc1 = trained("conv2.weight", 3, 0.94, 0.4), trained("fc1.weight", 7, 0.935, 0.7)
+    fc2, across = trained("fc2.weight", 9, 0.92, 0.0), trained("global", 7, 0.945, -0.5)
+    assert _pick_restored([across, fc2, fc1, shallow], 2.0) is fc2  # the deepest within the tolerance
+    # A deep set that costs held-back accuracy beyond the tolerance is ruled out.
+    costly = trained("fc2.weight", 9, 0.945 - 1.5 * HELDBACK_TOLERANCE, -1.0)
+    assert _pick_restored([across, costly, fc1, shallow], 2.0) is fc1  # fc1 and the global set: both at 7
+    # A set whose residual trigger is still anomalous is passed over while another's is not...
+    flagged = trained("fc2.weight", 9, 0.94, 3.0)
+    assert _pick_restored([flagged, fc1], 2.0) is fc1
+    # ... and when every one's is, the held-back accuracy and depth decide alone.
+    assert _pick_restored([flagged, trained("fc1.weight", 7, 0.94, 2.5)], 2.0) is flagged
+    # At equal depth, a single-layer set before one across layers, then the higher held-back accuracy.
+    assert _pick_restored([trained("global", 9, 0.95, 0.1), fc2], 2.0) is fc2
+    better = trained("fc2.weight", 9, 0.93, 0.2)
+    assert _pick_restored([fc2, better], 2.0) is better
+
+
 def test_flip_takes_the_largest_margin_within_the_bound_then_the_smallest_drop():
     from lancet.repair import FlipOption, _pick_flip
 
