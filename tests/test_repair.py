@@ -339,7 +339,7 @@ def test_finetune_tries_the_best_set_within_the_bound_then_the_smallest_reaching
     assert _finetune_scopes(located) == [("global", 8)]
 
 
-def test_finetune_on_a_restored_trigger_tries_the_deepest_scopes_reaching_the_target_next():
+def test_finetune_tries_the_deepest_scopes_reaching_the_target_next():
     from lancet.locate.ablation import AblationResult
     from lancet.locate.pipeline import LocateResult
     from lancet.repair import _finetune_scopes
@@ -352,33 +352,41 @@ def test_finetune_on_a_restored_trigger_tries_the_deepest_scopes_reaching_the_ta
                scope("fc3.weight", 20, False, 25)]
     depth = {"global": 0, "conv1.weight": 0, "fc1.weight": 9, "fc2.weight": 11, "fc3.weight": 13}
     located = LocateResult(None, None, "weight", None, None, results[1], results, {}, 0.85)
-    assert _finetune_scopes(located, depth) == [("conv1.weight", 7)]  # real error inputs: the smallest set
-    located.restore = object()  # pairs from a restored trigger
     # the smallest set, then the deepest scopes reaching the target but the output layer
     assert _finetune_scopes(located, depth) == [("conv1.weight", 7), ("fc1.weight", 150), ("global", 300)]
+    assert _finetune_scopes(located) == [("conv1.weight", 7)]  # no depths known: the search's set alone
 
 
-def test_restored_trigger_pick_keeps_the_deepest_safe_set_whose_backdoor_is_gone():
-    from lancet.repair import HELDBACK_TOLERANCE, _pick_restored, _Trained
+def test_finetune_pick_keeps_the_deepest_safe_set_whose_backdoor_is_gone():
+    from lancet.repair import FIX_TOLERANCE, HELDBACK_TOLERANCE, _pick_finetuned, _Trained
 
-    def trained(scope, depth, heldback, residual):
-        return _Trained({}, {}, {}, [], scope, 10, {}, heldback, {"anomaly_index": residual}, depth)
+    def trained(scope, depth, heldback, residual, fix=1.0):
+        return _Trained({}, {}, {"error_fix_rate": fix}, [], scope, 10, {}, heldback,
+                        {"anomaly_index": residual}, depth)
 
     shallow, fc1 = trained("conv2.weight", 3, 0.94, 0.4), trained("fc1.weight", 7, 0.935, 0.7)
     fc2, across = trained("fc2.weight", 9, 0.92, 0.0), trained("global", 7, 0.945, -0.5)
-    assert _pick_restored([across, fc2, fc1, shallow], 2.0) is fc2  # the deepest within the tolerance
+    assert _pick_finetuned([across, fc2, fc1, shallow], 2.0) is fc2  # the deepest within the tolerance
     # A deep set that costs held-back accuracy beyond the tolerance is ruled out.
     costly = trained("fc2.weight", 9, 0.945 - 1.5 * HELDBACK_TOLERANCE, -1.0)
-    assert _pick_restored([across, costly, fc1, shallow], 2.0) is fc1  # fc1 and the global set: both at 7
-    # A set whose residual trigger is still anomalous is passed over while another's is not...
+    assert _pick_finetuned([across, costly, fc1, shallow], 2.0) is fc1  # fc1 and the global set: both at 7
+    # Restored trigger: a set whose residual trigger is still anomalous is passed over while another's is not...
     flagged = trained("fc2.weight", 9, 0.94, 3.0)
-    assert _pick_restored([flagged, fc1], 2.0) is fc1
+    assert _pick_finetuned([flagged, fc1], 2.0) is fc1
     # ... and when every one's is, the held-back accuracy and depth decide alone.
-    assert _pick_restored([flagged, trained("fc1.weight", 7, 0.94, 2.5)], 2.0) is flagged
+    assert _pick_finetuned([flagged, trained("fc1.weight", 7, 0.94, 2.5)], 2.0) is flagged
+    # Real error inputs (no threshold): no residual trigger; a set that fixes fewer of the given inputs than
+    # the best by more than the tolerance is passed over.
+    assert _pick_finetuned([flagged, fc1], None) is flagged
+    weak = trained("fc2.weight", 9, 0.94, None, fix=1.0 - 2 * FIX_TOLERANCE)
+    assert _pick_finetuned([weak, fc1, shallow], None) is fc1
+    assert _pick_finetuned([trained("fc2.weight", 9, 0.94, None, fix=1.0 - FIX_TOLERANCE / 2), fc1],
+                           None).depth == 9
+    assert _pick_finetuned([weak, trained("fc1.weight", 7, 0.94, None, fix=0.955)], None) is weak  # best of those
     # At equal depth, a single-layer set before one across layers, then the higher held-back accuracy.
-    assert _pick_restored([trained("global", 9, 0.95, 0.1), fc2], 2.0) is fc2
+    assert _pick_finetuned([trained("global", 9, 0.95, 0.1), fc2], 2.0) is fc2
     better = trained("fc2.weight", 9, 0.93, 0.2)
-    assert _pick_restored([fc2, better], 2.0) is better
+    assert _pick_finetuned([fc2, better], 2.0) is better
 
 
 def test_flip_takes_the_largest_margin_within_the_bound_then_the_smallest_drop():
@@ -399,8 +407,8 @@ def test_flip_takes_the_largest_margin_within_the_bound_then_the_smallest_drop()
     assert _pick_flip(options, 2.0, 0.99, max_class_drop=3.0) is None
 
 
-def test_finetune_keeps_the_first_set_whose_repair_passes(backdoor_case, monkeypatch):
-    """A set too small to repair is tried, rejected on the defender's data, and the next set is kept."""
+def test_finetune_passes_over_a_set_whose_repair_fails(backdoor_case, monkeypatch):
+    """A set too small to repair is tried and rejected on the defender's data; an accepted set is kept."""
     import lancet.repair as repair_module
 
     real = repair_module._finetune_scopes
@@ -415,6 +423,8 @@ def test_finetune_keeps_the_first_set_whose_repair_passes(backdoor_case, monkeyp
 
     result = repair(backdoor_case.model, case, method="finetune", progress=False, observe=observe)
     tried = result.details["finetune_tried"]
-    assert [t["accepted"] for t in tried] == [False, True] and tried[0]["neurons"] == 2
-    assert result.accepted and result.details["finetune_neurons"] == tried[1]["neurons"]
+    assert not tried[0]["accepted"] and tried[0]["neurons"] == 2 and tried[1]["accepted"]
+    kept = [t for t in tried if t["neurons"] == result.details["finetune_neurons"]
+            and t["scope"] == result.details["finetune_scope"]]
+    assert result.accepted and kept and all(t["accepted"] for t in kept)
     assert [t["observed_accuracy"] for t in tried] == pytest.approx([t["clean_accuracy"] for t in tried])
