@@ -60,7 +60,10 @@ def test_repair_removes_backdoor_on_heldout(backdoor_case, repaired, method):
     changed_at_most = report["finetune_neurons"] if method == "finetune" else report["flip"]["neurons"]
     assert 0 < report["changed_parameter_count"] <= changed_at_most
     if method == "finetune":
-        assert changed_at_most == 2 * len(report["eins"])
+        tried = report["finetune_tried"]
+        assert tried[0]["neurons"] == 2 * len(report["eins"])  # the search's set first, with its margin
+        kept = [t for t in tried if (t["scope"], t["neurons"]) == (report["finetune_scope"], changed_at_most)]
+        assert kept and kept[0]["accepted"]
         # Trained from both starts; the one with the lower held-back loss is kept, and the kept-values start
         # never wins untrained (that would hand back the backdoored weights).
         starts = report["finetune"]["starts"]
