@@ -178,6 +178,7 @@ class _Trained(NamedTuple):
     heldback_accuracy: float
     residual: dict | None = None
     depth: int = 0  # see `_finetune_sets`
+    attempt: dict | None = None  # its entry of the report's `finetune_tried`
 
 
 def _pick_finetuned(kept: list[_Trained], threshold: float | None) -> _Trained:
@@ -447,7 +448,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
                                 "epochs_run": len(tuned.history) - 1, "history": tuned.history,
                                 "starts": {init: {"heldback_loss": r.heldback_loss, "best_epoch": r.best_epoch}
                                            for init, r in starts.items()}},
-                               attempt["heldback_accuracy"], depth=depth)
+                               attempt["heldback_accuracy"], depth=depth, attempt=attempt)
             if not reasons and located.restore is not None:
                 # Clean data only: is the backdoor still there? Restore the flagged classes' triggers again.
                 outcome = outcome._replace(residual=residual_trigger(forward, case.x_clean, located.restore,
@@ -465,6 +466,8 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
         changed, repaired, after, reasons = best.changed, best.repaired, best.after, best.reasons
         details["finetune"] = best.finetune
         details["finetune_scope"], details["finetune_neurons"] = best.scope, best.neurons
+        for attempt in tried:
+            attempt["chosen"] = attempt is best.attempt
         details["finetune_tried"] = tried
         if best.residual is not None:  # the kept set's: how large the flagged classes' triggers have to be now
             details["residual_trigger"] = best.residual

@@ -194,6 +194,29 @@ def test_class_drop_bound_holds_for_what_the_flip_search_picks(backdoor_case, re
     assert loose.accepted and loose.after["largest_class_drop"] == worst
 
 
+def test_finetune_report_marks_the_kept_candidate_and_prints_every_one(repaired):
+    """Exactly one tried set is marked chosen, the one the report names; `lancet repair` prints every
+    candidate with what the pick weighed, the kept one starred."""
+    from rich.console import Console
+
+    from lancet.report import repair_tables
+
+    report = repaired[1]["finetune"].to_json()
+    tried = report["finetune_tried"]
+    chosen = [t for t in tried if t["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["accepted"]
+    assert (chosen[0]["scope"], chosen[0]["neurons"]) == (report["finetune_scope"], report["finetune_neurons"])
+    console = Console(record=True, width=200)
+    repair_tables(report, console)
+    text = console.export_text()
+    if len(tried) > 1:
+        rows = [line for line in text.splitlines() if f" {report['finetune_scope']} " in line and "│" in line]
+        assert "fine-tuning candidates" in text and any(line.lstrip("│ ").startswith("*") for line in rows)
+        assert sum(line.lstrip("│ ").startswith("*") for line in text.splitlines()) == 1
+    else:
+        assert "fine-tuning candidates" not in text
+
+
 def test_finetune_candidates_are_judged_by_the_class_bound(backdoor_case, repaired):
     """Every fine-tuned candidate records its largest class drop; with a bound of 0 points the ones that
     cost any class accuracy are rejected for it, and the repair is accepted only if some candidate costs none."""

@@ -44,3 +44,25 @@ def test_repair_plot_of_a_thousand_class_model(tmp_path):
 
     plot_repair(many_class_report(), tmp_path / "many.png")
     assert imread(tmp_path / "many.png").shape[1] > 800
+
+
+def test_candidates_table_shows_the_residual_trigger_only_when_restored():
+    from rich.console import Console
+
+    from lancet.report import finetune_candidates_table
+
+    def attempt(scope, chosen, residual=None):
+        entry = {"scope": scope, "depth": 3, "neurons": 10, "accepted": True, "clean_accuracy": 0.9,
+                 "heldback_accuracy": 0.8, "error_fix_rate": 0.0, "chosen": chosen}
+        if residual is not None:
+            entry["residual_trigger"] = {"anomaly_index": residual}
+        return entry
+
+    for tried, shown in (([attempt("fc1.weight", False), attempt("fc2.weight", True)], False),
+                         ([attempt("fc1.weight", False, 3.25), attempt("fc2.weight", True, -0.5)], True)):
+        console = Console(record=True, width=200)
+        finetune_candidates_table(tried, console)
+        text = console.export_text()
+        assert ("residual index" in text) == shown and ("-0.50" in text) == shown
+        starred = [line for line in text.splitlines() if line.lstrip("│ ").startswith("*")]
+        assert len(starred) == 1 and "fc2.weight" in starred[0] and "0.0000" in starred[0]  # a 0 fix rate shows
