@@ -229,6 +229,11 @@ def test_finetune_candidates_are_judged_by_the_class_bound(backdoor_case, repair
         names_class = any(r.startswith("class ") and "accuracy drops" in r for r in attempt["reasons"])
         assert names_class == (attempt["largest_class_drop"] > 0), attempt
     assert strict.accepted == any(not attempt["reasons"] for attempt in tried)
+    # One set is reported whether or not any was accepted: an accepted one if any, else the last one tried.
+    chosen = [attempt for attempt in tried if attempt["chosen"]]
+    assert len(chosen) == 1 and (chosen[0]["accepted"] if strict.accepted else chosen[0] is tried[-1])
+    assert (chosen[0]["scope"], chosen[0]["neurons"]) == (strict.details["finetune_scope"],
+                                                          strict.details["finetune_neurons"])
 
 
 def test_class_drop_bound_rejects_a_judged_repair():
