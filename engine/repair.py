@@ -102,8 +102,8 @@ def _finetune_scopes(located: LocateResult, depth: Mapping[str, int] | None = No
     fine-tuned and `_pick_finetuned` keeps one of those accepted (when none is, the last one tried is
     reported).
 
-    First, with real error inputs, the chosen set when the search found one within the accuracy bound.
-    Otherwise the best set within the bound (the all-to-all LeNet, triggered inputs: held-out C-Acc / ASR
+    First the search's chosen set when it found one within the accuracy bound. Otherwise, the best set
+    within the bound (the all-to-all LeNet, triggered inputs: held-out C-Acc / ASR
     86.6 / 0.6 %, where the set below alone was rejected at 79.8 %), then the smallest set that reaches the
     fix target in any scope whatever its clean-accuracy cost, since training on correct data wins accuracy
     back (MobileNetV2 trojan: the best set within 2 points fixes 1 % of the pairs and cannot repair;
