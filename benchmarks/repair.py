@@ -186,7 +186,8 @@ def _lancet_details(result) -> dict:
     if "finetune_tried" in result.details:  # every candidate set, with its held-out figures (see run_setting)
         details["finetune_tried"] = [
             {**{k: attempt.get(k) for k in ("scope", "depth", "neurons", "start", "accepted", "clean_accuracy",
-                                            "error_fix_rate", "heldback_accuracy", "heldout")},
+                                            "error_fix_rate", "heldback_accuracy", "heldback_loss",
+                                            "heldout")},
              "residual_index": (attempt.get("residual_trigger") or {}).get("anomaly_index")}
             for attempt in result.details["finetune_tried"]]
     return details

@@ -441,6 +441,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
                        "error_fix_rate": after.get("error_fix_rate"),
                        "largest_class_drop": after["largest_class_drop"]["drop_points"],
                        "heldback_accuracy": tuned.history[tuned.best_epoch]["heldback_accuracy"],
+                       "heldback_loss": tuned.heldback_loss,
                        "heldback_error": after.get("heldback_error")}
             tried.append(attempt)
             outcome = _Trained(changed, repaired, after, reasons, scope, len(trained),

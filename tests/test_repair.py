@@ -206,6 +206,10 @@ def test_finetune_report_marks_the_kept_candidate_and_prints_every_one(repaired)
     chosen = [t for t in tried if t["chosen"]]
     assert len(chosen) == 1 and chosen[0]["accepted"]
     assert (chosen[0]["scope"], chosen[0]["neurons"]) == (report["finetune_scope"], report["finetune_neurons"])
+    # Each candidate's held-back loss is the one its kept start reached (the chosen one's: the report's).
+    finetune = report["finetune"]
+    assert chosen[0]["heldback_loss"] == pytest.approx(finetune["starts"][finetune["start"]]["heldback_loss"])
+    assert all(np.isfinite(t["heldback_loss"]) for t in tried)
     console = Console(record=True, width=200)
     repair_tables(report, console)
     text = console.export_text()
