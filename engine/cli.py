@@ -200,12 +200,15 @@ def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, r
               help="Largest accuracy drop (points) accepted on any one class of x_clean (default: no bound).")
 @click.option("--target-fix", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Smallest error-fix rate accepted.")
+@click.option("--candidates", type=click.IntRange(1), default=None,
+              help="Fine-tuning: the most candidate sets trained (the search's set, then the deepest layers' "
+                   "sets; default: every one the repair tries); 1 trains the search's set alone, fastest.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Write the repaired model even when it misses the bounds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
 @handle_errors
 def repair(model_path, data_path, out_path, method, granularity, report_path, plot_path, max_acc_drop, max_class_drop,
-           target_fix, seed, force, as_json) -> None:
+           target_fix, candidates, seed, force, as_json) -> None:
     """Locate the EINs, fix them (flip or fine-tune), export the repaired ONNX file, compare before/after."""
     from .io import check_output_path
     from .repair import repair as run_repair
@@ -217,7 +220,8 @@ def repair(model_path, data_path, out_path, method, granularity, report_path, pl
         _require_matplotlib()
     result = run_repair(model_path, data_path, out_path, method=method, granularity=granularity,
                         max_acc_drop=max_acc_drop, max_class_drop=max_class_drop, target_fix=target_fix,
-                        seed=seed, force=force, progress=not as_json)
+                        seed=seed, force=force, progress=not as_json,
+                        **({} if candidates is None else {"finetune_candidates": candidates}))
     report = result.to_json()
     if plot_path:
         from .plots import plot_repair

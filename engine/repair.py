@@ -343,7 +343,8 @@ def _fix_rate(before_pred: np.ndarray, after_pred: np.ndarray, y_error: np.ndarr
 def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | None = None, *,
            method: str = "flip", granularity: str = "weight", max_acc_drop: float = 2.0,
            max_class_drop: float | None = None, target_fix: float = 0.95, seed: int = 0, force: bool = False,
-           progress: bool = True, finetune_epochs: int = 30, reuse: LocateResult | None = None,
+           progress: bool = True, finetune_epochs: int = 30, finetune_candidates: int = FINETUNE_CANDIDATES,
+           reuse: LocateResult | None = None,
            observe: Callable[[dict, Mapping[str, Any]], None] | None = None,
            restore: RestoreResult | None = None) -> RepairResult:
     """Locate, fix, export and evaluate; write `out` only when accepted (or `force`) and verified.
@@ -354,12 +355,16 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     `reuse`: the `locate_result` of an earlier repair of the same model and case; its pairs and scores
     are reused (only the ablation search for this method runs). `restore`: a trigger restoration done
     earlier on this model and x_clean, used instead of restoring again (clean data only).
+    `finetune_candidates`: the most candidate sets fine-tuning trains (`_finetune_scopes`; 1 trains the
+    search's set alone, the fastest, at the cost measured in `_pick_finetuned`'s docstring).
     `observe`: called with each fine-tuned candidate's entry of `details["finetune_tried"]` and its
     parameters, after the residual check; what it adds to the entry goes into the report (the repair
     benchmark scores every candidate on held-out data, where the report keeps only the chosen one).
     """
     if method not in METHODS:
         raise BadInputError(f"unknown method {method!r}; use one of {METHODS}")
+    if finetune_candidates < 1:
+        raise BadInputError(f"finetune_candidates must be at least 1, got {finetune_candidates}")
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     model_path = Path(model_path)
@@ -418,7 +423,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
         from tqdm.auto import tqdm
 
         tried, best, kept = [], None, []
-        for trained, scope, depth in _finetune_sets(forward, located, case):
+        for trained, scope, depth in _finetune_sets(forward, located, case)[:finetune_candidates]:
             bar = tqdm(total=finetune_epochs * len(FINETUNE_STARTS), desc=f"fine-tuning EINs ({scope})",
                        disable=None if progress else True, leave=False)
             masks = ein_masks(model, layers, trained, granularity)

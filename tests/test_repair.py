@@ -221,6 +221,24 @@ def test_finetune_report_marks_the_kept_candidate_and_prints_every_one(repaired)
         assert "fine-tuning candidates" not in text
 
 
+def test_finetune_candidates_bound_the_sets_trained(backdoor_case, repaired, tmp_path):
+    """`finetune_candidates=1` (`--candidates 1`) trains the search's set alone; fewer than 1 is bad input."""
+    located = repaired[1]["finetune"].locate_result
+    full = repaired[1]["finetune"].details["finetune_tried"]
+    one = repair(backdoor_case.model, backdoor_case.case, method="finetune", progress=False, reuse=located,
+                 finetune_candidates=1)
+    tried = one.details["finetune_tried"]
+    assert len(full) > 1 and len(tried) == 1 and tried[0]["chosen"]
+    assert (tried[0]["scope"], tried[0]["neurons"]) == (full[0]["scope"], full[0]["neurons"])
+    with pytest.raises(BadInputError, match="finetune_candidates"):
+        repair(backdoor_case.model, backdoor_case.case, method="finetune", progress=False, reuse=located,
+               finetune_candidates=0)
+    run = run_cli("repair", backdoor_case.model, "--data", backdoor_case.case, "--out", tmp_path / "x.onnx",
+                  "--method", "finetune", "--candidates", "0")
+    assert run.returncode == 2 and "--candidates" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_finetune_candidates_are_judged_by_the_class_bound(backdoor_case, repaired):
     """Every fine-tuned candidate records its largest class drop; with a bound of 0 points the ones that
     cost any class accuracy are rejected for it, and the repair is accepted only if some candidate costs none."""
