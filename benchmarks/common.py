@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,14 +22,29 @@ def best_of(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> floa
     return min(times)
 
 
+def code_revision() -> str | None:
+    """The checkout's commit (`git describe --always --dirty`), so a figure names the code that made it.
+
+    None outside a git checkout (an installed copy): the figure then carries the package version only.
+    """
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                                   capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (described.stdout.strip() or None) if described.returncode == 0 else None
+
+
 def environment() -> dict:
-    """Machine and library facts stored next to every figure."""
+    """Machine, library and code facts stored next to every figure."""
     import jax
     import onnxruntime
 
+    import lancet
+
     return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "jax": jax.__version__, "jax_backend": jax.default_backend(), "onnxruntime": onnxruntime.__version__,
-            "devices": [str(d) for d in jax.devices()]}
+            "devices": [str(d) for d in jax.devices()], "lancet": lancet.__version__, "code": code_revision()}
 
 
 def write_json(path: str | Path, data: dict) -> Path:

@@ -297,6 +297,9 @@ def markdown(data: dict) -> str:
              "stricter ASR bound too. Worst class: the held-out class whose accuracy drops most, and by how many "
              "points (a mean within bounds can hide one class paying for a repair; recorded since 2026-11-30, "
              "blank in older cells).", ""]
+    revisions = sorted({r.get("code") or "unrecorded" for row in data["rows"].values() for r in row["records"]})
+    lines += [f"Code that produced the cells (`code` in each JSON record; `unrecorded`: run before 2026-12-01): "
+              f"{', '.join(revisions)}.", ""]
     present = {name.removesuffix(f"-s{row['recipe'].get('seed', 0)}") for name, row in data["rows"].items()}
     missing = [name for name in ROWS if name not in present]
     if missing and not data["quick"]:
@@ -425,7 +428,9 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.write(f"{row.name:32s} {setting:5s} {record['method']:16s} C-Acc {_pct(record['after']['c_acc']):>5s} "
                           f"ASR {_pct(record['after']['asr']):>5s} R-Acc {_pct(record['after']['r_acc']):>5s} "
                           f"{record['seconds']:7.1f} s")
-            entry["records"] += run_setting(row, setting, tuple(args.methods), args.seed, progress)
+            records = run_setting(row, setting, tuple(args.methods), args.seed, progress)
+            # Merged tables mix runs: each cell names the code that produced it.
+            entry["records"] += [{**record, "code": data["environment"]["code"]} for record in records]
             data["seconds"] = time.perf_counter() - start
             write_json(out, data)  # partial results survive an interrupted run
     bar.close()

@@ -2,6 +2,8 @@
 and their repaired parameters export through graph surgery and run in onnxruntime."""
 from __future__ import annotations
 
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lancet
 from lancet import Forward, load_model
 from lancet.case import Case, load_case
 from lancet.defences import DEFENCES
@@ -127,6 +130,10 @@ def test_benchmark_der_and_table():
     assert bench.der(before, {"c_acc": 0.8, "asr": 1.0}) == pytest.approx(0.45)
     table = bench.markdown(data)
     assert "| clean | lancet-flip | repaired | 89.5 | 2.0 | 1.5 | 90.0 |  | 0.988 | 12 | 3 | met |" in table  # issue 4
+    assert "that produced the cells (`code` in each JSON record; `unrecorded`: run before 2026-12-01): unrecorded." in table
+    data["rows"]["r"]["records"].append({**data["rows"]["r"]["records"][0], "setting": "error", "code": "abc1234"})
+    assert "2026-12-01): abc1234, unrecorded." in bench.markdown(data)  # merged runs name each revision
+    data["rows"]["r"]["records"].pop()
     record = data["rows"]["r"]["records"][0]
     record["before"] = {**record["before"], "class_acc": {"0": 0.9, "1": 0.8, "2": 0.7}}
     record["after"] = {**record["after"], "class_acc": {"0": 0.85, "1": 0.81, "2": 0.6}}
@@ -137,6 +144,18 @@ def test_benchmark_der_and_table():
     for asr, c_acc, goal in [(0.025, 0.895, "**miss**"), (0.01, 0.895, "met, ASR <= 1 %"), (0.0, 0.889, "**miss**")]:
         record["after"] = {**record["after"], "asr": asr, "c_acc": c_acc}
         assert bench.markdown(data).split("| 3 | ")[1].startswith(goal + " |"), (asr, c_acc)
+
+
+def test_benchmark_environment_names_the_code_revision():
+    """Every benchmark figure names the code that made it: this checkout's commit and the package version."""
+    bench, _, _ = benchmark_sample()
+    from common import code_revision, environment  # noqa: PLC0415
+
+    revision = code_revision()
+    if shutil.which("git") and (Path(__file__).resolve().parents[1] / ".git").exists():
+        assert revision and re.fullmatch(r"(.+-g)?[0-9a-f]{7,40}(-dirty)?", revision), revision
+    env = environment()
+    assert env["code"] == revision and env["lancet"] == lancet.__version__
 
 
 def test_benchmark_merge_replaces_records_one_by_one(tmp_path):
