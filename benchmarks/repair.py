@@ -185,7 +185,7 @@ def _lancet_details(result) -> dict:
         details["flip"] = {k: result.details["flip"].get(k) for k in ("scope", "margin", "neurons")}
     if "finetune_tried" in result.details:  # every candidate set, with its held-out figures (see run_setting)
         details["finetune_tried"] = [
-            {**{k: attempt.get(k) for k in ("scope", "depth", "neurons", "start", "accepted", "clean_accuracy",
+            {**{k: attempt.get(k) for k in ("scope", "depth", "reads_pixels", "neurons", "start", "accepted", "clean_accuracy",
                                             "error_fix_rate", "heldback_accuracy", "heldback_loss",
                                             "heldout")},
              "residual_index": (attempt.get("residual_trigger") or {}).get("anomaly_index")}

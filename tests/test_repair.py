@@ -210,6 +210,7 @@ def test_finetune_report_marks_the_kept_candidate_and_prints_every_one(repaired)
     finetune = report["finetune"]
     assert chosen[0]["heldback_loss"] == pytest.approx(finetune["starts"][finetune["start"]]["heldback_loss"])
     assert all(np.isfinite(t["heldback_loss"]) for t in tried)
+    assert not any(t["reads_pixels"] for t in tried)  # a LeNet's first layer is a convolution
     console = Console(record=True, width=200)
     repair_tables(report, console)
     text = console.export_text()
@@ -219,6 +220,31 @@ def test_finetune_report_marks_the_kept_candidate_and_prints_every_one(repaired)
         assert sum(line.lstrip("│ ").startswith("*") for line in text.splitlines()) == 1
     else:
         assert "fine-tuning candidates" not in text
+
+
+def test_mlp_first_layer_set_reads_the_pixels_and_is_kept(tmp_path):
+    """An MLP's first layer is dense over the whole input, each weight tied to one pixel: its set is marked
+    `reads_pixels` (no other is) and kept over deeper accepted sets within the tolerances."""
+    pytest.importorskip("torch")
+    from lancet.models.recipes import Recipe, build_case
+    from lancet.neurons import find_layers
+
+    built = build_case(Recipe(arch="mlp"))
+    result = repair(built.model, built.case, tmp_path / "mlp.onnx", method="finetune", progress=False)
+    tried = result.to_json()["finetune_tried"]
+    first = find_layers(load_model(built.model))[0].weight
+    assert any(t["scope"] == first for t in tried)
+    for attempt in tried:
+        assert attempt["reads_pixels"] == (attempt["scope"] == first) or attempt["scope"] == "global"
+    from lancet.repair import FIX_TOLERANCE, HELDBACK_TOLERANCE
+
+    chosen = [t for t in tried if t["chosen"]][0]
+    accepted = [t for t in tried if t["accepted"]]
+    best_heldback = max(t["heldback_accuracy"] for t in accepted)
+    best_fix = max(t["error_fix_rate"] for t in accepted if t["heldback_accuracy"] >= best_heldback - HELDBACK_TOLERANCE)
+    if any(t["reads_pixels"] and t["heldback_accuracy"] >= best_heldback - HELDBACK_TOLERANCE
+           and t["error_fix_rate"] >= best_fix - FIX_TOLERANCE for t in accepted):
+        assert chosen["reads_pixels"], tried
 
 
 def test_finetune_candidates_bound_the_sets_trained(backdoor_case, repaired, tmp_path):
@@ -440,6 +466,11 @@ def test_finetune_pick_keeps_the_deepest_safe_set_whose_backdoor_is_gone():
     assert _pick_finetuned([trained("global", 9, 0.95, 0.1), fc2], 2.0) is fc2
     better = trained("fc2.weight", 9, 0.93, 0.2)
     assert _pick_finetuned([fc2, better], 2.0) is better
+    # A dense first layer over the whole input (an MLP's) ranks above every deeper set, within the same filters.
+    first = trained("fc0.weight", 1, 0.93, 0.3)._replace(reads_pixels=True)
+    assert _pick_finetuned([fc2, first, fc1], 2.0) is first
+    assert _pick_finetuned([fc2, first._replace(heldback_accuracy=0.92 - 1.5 * HELDBACK_TOLERANCE)], 2.0) is fc2
+    assert _pick_finetuned([fc2, first._replace(residual={"anomaly_index": 3.0})], 2.0) is fc2
 
 
 def test_flip_takes_the_largest_margin_within_the_bound_then_the_smallest_drop():

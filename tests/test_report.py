@@ -66,3 +66,7 @@ def test_candidates_table_shows_the_residual_trigger_only_when_restored():
         assert ("residual index" in text) == shown and ("-0.50" in text) == shown
         starred = [line for line in text.splitlines() if line.lstrip("│ ").startswith("*")]
         assert len(starred) == 1 and "fc2.weight" in starred[0] and "0.0000" in starred[0]  # a 0 fix rate shows
+        assert "on pixels" not in text
+    console = Console(record=True, width=200)
+    finetune_candidates_table([{**attempt("fc0.weight", True), "depth": 1, "reads_pixels": True}], console)
+    assert "1 (on pixels)" in console.export_text()  # why an MLP's first layer outranks deeper sets
