@@ -97,7 +97,8 @@ def _evaluate(forward: Forward, params, case: Case, x_error, y_error) -> dict:
     return report
 
 
-def _finetune_scopes(located: LocateResult, depth: Mapping[str, int] | None = None) -> list[tuple[str, int]]:
+def _finetune_scopes(located: LocateResult, depth: Mapping[str, int] | None = None,
+                     pixel_tied: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, int]]:
     """(scope, k) sets fine-tuning tries, training the top FINETUNE_MARGIN x k of each; every one is
     fine-tuned and `_pick_finetuned` keeps one of those accepted (when none is, the last one tried is
     reported).
@@ -111,7 +112,7 @@ def _finetune_scopes(located: LocateResult, depth: Mapping[str, int] | None = No
 
     Then (given `depth`: each scope's first node index, the output layer's the largest of all layers') the
     scopes that reach the fix target, deepest first but for the output layer, up to FINETUNE_CANDIDATES
-    sets in all: which set's training carries over to held-out triggered inputs differs from model to
+    sets in all (a dense first layer over the pixels, `pixel_tied`, before them, as `_pick_finetuned` ranks it): which set's training carries over to held-out triggered inputs differs from model to
     model, and the smallest set often does not. Fashion-MNIST LeNet-5, held-out ASR / C-Acc drop after
     fine-tuning each scope's set on a restored trigger (scratch runs): Trojan conv2 (the smallest set)
     75.9 % / 0.5, fc1 6.7 / 0.5, fc2 0.6 / 0.6, fc3 0.1 / 0.7; Blended conv1 (smallest) 4.8 / 0.6, fc2
@@ -136,7 +137,7 @@ def _finetune_scopes(located: LocateResult, depth: Mapping[str, int] | None = No
         return scopes
     output_depth = max(depth.values(), default=0)  # the output layer (see the docstring)
     reaching = sorted((r for r in located.scopes if r.k_target and depth.get(r.scope, 0) < output_depth),
-                      key=lambda r: -depth.get(r.scope, 0))
+                      key=lambda r: (r.scope not in pixel_tied, -depth.get(r.scope, 0)))
     deep = [(r.scope, r.k_target) for r in reaching if (r.scope, r.k_target) not in scopes]
     return (scopes + deep)[:FINETUNE_CANDIDATES]
 
@@ -154,10 +155,10 @@ def _finetune_sets(forward: Forward, located: LocateResult,
     depth = {r.scope: ablator.depth(r.scope) for r in located.scopes}
     depth.update({layer.name: ablator.depth(layer.name) for layer in located.scores.layers
                   if layer.name not in depth})
-    scopes = _finetune_scopes(located, depth)
+    pixel_tied = _pixel_tied_layer(forward, case)
+    scopes = _finetune_scopes(located, depth, pixel_tied)
     if not scopes or FINETUNE_MARGIN <= 1:
         return [(located.eins, located.chosen.scope if located.chosen else None, -1, False)]
-    pixel_tied = _pixel_tied_layer(forward, case)
     sets = []
     for scope, k in scopes:
         ranks, candidates = ablator.ranks(scope)

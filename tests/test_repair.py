@@ -434,6 +434,14 @@ def test_finetune_tries_the_deepest_scopes_reaching_the_target_next():
     # the smallest set, then the deepest scopes reaching the target but the output layer
     assert _finetune_scopes(located, depth) == [("conv1.weight", 7), ("fc1.weight", 150), ("global", 300)]
     assert _finetune_scopes(located) == [("conv1.weight", 7)]  # no depths known: the search's set alone
+    # A dense first layer over the pixels (an MLP's) comes right after the search's set, as the pick ranks it.
+    mlp = LocateResult(None, None, "weight", None, None, results[1], results + [scope("fc0.weight", 30, True, 30)],
+                       {}, 0.85)
+    depth["fc0.weight"] = 5
+    assert _finetune_scopes(mlp, depth) == [("conv1.weight", 7), ("fc1.weight", 150), ("fc0.weight", 30),
+                                            ("global", 300)]
+    assert _finetune_scopes(mlp, depth, {"fc0.weight"}) == [("conv1.weight", 7), ("fc0.weight", 30),
+                                                            ("fc1.weight", 150), ("global", 300)]
 
 
 def test_finetune_pick_keeps_the_deepest_safe_set_whose_backdoor_is_gone():
