@@ -35,6 +35,19 @@ def code_revision() -> str | None:
     return (described.stdout.strip() or None) if described.returncode == 0 else None
 
 
+def cpu_model() -> str:
+    """The CPU's model name and widest vector extension: torch's CPU kernels differ between AVX2 and AVX-512,
+    and so do the models a recipe trains on them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    vector = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+    return f"{names[0] if names else platform.machine()} ({vector})"
+
+
 def environment() -> dict:
     """Machine, library and code facts stored next to every figure."""
     import jax
@@ -44,7 +57,8 @@ def environment() -> dict:
 
     return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "jax": jax.__version__, "jax_backend": jax.default_backend(), "onnxruntime": onnxruntime.__version__,
-            "devices": [str(d) for d in jax.devices()], "lancet": lancet.__version__, "code": code_revision()}
+            "devices": [str(d) for d in jax.devices()], "lancet": lancet.__version__, "code": code_revision(),
+            "cpu": cpu_model()}
 
 
 def write_json(path: str | Path, data: dict) -> Path:

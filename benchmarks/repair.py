@@ -298,8 +298,10 @@ def markdown(data: dict) -> str:
              "points (a mean within bounds can hide one class paying for a repair; recorded since 2026-11-30, "
              "blank in older cells).", ""]
     revisions = sorted({r.get("code") or "unrecorded" for row in data["rows"].values() for r in row["records"]})
+    machines = sorted({r.get("cpu") or "unrecorded" for row in data["rows"].values() for r in row["records"]})
     lines += [f"Code that produced the cells (`code` in each JSON record; `unrecorded`: run before 2026-12-01): "
-              f"{', '.join(revisions)}.", ""]
+              f"{', '.join(revisions)}. CPUs the models were trained and repaired on (`cpu`; a recipe trains "
+              f"different models on AVX2 and AVX-512): {', '.join(machines)}.", ""]
     present = {name.removesuffix(f"-s{row['recipe'].get('seed', 0)}") for name, row in data["rows"].items()}
     missing = [name for name in ROWS if name not in present]
     if missing and not data["quick"]:
@@ -429,8 +431,10 @@ def main(argv: list[str] | None = None) -> dict:
                           f"ASR {_pct(record['after']['asr']):>5s} R-Acc {_pct(record['after']['r_acc']):>5s} "
                           f"{record['seconds']:7.1f} s")
             records = run_setting(row, setting, tuple(args.methods), args.seed, progress)
-            # Merged tables mix runs: each cell names the code that produced it.
-            entry["records"] += [{**record, "code": data["environment"]["code"]} for record in records]
+            # Merged tables mix runs: each cell names the code that produced it and the CPU its model was
+            # trained on (a recipe trains different models on AVX2 and AVX-512 machines).
+            entry["records"] += [{**record, "code": data["environment"]["code"], "cpu": data["environment"]["cpu"]}
+                                 for record in records]
             data["seconds"] = time.perf_counter() - start
             write_json(out, data)  # partial results survive an interrupted run
     bar.close()

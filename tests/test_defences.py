@@ -2,6 +2,7 @@
 and their repaired parameters export through graph surgery and run in onnxruntime."""
 from __future__ import annotations
 
+import platform
 import re
 import shutil
 import sys
@@ -131,8 +132,11 @@ def test_benchmark_der_and_table():
     table = bench.markdown(data)
     assert "| clean | lancet-flip | repaired | 89.5 | 2.0 | 1.5 | 90.0 |  | 0.988 | 12 | 3 | met |" in table  # issue 4
     assert "that produced the cells (`code` in each JSON record; `unrecorded`: run before 2026-12-01): unrecorded." in table
-    data["rows"]["r"]["records"].append({**data["rows"]["r"]["records"][0], "setting": "error", "code": "abc1234"})
-    assert "2026-12-01): abc1234, unrecorded." in bench.markdown(data)  # merged runs name each revision
+    data["rows"]["r"]["records"].append({**data["rows"]["r"]["records"][0], "setting": "error", "code": "abc1234",
+                                         "cpu": "AMD EPYC (avx512)"})
+    table = bench.markdown(data)
+    assert "2026-12-01): abc1234, unrecorded." in table  # merged runs name each revision
+    assert "AVX-512): AMD EPYC (avx512), unrecorded." in table  # and each CPU
     data["rows"]["r"]["records"].pop()
     record = data["rows"]["r"]["records"][0]
     record["before"] = {**record["before"], "class_acc": {"0": 0.9, "1": 0.8, "2": 0.7}}
@@ -156,6 +160,7 @@ def test_benchmark_environment_names_the_code_revision():
         assert revision and re.fullmatch(r"(.+-g)?[0-9a-f]{7,40}(-dirty)?", revision), revision
     env = environment()
     assert env["code"] == revision and env["lancet"] == lancet.__version__
+    assert re.fullmatch(r".+ \((avx512|avx2|no avx2)\)", env["cpu"]) or env["cpu"] == platform.machine()
 
 
 def test_benchmark_merge_replaces_records_one_by_one(tmp_path):
