@@ -505,7 +505,8 @@ def test_finetune_passes_over_a_set_whose_repair_fails(backdoor_case, monkeypatc
 
     real = repair_module._finetune_scopes
     monkeypatch.setattr(repair_module, "_finetune_scopes",
-                        lambda located, depth=None: [(located.chosen.scope, 1), *real(located, depth)])
+                        lambda located, depth=None, pixel_tied=frozenset(): [(located.chosen.scope, 1),
+                                                                             *real(located, depth, pixel_tied)])
     model = load_model(backdoor_case.model)
     case, forward = load_case(backdoor_case.case, model), Forward(model)
 
