@@ -110,18 +110,12 @@ def _finetune_scopes(located: LocateResult, depth: Mapping[str, int] | None = No
     back (MobileNetV2 trojan: the best set within 2 points fixes 1 % of the pairs and cannot repair;
     ablating 176 weights fixes 96 % at 5.8 points, and trained, repairs).
 
-    Then (given `depth`: each scope's first node index, the output layer's the largest of all layers') the
-    scopes that reach the fix target, deepest first but for the output layer, up to FINETUNE_CANDIDATES
-    sets in all (a dense first layer over the pixels, `pixel_tied`, before them, as `_pick_finetuned` ranks it): which set's training carries over to held-out triggered inputs differs from model to
-    model, and the smallest set often does not. Fashion-MNIST LeNet-5, held-out ASR / C-Acc drop after
-    fine-tuning each scope's set on a restored trigger (scratch runs): Trojan conv2 (the smallest set)
-    75.9 % / 0.5, fc1 6.7 / 0.5, fc2 0.6 / 0.6, fc3 0.1 / 0.7; Blended conv1 (smallest) 4.8 / 0.6, fc2
-    0.0 / -0.3, fc3 0.0 / -0.6. With triggered inputs (seed-2 Blended LeNet): the chosen 18-weight conv1
-    set 7.3 % / 0.7, fc2 0.4 / 0.1.
-    The output layer is left out: training its weights can starve the target class altogether, which
-    makes the residual trigger large whether or not the backdoor is gone, at an accuracy cost (digits MLP:
-    first layer, the smallest set, 0.1 / 0.0; last layer 1.9 / 3.7 with the smallest residual trigger;
-    the test suite's digits LeNet: held-out accuracy 2.1 points down after fc3).
+    Then (given `depth`: each scope's first node index, the output layer's the largest of all layers')
+    a dense first layer over the pixels (`pixel_tied`, as `_pick_finetuned` ranks it first), then the
+    scopes that reach the fix target, deepest first but for the output layer (training it can starve the
+    target class), up to FINETUNE_CANDIDATES sets in all: which set's training carries over to held-out
+    triggered inputs differs from model to model, and the smallest set often does not. Measurements:
+    docs/fine-tuning-pick.md.
     """
     chosen = located.chosen
     if chosen is not None and chosen.success and chosen.k:
@@ -207,40 +201,12 @@ def _pick_finetuned(kept: list[_Trained], threshold: float | None) -> _Trained:
     then the higher held-back accuracy. A set in a dense first layer over the whole input (an MLP's,
     `_pixel_tied_layer`) ranks above every deeper one.
 
-    Why depth: the restored trigger resembles the real one in pixels only partly (a watermark restored as a
-    part of it), while deep in the network both drive the same few target-class features; training a
-    shallow set teaches it to ignore the restored pixels, training a deep one removes the features the real
-    trigger reaches too. Fashion-MNIST LeNet-5s (the benchmark's + fresh seeds 1, 2; held-out ASR after
-    fine-tuning each candidate, clean data only): conv1 / conv2 sets 4.2-75.9 %, fc1 0.2-6.7 %, fc2 0.0-1.1 %
-    on all nine models. The held-back split is no guide to which set removes the backdoor (a set that leaves
-    it fits the restored trigger more easily: the Blended LeNet's conv2 set is best held back at 92.3 %, fc2
-    at 90.0 %, held-out ASR 6.9 and 0.0 %), hence the wide tolerance; it rules out a deep set that costs
-    much accuracy (VGG-11 seed 1: the classifier's last hidden layer at 86.8 % against 95.2 %, held-out
-    accuracy 3.9 points down). Rules replayed over the candidates recorded on 15 models where every
-    candidate was fine-tuned (scratch records): this one meets the goal on 13; the former one (the first
-    set whose residual anomaly index is at most 0.5) on 11 (it kept sets leaving 4.5-21.1 % on both
-    Trojan seeds and the VGG-11 seed 1); tolerances of 1 and 2 points on 11, 5 points and none on 12.
-    The benchmark runs under this rule (docs/repair-benchmark*.md) miss the digits MLPs' second hidden layer
-    (the table's: held back 1.6 points below the first layer's set on 64 inputs, held-out accuracy 2.6
-    points down; seed 2: 100 % held back, held-out ASR 3.1 %) and the ViT at seed 1, whose head set (0.1 %)
-    is 7 points below the best on the held-back split. The output layer never enters as a deeper scope
-    (`_finetune_scopes`), but when the smallest set found lies in it, that set ranks deepest: so on the
-    digits spurious LeNet (held-out accuracy 5.7 points up, 0.0 % of marked inputs misclassified, as under
-    the former rule).
-    Why a pixel-tied first layer first: each of its weights reads one pixel, so training it cuts the
-    trigger's pixels off, restored or real; a convolution shares its weights over the image and cannot. Digits
-    MLPs (the benchmark's and seeds 1-3, both settings: 8 cells): the first-layer set met the goal in all 8
-    (held-out drop <= 0.6 points, ASR <= 1.3 %); the second hidden layer's in 1 (drop 1.1-3.4 points on 6,
-    ASR 2.2-4.3 % on 4, which a held-back split of about 50-65 inputs does not show). Replayed on those records:
-    deepest first 5 of 8 met, this 7 of 8 (seed 2, clean data only, keeps the second layer: the first
-    layer's set is 4.6 points below it on 65 held-back inputs).
-    With triggered inputs (benchmark runs, held-out ASR, the search's set alone -> this rule): Fashion LeNets
-    BadNets 1.3 -> 0.2 %, Blended 1.8 -> 0.0, Blended seed 1 2.4 -> 0.3, Trojan seed 1 2.5 -> 1.1, Blended
-    seed 2 7.3 -> 2.4 (a set across layers; fc2, 0.4 %, is 3.7 points below on the held-back split), BadNets
-    seed 2 1.0 -> 2.4 (fc2 over the set across layers at its depth, 0.5 %); VGG-11 1.1 -> 0.0, ViT 0.7 -> 0.1,
-    ResNet-18 1.1 -> 1.3: 18 of 23 cells meet the goal (17 before). The fix-rate filter is for VGG-11: its
-    deepest set, the classifier's hidden layer, fixes only 95.1 % of the given inputs (the others 100 %)
-    and leaves 3.2 % held out.
+    Why depth: the restored trigger resembles the real one in pixels only partly, while deep in the network
+    both drive the same target-class features; training a shallow set teaches it to ignore the restored
+    pixels, training a deep one removes what the real trigger reaches too. Why a pixel-tied first layer
+    first: each of its weights reads one pixel, so training it cuts the trigger's pixels off, restored or
+    real. The held-back split is a weak guide to which set removes the backdoor, hence the wide tolerance;
+    it rules out a deep set that costs much accuracy. Measurements and replays: docs/fine-tuning-pick.md.
     """
     best_heldback = max(k.heldback_accuracy for k in kept)
     safe = [k for k in kept if k.heldback_accuracy >= best_heldback - HELDBACK_TOLERANCE]
