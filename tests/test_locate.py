@@ -296,6 +296,14 @@ def test_clean_model_no_backdoor_found(tmp_path):
     assert len(pairwise["rows"]) == 90 and pairwise["flagged_triggers"] == []
     assert max(pairwise["anomaly_index"]) < pairwise["anomaly_threshold"]
     assert result.to_json()["restore"]["backdoor_found"] is False
+    # `repair` on the same restoration stops, writes nothing and names the trigger that came closest.
+    from lancet.repair import repair
+
+    stopped = repair(built.model, Case(case.x_clean, case.y_clean), tmp_path / "out.onnx", progress=False,
+                     restore=result.restore)
+    assert stopped.status == "no_backdoor" and not stopped.written and not (tmp_path / "out.onnx").exists()
+    closest = int(np.argmax(result.restore.anomaly))
+    assert f"{result.restore.label(closest)}, anomaly index {max(result.restore.anomaly):.2f} under" in stopped.reasons[0]
 
 
 def test_additive_restoration_flags_blended_target(tmp_path):
