@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import AbstractSet, Any, Callable, Mapping, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +26,7 @@ from .loader import load_model
 from .locate.common import predict_labels
 from .locate.pipeline import LocateResult, locate
 from .locate.restore import RestoreResult, residual_trigger
-from .neurons import find_layers
+from .neurons import Layer, find_layers
 
 METHODS = ("flip", "finetune")
 # Ablation-search fix-rate target on the pairs per method: a flip search can afford a stricter target
@@ -97,7 +97,7 @@ def _evaluate(forward: Forward, params, case: Case, x_error, y_error) -> dict:
     return report
 
 
-def _no_backdoor_reason(restore) -> str:
+def _no_backdoor_reason(restore: RestoreResult) -> str:
     """Why a clean-only repair stops: no restored trigger stood out; names the one that came closest, so a
     defender can judge a near miss (a fresh ViT's target: the smallest mask, index 1.69 under 2)."""
     closest = int(np.argmax(restore.anomaly))
@@ -107,7 +107,8 @@ def _no_backdoor_reason(restore) -> str:
 
 
 def _finetune_scopes(located: LocateResult, depth: Mapping[str, int] | None = None,
-                     pixel_tied: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, int]]:
+                     pixel_tied: AbstractSet[str] = frozenset(),
+                     limit: int = FINETUNE_CANDIDATES) -> list[tuple[str, int]]:
     """(scope, k) sets fine-tuning tries, training the top FINETUNE_MARGIN x k of each; every one is
     fine-tuned and `_pick_finetuned` keeps one of those accepted (when none is, the last one tried is
     reported).
@@ -122,9 +123,9 @@ def _finetune_scopes(located: LocateResult, depth: Mapping[str, int] | None = No
     Then (given `depth`: each scope's first node index, the output layer's the largest of all layers')
     a dense first layer over the pixels (`pixel_tied`, as `_pick_finetuned` ranks it first), then the
     scopes that reach the fix target, deepest first but for the output layer (training it can starve the
-    target class), up to FINETUNE_CANDIDATES sets in all: which set's training carries over to held-out
-    triggered inputs differs from model to model, and the smallest set often does not. Measurements:
-    docs/fine-tuning-pick.md.
+    target class), up to `limit` sets in all (FINETUNE_CANDIDATES by default): which set's training carries
+    over to held-out triggered inputs differs from model to model, and the smallest set often does not.
+    Measurements: docs/fine-tuning-pick.md.
     """
     chosen = located.chosen
     if chosen is not None and chosen.success and chosen.k:
@@ -137,16 +138,16 @@ def _finetune_scopes(located: LocateResult, depth: Mapping[str, int] | None = No
             if (best.scope, best.k_target) not in scopes:
                 scopes.append((best.scope, best.k_target))
     if depth is None:
-        return scopes
+        return scopes[:limit]
     output_depth = max(depth.values(), default=0)  # the output layer (see the docstring)
     reaching = sorted((r for r in located.scopes if r.k_target and depth.get(r.scope, 0) < output_depth),
                       key=lambda r: (r.scope not in pixel_tied, -depth.get(r.scope, 0)))
     deep = [(r.scope, r.k_target) for r in reaching if (r.scope, r.k_target) not in scopes]
-    return (scopes + deep)[:FINETUNE_CANDIDATES]
+    return (scopes + deep)[:limit]
 
 
-def _finetune_sets(forward: Forward, located: LocateResult,
-                   case: Case) -> list[tuple[list[dict], str | None, int, bool]]:
+def _finetune_sets(forward: Forward, located: LocateResult, case: Case, layers: list[Layer],
+                   limit: int = FINETUNE_CANDIDATES) -> list[tuple[list[dict], str | None, int, bool]]:
     """The neuron sets fine-tuning tries, with their scopes, depths and whether they read the pixels: the top
     FINETUNE_MARGIN x k of each of `_finetune_scopes` (the minimal ablation set sits right at the edge; a
     margin lets training push the error further away). Depth (see `_pick_finetuned`): the index of the first
@@ -158,8 +159,8 @@ def _finetune_sets(forward: Forward, located: LocateResult,
     depth = {r.scope: ablator.depth(r.scope) for r in located.scopes}
     depth.update({layer.name: ablator.depth(layer.name) for layer in located.scores.layers
                   if layer.name not in depth})
-    pixel_tied = _pixel_tied_layer(forward, case)
-    scopes = _finetune_scopes(located, depth, pixel_tied)
+    pixel_tied = _pixel_tied_layer(layers, case)
+    scopes = _finetune_scopes(located, depth, pixel_tied, limit)
     if not scopes or FINETUNE_MARGIN <= 1:
         return [(located.eins, located.chosen.scope if located.chosen else None, -1, False)]
     sets = []
@@ -172,11 +173,10 @@ def _finetune_sets(forward: Forward, located: LocateResult,
     return sets
 
 
-def _pixel_tied_layer(forward: Forward, case: Case) -> set[str]:
+def _pixel_tied_layer(layers: list[Layer], case: Case) -> set[str]:
     """The names (weight, layer tensor) of the model's first layer when it is dense over the whole input,
     every weight tied to one input pixel (an MLP's first layer); empty otherwise (a convolution or a patch
     embedding shares its weights across positions). See `_pick_finetuned` for why it matters."""
-    layers = find_layers(forward.model)
     if not layers or layers[0].op_type not in ("Gemm", "MatMul"):
         return set()
     first, pixels = layers[0], int(np.prod(case.x_clean.shape[1:]))
@@ -355,7 +355,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     are reused (only the ablation search for this method runs). `restore`: a trigger restoration done
     earlier on this model and x_clean, used instead of restoring again (clean data only).
     `finetune_candidates`: the most candidate sets fine-tuning trains (`_finetune_scopes`; 1 trains the
-    search's set alone, the fastest, at the cost measured in `_pick_finetuned`'s docstring).
+    search's set alone, the fastest, at the cost measured in docs/fine-tuning-pick.md).
     `observe`: called with each fine-tuned candidate's entry of `details["finetune_tried"]` and its
     parameters, after the residual check; what it adds to the entry goes into the report (the repair
     benchmark scores every candidate on held-out data, where the report keeps only the chosen one).
@@ -421,7 +421,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
         from tqdm.auto import tqdm
 
         tried, best, kept = [], None, []
-        for trained, scope, depth, reads_pixels in _finetune_sets(forward, located, case)[:finetune_candidates]:
+        for trained, scope, depth, reads_pixels in _finetune_sets(forward, located, case, layers, finetune_candidates):
             bar = tqdm(total=finetune_epochs * len(FINETUNE_STARTS), desc=f"fine-tuning EINs ({scope})",
                        disable=None if progress else True, leave=False)
             masks = ein_masks(model, layers, trained, granularity)

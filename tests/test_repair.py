@@ -234,6 +234,7 @@ def test_mlp_first_layer_set_reads_the_pixels_and_is_kept(tmp_path):
     tried = result.to_json()["finetune_tried"]
     first = find_layers(load_model(built.model))[0].weight
     assert any(t["scope"] == first for t in tried)
+    assert any(t["reads_pixels"] and t["accepted"] for t in tried), tried  # the rule below is exercised
     for attempt in tried:
         assert attempt["reads_pixels"] == (attempt["scope"] == first) or attempt["scope"] == "global"
     from lancet.repair import FIX_TOLERANCE, HELDBACK_TOLERANCE
@@ -434,6 +435,7 @@ def test_finetune_tries_the_deepest_scopes_reaching_the_target_next():
     # the smallest set, then the deepest scopes reaching the target but the output layer
     assert _finetune_scopes(located, depth) == [("conv1.weight", 7), ("fc1.weight", 150), ("global", 300)]
     assert _finetune_scopes(located) == [("conv1.weight", 7)]  # no depths known: the search's set alone
+    assert _finetune_scopes(located, depth, limit=2) == [("conv1.weight", 7), ("fc1.weight", 150)]
     # A dense first layer over the pixels (an MLP's) comes right after the search's set, as the pick ranks it.
     mlp = LocateResult(None, None, "weight", None, None, results[1], results + [scope("fc0.weight", 30, True, 30)],
                        {}, 0.85)
@@ -505,8 +507,8 @@ def test_finetune_passes_over_a_set_whose_repair_fails(backdoor_case, monkeypatc
 
     real = repair_module._finetune_scopes
     monkeypatch.setattr(repair_module, "_finetune_scopes",
-                        lambda located, depth=None, pixel_tied=frozenset(): [(located.chosen.scope, 1),
-                                                                             *real(located, depth, pixel_tied)])
+                        lambda located, depth=None, pixel_tied=frozenset(), limit=4: [
+                            (located.chosen.scope, 1), *real(located, depth, pixel_tied, limit)][:limit])
     model = load_model(backdoor_case.model)
     case, forward = load_case(backdoor_case.case, model), Forward(model)
 
