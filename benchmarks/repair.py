@@ -61,6 +61,10 @@ ROWS = {
                                      "Keras CNN with BatchNormalization (NHWC, tf2onnx), BadNets, all-to-one"),
     "digits-mlp-badnets": (dict(dataset="mnist_digits", arch="mlp", attack="badnets", defender_clean=175),
                            "MLP (MNIST digits), BadNets, all-to-one"),
+    "fashion-mlp-badnets": (dict(FASHION, arch="mlp", attack="badnets"), "MLP (784-128-64), BadNets, all-to-one"),
+    "fashion-mlp-blended": (dict(FASHION, arch="mlp", attack="blended"), "MLP (784-128-64), Blended, all-to-one"),
+    "fashion-mlp_deep-badnets": (dict(FASHION, arch="mlp_deep", attack="badnets"),
+                                 "MLP (784-256-128-64), BadNets, all-to-one"),
 }
 QUICK_ROWS = ("fashion-lenet5-badnets",)
 SETTINGS = ("clean", "error")

@@ -16,6 +16,16 @@ def mlp(in_channels: int = 1, image_size: int = 28, num_classes: int = 10, hidde
                          nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, num_classes))
 
 
+def mlp_deep(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> nn.Module:
+    """Three hidden ReLU layers (256, 128, 64) on the flattened image: a deeper MLP than `mlp`."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_channels * image_size**2
+    for hidden in (256, 128, 64):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
 def lenet5(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> nn.Module:
     """LeNet-5: two conv + max-pool stages and three dense layers."""
     side = ((image_size - 4) // 2 - 4) // 2
@@ -195,7 +205,7 @@ def vit_small(in_channels: int = 3, image_size: int = 32, num_classes: int = 10)
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "mlp": mlp, "lenet5": lenet5, "vgg11": vgg11, "resnet18": resnet18,
+    "mlp": mlp, "mlp_deep": mlp_deep, "lenet5": lenet5, "vgg11": vgg11, "resnet18": resnet18,
     "mobilenetv2": mobilenetv2_small, "densenet": densenet_small, "vit": vit_small,
 }
 

@@ -13,6 +13,7 @@ CASES = [
     # (architecture, input channels, image size, opset, keep BatchNormalization nodes)
     ("mlp", 1, 28, 17, False),
     ("mlp", 1, 28, 9, False),
+    ("mlp_deep", 1, 28, 17, False),
     ("lenet5", 1, 28, 17, False),
     ("lenet5", 1, 28, 11, False),
     ("vgg11", 3, 32, 17, True),
