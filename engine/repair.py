@@ -160,7 +160,8 @@ def _finetune_sets(forward: Forward, located: LocateResult, case: Case, layers: 
     depth.update({layer.name: ablator.depth(layer.name) for layer in located.scores.layers
                   if layer.name not in depth})
     pixel_tied = _pixel_tied_layer(layers, case)
-    scopes = _finetune_scopes(located, depth, pixel_tied, limit)
+    # A restored trigger ranks no set by its pixels (`_pick_finetuned`), so none is tried early for that.
+    scopes = _finetune_scopes(located, depth, pixel_tied if located.restore is None else frozenset(), limit)
     if not scopes or FINETUNE_MARGIN <= 1:
         return [(located.eins, located.chosen.scope if located.chosen else None, -1, False)]
     sets = []
@@ -207,15 +208,18 @@ def _pick_finetuned(kept: list[_Trained], threshold: float | None) -> _Trained:
     trigger (clean data only, each set with its residual trigger), whose residual trigger's anomaly index is
     at most `threshold` (the restoration's own flagging threshold) when any's is: the deepest set
     (`_finetune_sets`: a set across layers sits where its median element does), then a single-layer set,
-    then the higher held-back accuracy. A set in a dense first layer over the whole input (an MLP's,
-    `_pixel_tied_layer`) ranks above every deeper one.
+    then the higher held-back accuracy. With real error inputs, a set in a dense first layer over the whole
+    input (an MLP's, `_pixel_tied_layer`) ranks above every deeper one.
 
     Why depth: the restored trigger resembles the real one in pixels only partly, while deep in the network
     both drive the same target-class features; training a shallow set teaches it to ignore the restored
     pixels, training a deep one removes what the real trigger reaches too. Why a pixel-tied first layer
-    first: each of its weights reads one pixel, so training it cuts the trigger's pixels off, restored or
-    real. The held-back split is a weak guide to which set removes the backdoor, hence the wide tolerance;
-    it rules out a deep set that costs much accuracy. Measurements and replays: docs/fine-tuning-pick.md.
+    first with real error inputs: each of its weights reads one pixel, so training it cuts the trigger's
+    pixels off; not with a restored trigger, the smallest mask that flips the model, which holds only some
+    of the real trigger's pixels (the rest keep working: Fashion-MNIST MLPs' first-layer sets left 5.6-99 %
+    held-out ASR where the deeper hidden layer's left 0.2-2.3 %). The held-back split is a weak guide to
+    which set removes the backdoor, hence the wide tolerance; it rules out a deep set that costs much
+    accuracy. Measurements and replays: docs/fine-tuning-pick.md.
     """
     best_heldback = max(k.heldback_accuracy for k in kept)
     safe = [k for k in kept if k.heldback_accuracy >= best_heldback - HELDBACK_TOLERANCE]
@@ -224,7 +228,9 @@ def _pick_finetuned(kept: list[_Trained], threshold: float | None) -> _Trained:
         gone = [k for k in safe if k.after.get("error_fix_rate", 1.0) >= best_fix - FIX_TOLERANCE]
     else:
         gone = [k for k in safe if k.residual["anomaly_index"] <= threshold] or safe
-    return max(gone, key=lambda k: (k.reads_pixels, k.depth, k.scope != "global", k.heldback_accuracy))
+    real_trigger = threshold is None
+    return max(gone, key=lambda k: (k.reads_pixels and real_trigger, k.depth, k.scope != "global",
+                                    k.heldback_accuracy))
 
 
 @dataclass

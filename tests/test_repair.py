@@ -224,7 +224,8 @@ def test_finetune_report_marks_the_kept_candidate_and_prints_every_one(repaired)
 
 def test_mlp_first_layer_set_reads_the_pixels_and_is_kept(tmp_path):
     """An MLP's first layer is dense over the whole input, each weight tied to one pixel: its set is marked
-    `reads_pixels` (no other is) and kept over deeper accepted sets within the tolerances."""
+    `reads_pixels` (no other is) and, the case holding real triggered inputs, kept over deeper accepted sets
+    within the tolerances."""
     pytest.importorskip("torch")
     from lancet.models.recipes import Recipe, build_case
     from lancet.neurons import find_layers
@@ -476,11 +477,17 @@ def test_finetune_pick_keeps_the_deepest_safe_set_whose_backdoor_is_gone():
     assert _pick_finetuned([trained("global", 9, 0.95, 0.1), fc2], 2.0) is fc2
     better = trained("fc2.weight", 9, 0.93, 0.2)
     assert _pick_finetuned([fc2, better], 2.0) is better
-    # A dense first layer over the whole input (an MLP's) ranks above every deeper set, within the same filters.
-    first = trained("fc0.weight", 1, 0.93, 0.3)._replace(reads_pixels=True)
-    assert _pick_finetuned([fc2, first, fc1], 2.0) is first
-    assert _pick_finetuned([fc2, first._replace(heldback_accuracy=0.92 - 1.5 * HELDBACK_TOLERANCE)], 2.0) is fc2
-    assert _pick_finetuned([fc2, first._replace(residual={"anomaly_index": 3.0})], 2.0) is fc2
+    # With real error inputs, a dense first layer over the whole input (an MLP's) ranks above every deeper
+    # set, within the same filters...
+    first = trained("fc0.weight", 1, 0.93, None)._replace(reads_pixels=True)
+    deep = trained("fc2.weight", 9, 0.92, None)
+    assert _pick_finetuned([deep, first, fc1], None) is first
+    assert _pick_finetuned([deep, first._replace(heldback_accuracy=0.92 - 1.5 * HELDBACK_TOLERANCE)], None) is deep
+    assert _pick_finetuned([deep, first._replace(after={"error_fix_rate": 1.0 - 2 * FIX_TOLERANCE})], None) is deep
+    # ... but not with a restored trigger, which holds only part of the real trigger's pixels: depth decides.
+    restored_first = first._replace(residual={"anomaly_index": 0.3})
+    assert _pick_finetuned([fc2, restored_first, fc1], 2.0) is fc2
+    assert _pick_finetuned([restored_first, fc2._replace(residual={"anomaly_index": 3.0})], 2.0) is restored_first
 
 
 def test_flip_takes_the_largest_margin_within_the_bound_then_the_smallest_drop():
