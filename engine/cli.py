@@ -189,7 +189,9 @@ def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, r
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="The case .npz file.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The repaired ONNX file.")
-@click.option("--method", type=click.Choice(["flip", "finetune"]), default="flip", show_default=True)
+@click.option("--method", type=click.Choice(["finetune", "flip"]), default="finetune", show_default=True,
+              help="finetune trains the EINs on the defender's data (meets the held-out goal far more often: "
+                   "docs/repair-benchmark.md); flip negates them, faster, often at a larger accuracy cost.")
 @click.option("--granularity", type=click.Choice(["weight", "channel"]), default="weight", show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),

