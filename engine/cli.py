@@ -203,8 +203,9 @@ def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, r
 @click.option("--target-fix", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Smallest error-fix rate accepted.")
 @click.option("--candidates", type=click.IntRange(1), default=None,
-              help="Fine-tuning: the most candidate sets trained (the search's set, then the deepest layers' "
-                   "sets; default: every one the repair tries); 1 trains the search's set alone, fastest.")
+              help="Fine-tuning: the most candidate sets trained per size (the search's set, then the deepest "
+                   "layers' sets; default: every one the repair tries); 1 trains the search's set alone, "
+                   "fastest.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Write the repaired model even when it misses the bounds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")

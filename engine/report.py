@@ -152,14 +152,16 @@ def finetune_candidates_table(tried: list[dict], console) -> None:
     table = Table(title="fine-tuning candidates (* kept; the deepest accepted set within the tolerances, a dense "
                         "layer on the input pixels first)")
     residuals = [(attempt.get("residual_trigger") or {}).get("anomaly_index") for attempt in tried]
+    grown = len({attempt.get("margin") for attempt in tried}) > 1  # sets trained again, larger (repair.py)
     columns = ["", "scope", "depth", "neurons", "accepted", "x_clean acc", "held-back acc", "fix rate"]
     for column in columns + (["residual index"] if any(r is not None for r in residuals) else []):
         table.add_column(column, justify="left" if column in ("", "scope") else "right")
     for attempt, residual in zip(tried, residuals):
         fix_rate = attempt.get("error_fix_rate")
         depth = str(attempt.get("depth", "")) + (" (on pixels)" if attempt.get("reads_pixels") else "")
+        neurons = str(attempt["neurons"]) + (f" ({attempt['margin']:g}x k)" if grown else "")
         row = ["*" if attempt.get("chosen") else "", str(attempt["scope"]), depth,
-               str(attempt["neurons"]), "yes" if attempt["accepted"] else "no", _fmt(attempt["clean_accuracy"]),
+               neurons, "yes" if attempt["accepted"] else "no", _fmt(attempt["clean_accuracy"]),
                _fmt(attempt["heldback_accuracy"]), "" if fix_rate is None else _fmt(fix_rate)]
         if len(table.columns) > len(columns):
             row.append("" if residual is None else f"{residual:.2f}")

@@ -546,3 +546,29 @@ def test_finetune_passes_over_a_set_whose_repair_fails(backdoor_case, monkeypatc
             and t["scope"] == result.details["finetune_scope"]]
     assert result.accepted and kept and all(t["accepted"] for t in kept)
     assert [t["observed_accuracy"] for t in tried] == pytest.approx([t["clean_accuracy"] for t in tried])
+
+
+def test_finetune_grows_its_sets_while_none_fixes_the_given_inputs():
+    """With real error inputs, the candidate scopes are trained again at twice the margin (2 -> 4 -> 8) while no
+    accepted set fixes FINETUNE_GROW_BELOW of the given error inputs; a set already trained is skipped; with a
+    restored trigger (grow False), or once a set fixes enough, no further round."""
+    from lancet.repair import FINETUNE_GROW_BELOW, FINETUNE_MARGIN, FINETUNE_MAX_MARGIN, _finetune_rounds
+
+    def sets_at(margin):  # scope "a" has 10 elements at most: from margin 4 on its set stops growing
+        return [([{}] * min(10, int(3 * margin)), "a", 1, False), ([{}] * int(5 * margin), "b", 2, False)]
+
+    def run(fix_rates, grow=True):
+        tried, order = [], []
+        for margin, trained, scope, *_ in _finetune_rounds(sets_at, tried, grow):
+            order.append((margin, scope, len(trained)))
+            fix, accepted = fix_rates[len(tried)]
+            tried.append({"error_fix_rate": fix, "accepted": accepted})
+        return order
+
+    low = FINETUNE_GROW_BELOW - 0.01
+    assert FINETUNE_MARGIN == 2 and FINETUNE_MAX_MARGIN == 8
+    assert run([(low, True)] * 5) == [(2, "a", 6), (2, "b", 10), (4, "a", 10), (4, "b", 20), (8, "b", 40)]
+    # A set that fixes enough but is rejected (e.g. on accuracy) does not stop the growth; an accepted one does.
+    assert len(run([(1.0, False), (low, True), (1.0, True), (low, True)])) == 4
+    assert run([(FINETUNE_GROW_BELOW, True), (low, True)]) == [(2, "a", 6), (2, "b", 10)]
+    assert run([(low, True)] * 2, grow=False) == [(2, "a", 6), (2, "b", 10)]
