@@ -189,9 +189,9 @@ def _lancet_details(result) -> dict:
         details["flip"] = {k: result.details["flip"].get(k) for k in ("scope", "margin", "neurons")}
     if "finetune_tried" in result.details:  # every candidate set, with its held-out figures (see run_setting)
         details["finetune_tried"] = [
-            {**{k: attempt.get(k) for k in ("scope", "depth", "reads_pixels", "neurons", "start", "accepted", "clean_accuracy",
-                                            "error_fix_rate", "heldback_accuracy", "heldback_loss",
-                                            "heldout")},
+            {**{k: attempt.get(k) for k in ("scope", "depth", "reads_pixels", "neurons", "margin", "start", "accepted",
+                                            "clean_accuracy", "error_fix_rate", "heldback_accuracy",
+                                            "heldback_loss", "chosen", "heldout")},
              "residual_index": (attempt.get("residual_trigger") or {}).get("anomaly_index")}
             for attempt in result.details["finetune_tried"]]
     return details
