@@ -460,7 +460,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
         rounds = _finetune_rounds(lambda margin: _finetune_sets(forward, located, case, layers, finetune_candidates,
                                                                 margin), tried, grow=located.restore is None)
         for margin, trained, scope, depth, reads_pixels in rounds:
-            bar = tqdm(total=finetune_epochs * len(FINETUNE_STARTS), desc=f"fine-tuning EINs ({scope})",
+            bar = tqdm(total=finetune_epochs * len(FINETUNE_STARTS), desc=f"fine-tuning {len(trained)} EINs ({scope})",
                        disable=None if progress else True, leave=False)
             masks = ein_masks(model, layers, trained, granularity)
             starts = {init: finetune(forward, masks, x_train, y_train, weights=weights, epochs=finetune_epochs,
