@@ -224,10 +224,13 @@ class _Trained(NamedTuple):
     depth: int = 0  # see `_finetune_sets`
     reads_pixels: bool = False  # its median element lies in a dense first layer (`_pixel_tied_layer`)
     attempt: dict | None = None  # its entry of the report's `finetune_tried`
+    margin: float = FINETUNE_MARGIN  # its size, in multiples of its scope's ablation set (`_finetune_rounds`)
 
 
 def _pick_finetuned(kept: list[_Trained], threshold: float | None) -> _Trained:
-    """The fine-tuned set to keep, of the accepted ones: among those whose held-back accuracy is at most
+    """The fine-tuned set to keep, of the accepted ones of the largest size trained (when the sets were
+    grown, `_finetune_rounds`, every smaller one fell short of the fix rate that stops the growth): among
+    those whose held-back accuracy is at most
     HELDBACK_TOLERANCE below the best one's, and, with real error inputs (`threshold` None), which fix the
     given error inputs within FIX_TOLERANCE of the best of them, or, when the pairs come from a restored
     trigger (clean data only, each set with its residual trigger), whose residual trigger's anomaly index is
@@ -246,6 +249,8 @@ def _pick_finetuned(kept: list[_Trained], threshold: float | None) -> _Trained:
     which set removes the backdoor, hence the wide tolerance; it rules out a deep set that costs much
     accuracy. Measurements and replays: docs/fine-tuning-pick.md.
     """
+    largest = max(k.margin for k in kept)
+    kept = [k for k in kept if k.margin == largest]
     best_heldback = max(k.heldback_accuracy for k in kept)
     safe = [k for k in kept if k.heldback_accuracy >= best_heldback - HELDBACK_TOLERANCE]
     if threshold is None:
@@ -492,7 +497,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
                                 "starts": {init: {"heldback_loss": r.heldback_loss, "best_epoch": r.best_epoch}
                                            for init, r in starts.items()}},
                                attempt["heldback_accuracy"], depth=depth, reads_pixels=reads_pixels,
-                               attempt=attempt)
+                               attempt=attempt, margin=margin)
             if not reasons and located.restore is not None:
                 # Clean data only: is the backdoor still there? Restore the flagged classes' triggers again.
                 outcome = outcome._replace(residual=residual_trigger(forward, case.x_clean, located.restore,

@@ -504,6 +504,12 @@ def test_finetune_pick_keeps_the_deepest_safe_set_whose_backdoor_is_gone():
     restored_first = first._replace(residual={"anomaly_index": 0.3})
     assert _pick_finetuned([fc2, restored_first, fc1], 2.0) is fc2
     assert _pick_finetuned([restored_first, fc2._replace(residual={"anomaly_index": 3.0})], 2.0) is restored_first
+    # Grown sets (`_finetune_rounds`): only the largest size's accepted sets are weighed; a smaller one, though
+    # deeper, within the fix tolerance and better held back, fell short of the growth's fix rate.
+    small = trained("fc2.weight", 9, 0.95, None, fix=0.96)
+    grown = trained("fc1.weight", 7, 0.93, None, fix=0.98)._replace(margin=4.0)
+    assert _pick_finetuned([small, grown], None) is grown
+    assert _pick_finetuned([small], None) is small
 
 
 def test_flip_takes_the_largest_margin_within_the_bound_then_the_smallest_drop():
