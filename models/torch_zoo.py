@@ -10,20 +10,25 @@ import torch
 from torch import nn
 
 
+def _dense_stack(in_features: int, hidden: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Flatten, then a ReLU layer per `hidden` width, then the output layer (one Sequential, so weights keep
+    the same names whatever the depth)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for out in hidden:
+        layers += [nn.Linear(width, out), nn.ReLU()]
+        width = out
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
 def mlp(in_channels: int = 1, image_size: int = 28, num_classes: int = 10, hidden: int = 128) -> nn.Module:
     """Two hidden ReLU layers on the flattened image."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, hidden), nn.ReLU(),
-                         nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, num_classes))
+    return _dense_stack(in_channels * image_size**2, (hidden, hidden // 2), num_classes)
 
 
 def mlp_deep(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> nn.Module:
     """Three hidden ReLU layers (256, 128, 64) on the flattened image: a deeper MLP than `mlp`."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = in_channels * image_size**2
-    for hidden in (256, 128, 64):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+    return _dense_stack(in_channels * image_size**2, (256, 128, 64), num_classes)
 
 
 def lenet5(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> nn.Module:
