@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -578,3 +579,27 @@ def test_finetune_grows_its_sets_while_none_fixes_the_given_inputs():
     assert len(run([(1.0, False), (low, True), (1.0, True), (low, True)])) == 4
     assert run([(FINETUNE_GROW_BELOW, True), (low, True)]) == [(2, "a", 6), (2, "b", 10)]
     assert run([(low, True)] * 2, grow=False) == [(2, "a", 6), (2, "b", 10)]
+
+
+def test_growth_replay_stops_where_the_threshold_would_and_keeps_the_picked_set():
+    """benchmarks/growth_replay.py replays the growth stop and the pick at another threshold from a record's
+    `finetune_tried`: sets fixing 0.97 at 2x, 0.98 at 4x and 0.99 at 8x stop at 4x below 0.98 and at 8x below
+    0.985; a record whose growth stopped earlier than a higher threshold would is `not_run`; a record grown
+    without its sizes recorded is not replayed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from growth_replay import replay  # noqa: PLC0415
+
+    def attempt(scope, margin, fix, asr, depth=1):
+        return {"scope": scope, "margin": margin, "neurons": int(10 * margin), "accepted": True, "depth": depth,
+                "error_fix_rate": fix, "heldback_accuracy": 0.9, "heldout": {"c_acc": 0.9, "asr": asr}}
+
+    tried = [attempt("a", 2.0, 0.97, 0.05), attempt("b", 2.0, 0.96, 0.06, depth=2),
+             attempt("a", 4.0, 0.98, 0.03), attempt("a", 8.0, 0.99, 0.01)]
+    record = {"before": {"c_acc": 0.9}, "details": {"finetune_tried": tried}}
+    at_098, at_0985 = replay(record, 0.98), replay(record, 0.985)
+    assert (at_098["margin"], at_098["asr"], at_098["met"]) == (4.0, 0.03, False)
+    assert (at_0985["margin"], at_0985["asr"], at_0985["met"]) == (8.0, 0.01, True)
+    assert replay(record, 0.5)["scope"] == "b"  # 2x only: the deeper set, within the fix tolerance
+    assert replay({**record, "details": {"finetune_tried": tried[:3]}}, 0.985) == {"not_run": True}
+    unsized = [{**t, "margin": None} for t in tried]
+    assert replay({**record, "details": {"finetune_tried": unsized}}, 0.98) == {"unrecorded": True}
