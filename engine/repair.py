@@ -491,6 +491,10 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
                        "error_fix_rate": after.get("error_fix_rate"),
                        "largest_class_drop": after["largest_class_drop"]["drop_points"],
                        "heldback_accuracy": tuned.history[tuned.best_epoch]["heldback_accuracy"],
+                       # the untouched model on the same split (the "keep" start's epoch 0): what a drop is
+                       # measured from, recorded so that a tolerance against it can be replayed
+                       "heldback_accuracy_original": (starts["keep"].history[0]["heldback_accuracy"]
+                                                      if "keep" in starts else None),
                        "heldback_loss": tuned.heldback_loss,
                        "heldback_error": after.get("heldback_error")}
             tried.append(attempt)

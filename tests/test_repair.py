@@ -553,6 +553,9 @@ def test_finetune_passes_over_a_set_whose_repair_fails(backdoor_case, monkeypatc
             and t["scope"] == result.details["finetune_scope"]]
     assert result.accepted and kept and all(t["accepted"] for t in kept)
     assert [t["observed_accuracy"] for t in tried] == pytest.approx([t["clean_accuracy"] for t in tried])
+    # every set is held back on the same split, so the untouched model's figure there is one number
+    originals = {t["heldback_accuracy_original"] for t in tried}
+    assert len(originals) == 1 and 0.0 < originals.pop() <= 1.0
 
 
 def test_finetune_grows_its_sets_while_none_fixes_the_given_inputs():
