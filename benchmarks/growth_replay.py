@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for path in args.results:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), dict):
+            continue  # not a benchmarks/repair.py result file
         for name, row in data["rows"].items():
             for record in row["records"]:
                 if record["method"] != "lancet-finetune" or record["setting"] != "error" \
