@@ -21,15 +21,20 @@ import argparse
 import json
 from pathlib import Path
 
-from lancet.repair import FINETUNE_MARGIN, FINETUNE_MAX_MARGIN, _pick_finetuned, _Trained
+from lancet.repair import FINETUNE_MARGIN, _finetune_rounds, _pick_finetuned, _Trained
 
 GOAL_ASR, GOAL_DROP = 0.02, 0.01  # issue 4's goal on held-out data
+
+
+class _NotRecorded(Exception):
+    """The growth asked for a size the record does not hold."""
 
 
 def replay(record: dict, grow_below: float) -> dict:
     """The set a fine-tuning run with triggered inputs would keep at `grow_below`, from one record's
     `finetune_tried`: its scope, size, fix rate and held-out figures, or `not_run` when the growth would go
-    past the sizes the record holds (`unrecorded`: the record lacks the fix rates or the sizes)."""
+    past the sizes the record holds (`unrecorded`: the record lacks the fix rates or the sizes). The engine's
+    own `_finetune_rounds` decides the growth, fed the recorded sets in place of training them."""
     tried = record["details"]["finetune_tried"]
     if any(t.get("accepted") and t.get("error_fix_rate") is None for t in tried):
         return {"unrecorded": True}  # run before fix rates were recorded
@@ -37,16 +42,20 @@ def replay(record: dict, grow_below: float) -> dict:
         if len({t["scope"] for t in tried}) < len(tried):
             return {"unrecorded": True}  # grown before the sizes were recorded (code 0a2d218)
         tried = [{**t, "margin": FINETUNE_MARGIN} for t in tried]
-    margins = sorted({t["margin"] for t in tried})
+
+    def sets_at(margin: float) -> list[tuple]:
+        at = [t for t in tried if t["margin"] == margin]
+        if not at and all(t["margin"] < margin for t in tried):
+            raise _NotRecorded
+        return [([None] * t["neurons"], t["scope"], t["depth"], t.get("reads_pixels", False)) for t in at]
+
+    by_set = {(t["margin"], t["scope"], t["neurons"]): t for t in tried}
     used: list[dict] = []
-    for index, margin in enumerate(margins):
-        used += [t for t in tried if t["margin"] == margin]
-        fixed = [t["error_fix_rate"] for t in used if t["accepted"] and t.get("error_fix_rate") is not None]
-        stops = bool(fixed) and max(fixed) >= grow_below
-        if stops or margin * 2 > FINETUNE_MAX_MARGIN:
-            break
-        if index == len(margins) - 1:
-            return {"not_run": True}
+    try:
+        for margin, trained, scope, _, _ in _finetune_rounds(sets_at, used, grow=True, grow_below=grow_below):
+            used.append(by_set[margin, scope, len(trained)])
+    except _NotRecorded:
+        return {"not_run": True}
     kept = [_Trained({}, {}, {"error_fix_rate": t["error_fix_rate"]}, [], t["scope"], t["neurons"], {},
                      t["heldback_accuracy"], depth=t["depth"], reads_pixels=t.get("reads_pixels", False),
                      attempt=t, margin=t["margin"]) for t in used if t["accepted"]]
