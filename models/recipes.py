@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from lancet.cache import cache_root
 
@@ -202,6 +203,14 @@ def build_case(recipe: Recipe, *, force: bool = False) -> BuiltCase:
     The trained model is keyed by the recipe; the case files are rewritten (without retraining) when the
     case layout version changes.
     """
+    # One builder per recipe at a time: another process (a test worker, a second benchmark) building the
+    # same recipe waits and then reuses its result instead of replacing the folder under its readers.
+    with FileLock(str(cache_root() / f".{recipe.name}.lock")):
+        return _build_case_locked(recipe, force)
+
+
+def _build_case_locked(recipe: Recipe, force: bool) -> BuiltCase:
+    """build_case's work, under the recipe's lock."""
     folder = cache_root() / recipe.name
     if (folder / "meta.json").is_file() and not force:
         meta = json.loads((folder / "meta.json").read_text())
