@@ -176,6 +176,76 @@ def test_auto_pad(auto_pad):
     compare(model, {"x": x})
 
 
+@pytest.mark.parametrize("kernel, strides, dilations, pads", [
+    ((2, 2), (2, 2), (1, 1), ((0, 0), (0, 0))),     # LeNet's
+    ((3, 3), (2, 2), (1, 1), ((1, 1), (1, 1))),     # overlapping windows (ResNet stem)
+    ((3, 2), (1, 3), (2, 1), ((1, 2), (0, 1))),     # dilated, uneven, extra end padding (ceil mode)
+    ((3,), (2,), (1,), ((1, 1),)),                  # 1-D
+    ((2, 2, 2), (1, 2, 2), (1, 1, 1), ((0, 0), (0, 1), (1, 0))),  # 3-D
+])
+def test_max_pool_gradient_goes_to_each_windows_first_maximum(kernel, strides, dilations, pads):
+    """MaxPool's own backward sends each window's cotangent to its first maximum in row-major order, as
+    XLA's select-and-scatter (lax.reduce_window's gradient, which has none for dilated windows) does: ties
+    included (inputs on a coarse grid, many zeros as after a ReLU), under jit and vmap; checked against a
+    loop over windows."""
+    import jax
+    import jax.numpy as jnp
+
+    from lancet.ops.nn import _max_pool
+
+    def loop_reference(x, cotangent):
+        padded = np.pad(x, [(0, 0), (0, 0), *pads], constant_values=-np.inf)
+        out = np.zeros(cotangent.shape, x.dtype)
+        grad = np.zeros(padded.shape, x.dtype)
+        for n, c, *where in np.ndindex(*cotangent.shape):
+            cells = [tuple(w * s + o * d for w, s, o, d in zip(where, strides, offset, dilations))
+                     for offset in np.ndindex(*kernel)]
+            values = [padded[(n, c, *cell)] for cell in cells]
+            first = cells[int(np.argmax(values))]
+            out[(n, c, *where)] = max(values)
+            grad[(n, c, *first)] += cotangent[(n, c, *where)]
+        crop = tuple(slice(b, b + size) for size, (b, _) in zip(x.shape[2:], pads))
+        return out, grad[(slice(None), slice(None), *crop)]
+
+    def fast(x_):
+        return _max_pool(x_, kernel, strides, dilations, pads)
+
+    shape = (2, 3) + (7, 8, 6)[: len(kernel)]
+    x = np.maximum(np.round(rand(*shape, seed=7) * 3) / 3, 0)
+    got_out, got_vjp = jax.vjp(jax.jit(fast), jnp.asarray(x))
+    cotangent = rand(*got_out.shape, seed=8)
+    want_out, want_grad = loop_reference(x, cotangent)
+    np.testing.assert_array_equal(got_out, want_out)
+    np.testing.assert_allclose(got_vjp(jnp.asarray(cotangent))[0], want_grad, atol=1e-6)
+    batched = jax.vjp(jax.vmap(fast), jnp.stack([x, -x]))[1](jnp.stack([cotangent, 2 * cotangent]))[0]
+    np.testing.assert_allclose(batched[0], want_grad, atol=1e-6)
+    np.testing.assert_allclose(batched[1], loop_reference(-x, 2 * cotangent)[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("out_channels, kernel, stride, dilation, pad", [
+    (6, 5, 1, 1, 0), (4, 3, 2, 2, 1), (3, 4, 3, 1, 2), (30, 3, 1, 1, 1)])
+def test_single_channel_conv_gradients_match_xla(out_channels, kernel, stride, dilation, pad):
+    """A grey first layer's gradients (shifted sums up to SHIFTED_GRAD_TERMS terms, XLA's beyond) are
+    XLA's convolution gradients, for the input and the weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from lancet.ops.nn import SHIFTED_GRAD_TERMS, _conv_fast_forward, _xla_conv
+
+    assert (out_channels * kernel * kernel > SHIFTED_GRAD_TERMS) == (out_channels == 30)
+    x = jnp.asarray(rand(4, 1, 11, 10, seed=9))
+    w = jnp.asarray(rand(out_channels, 1, kernel, kernel, seed=10))
+    geometry = ((stride, stride), (dilation, dilation), ((pad, pad + 1), (pad, pad)))
+    fast = jax.jit(lambda x_, w_: _conv_fast_forward(x_, w_, 1, *geometry))
+    reference = lambda x_, w_: _xla_conv(x_, w_, 1, *geometry)  # noqa: E731
+    want_out, want_vjp = jax.vjp(reference, x, w)
+    got_out, got_vjp = jax.vjp(fast, x, w)
+    np.testing.assert_allclose(got_out, want_out, atol=1e-5)
+    cotangent = jnp.asarray(rand(*want_out.shape, seed=11))
+    for got, want in zip(got_vjp(cotangent), want_vjp(cotangent)):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 @pytest.mark.parametrize("group, stride", [(1, 1), (4, 1), (4, 2)])
 def test_one_channel_per_group_conv_gradients_match_xla(group, stride):
     """The CPU fast path (shifted sums; XLA gradients for group 1, its own for depthwise) is the same
