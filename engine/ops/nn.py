@@ -12,7 +12,7 @@ from .registry import int_list, register, xp
 
 # Exact float32 products everywhere (TF32 on GPUs would break parity with onnxruntime).
 PRECISION = lax.Precision.HIGHEST
-# Single-input-channel convolutions up to this many out channels x kernel cells get shifted-sum gradients.
+# Single-input-channel convolutions up to this many out channels x kernel cells get a shifted-sum input gradient.
 SHIFTED_GRAD_TERMS = 256
 
 
@@ -95,18 +95,18 @@ def _conv_fast_fwd(x, w, group, strides, dilations, padding):
 
 
 def _conv_fast_bwd(group, strides, dilations, padding, residuals, cotangent):
-    """Up to SHIFTED_GRAD_TERMS (out channels x kernel cells) terms: the input gradient as shifted sums
-    (`_one_channel_input_grad`) and the weight gradient by the shifted sum's own autodiff; LeNet conv1
-    (6 x 5 x 5, 640 inputs): 10 ms and 9 ms against XLA's 32 ms and 50 ms (the shifted sum's own input
-    gradient, one strided scatter per offset, takes 394 ms). Beyond that XLA's convolution gradients
-    (1->64 channels 3x3: XLA's weight gradient is as fast, and the unrolled sum grows too large to
-    compile)."""
+    """XLA's weight gradient and, up to SHIFTED_GRAD_TERMS (out channels x kernel cells) terms, the input
+    gradient as shifted sums (`_one_channel_input_grad`): LeNet conv1 at 640 inputs 10 ms against XLA's
+    32 ms (the shifted sum's own input gradient, one strided scatter per offset, takes 394 ms). Beyond
+    that, XLA's (an unrolled sum of 1->64 channels 3x3 grows too large to compile). The shifted sum's own
+    weight gradient is faster alone (9 against 50 ms) but not inside the model: the pairs' weight scores
+    on LeNet took 46 ms a batch with it, 20 ms with XLA's."""
     x, w = residuals
-    if w.shape[0] * w.shape[2] * w.shape[3] <= SHIFTED_GRAD_TERMS:
-        _, vjp_w = jax.vjp(lambda w_: _conv_one_channel_per_group(x, w_, group, strides, dilations, padding), w)
-        return _one_channel_input_grad(cotangent, w, x.shape, strides, dilations, padding), vjp_w(cotangent)[0]
     _, vjp = jax.vjp(lambda x_, w_: _xla_conv(x_, w_, group, strides, dilations, padding), x, w)
-    return vjp(cotangent)
+    dx, dw = vjp(cotangent)
+    if w.shape[0] * w.shape[2] * w.shape[3] <= SHIFTED_GRAD_TERMS:
+        dx = _one_channel_input_grad(cotangent, w, x.shape, strides, dilations, padding)
+    return dx, dw
 
 
 def _one_channel_input_grad(cotangent, w, x_shape, strides, dilations, padding):
