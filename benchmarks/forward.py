@@ -1,9 +1,12 @@
-"""JAX-jit vs onnxruntime CPU throughput (images/s) on ResNet-18 (CIFAR) and LeNet-5.
+"""JAX-jit vs onnxruntime CPU throughput (images/s) on ResNet-18 (CIFAR), LeNet-5 and VGG-11, and the JAX gradients.
 
     python benchmarks/forward.py [--out benchmarks/results/forward.json] [--width 64]
 
 Goal (issue 2): the JAX forward no slower than 1.5x onnxruntime. The ratio is the median over `--rounds`
-alternating rounds (each a best-of-5 of both engines), printed with its spread.
+alternating rounds (each a best-of-5 of both engines), printed with its spread. The gradients onnxruntime
+does not have are timed too, as multiples of the JAX forward on the same batch: the input gradient (what
+trigger restoration and saliency take, one per step) and the weight gradient (what fine-tuning and the
+weight scores take), both of the summed log-likelihood of class 0.
 """
 from __future__ import annotations
 
@@ -38,9 +41,30 @@ def measure(name: str, net, shape, batch: int, folder: Path, rounds: int = 7) ->
              for r in range(rounds)]
     ratios = sorted(j / o for j, o in pairs)
     jax_s, ort_s = float(np.median([j for j, _ in pairs])), float(np.median([o for _, o in pairs]))
+    grads = gradient_seconds(forward, x)
     return {"model": name, "batch": batch, "jax_images_per_s": batch / jax_s, "ort_images_per_s": batch / ort_s,
             "jax_over_ort_time": float(np.median(ratios)), "ratio_min": ratios[0], "ratio_max": ratios[-1],
-            "rounds": rounds}
+            "rounds": rounds, **{f"{k}_seconds": v for k, v in grads.items()},
+            **{f"{k}_over_forward": v / jax_s for k, v in grads.items()}}
+
+
+def gradient_seconds(forward, x: np.ndarray) -> dict:
+    """Best-of-5 seconds of the jitted input gradient and weight gradient on batch `x` (parameters passed
+    as arguments, as the engine's restoration and fine-tuning steps do)."""
+    import jax.numpy as jnp
+
+    from lancet.locate.common import make_logits_fn
+
+    logits_fn = make_logits_fn(forward)
+
+    def loss(params, xb):
+        return jnp.sum(jax.nn.log_softmax(logits_fn(params, xb))[:, 0])
+
+    input_grad = jax.jit(jax.grad(loss, argnums=1))
+    weight_grad = jax.jit(jax.grad(loss, argnums=0))
+    xj, params = jax.numpy.asarray(x), forward.params
+    return {"input_grad": best_of(lambda: jax.block_until_ready(input_grad(params, xj))),
+            "weight_grad": best_of(lambda: jax.block_until_ready(weight_grad(params, xj)))}
 
 
 def main() -> None:
@@ -59,10 +83,14 @@ def main() -> None:
         rows.append(measure(f"resnet18-w{args.width}", resnet18(3, 32, 10, width=args.width).eval(), (3, 32, 32), 64,
                             Path(tmp), args.rounds))
         rows.append(measure("lenet5", build("lenet5", 1, 28), (1, 28, 28), 256, Path(tmp), args.rounds))
-    print(f"{'model':<16}{'batch':>6}{'JAX img/s':>12}{'ORT img/s':>12}{'JAX time / ORT':>16}{'rounds min-max':>16}")
+        rows.append(measure("vgg11-w16", build("vgg11", 3, 32), (3, 32, 32), 64, Path(tmp), args.rounds))
+    print(f"{'model':<16}{'batch':>6}{'JAX img/s':>12}{'ORT img/s':>12}{'JAX time / ORT':>16}{'rounds min-max':>16}"
+          f"{'input grad ms':>15}{'weight grad ms':>16}")
     for row in rows:
         print(f"{row['model']:<16}{row['batch']:>6}{row['jax_images_per_s']:>12.0f}{row['ort_images_per_s']:>12.0f}"
-              f"{row['jax_over_ort_time']:>16.2f}{row['ratio_min']:>10.2f}-{row['ratio_max']:.2f}")
+              f"{row['jax_over_ort_time']:>16.2f}{row['ratio_min']:>10.2f}-{row['ratio_max']:.2f}"
+              f"{1e3 * row['input_grad_seconds']:>9.1f} ({row['input_grad_over_forward']:.1f}x)"
+              f"{1e3 * row['weight_grad_seconds']:>9.1f} ({row['weight_grad_over_forward']:.1f}x)")
     write_json(args.out, {"benchmark": "forward", "goal": "jax_over_ort_time <= 1.5", "rows": rows,
                           "environment": environment()})
     print(f"wrote {args.out}")

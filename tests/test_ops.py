@@ -246,6 +246,35 @@ def test_single_channel_conv_gradients_match_xla(out_channels, kernel, stride, d
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.parametrize("size, kernel, stride, dilation, pad", [
+    (2, 3, 1, 1, 1), (1, 3, 1, 1, 1), (3, 5, 1, 1, 2), (2, 2, 1, 2, 1), (3, 5, 2, 1, 2)])
+def test_conv_on_inputs_smaller_than_the_kernel_matches_xla(size, kernel, stride, dilation, pad):
+    """Inputs smaller than the kernel's reach take the matrix-product path (CPU); values and gradients are
+    XLA's convolution's."""
+    import jax
+    import jax.numpy as jnp
+
+    from lancet.ops.nn import _xla_conv, conv
+
+    x = jnp.asarray(rand(3, 5, size, size + 1, seed=12))
+    w = jnp.asarray(rand(4, 5, kernel, kernel, seed=13))
+    attrs = {"strides": [stride] * 2, "dilations": [dilation] * 2, "pads": [pad, pad, pad + 1, pad]}
+
+    class Ctx:
+        node_name, num_outputs = "conv", 1
+
+    fast = jax.jit(lambda x_, w_: conv([x_, w_], attrs, Ctx()))
+    if jax.default_backend() == "cpu":
+        assert "conv_general_dilated" not in str(jax.make_jaxpr(fast)(x, w))
+    reference = lambda x_, w_: _xla_conv(x_, w_, 1, (stride,) * 2, (dilation,) * 2, ((pad, pad + 1), (pad, pad)))  # noqa: E731
+    want_out, want_vjp = jax.vjp(reference, x, w)
+    got_out, got_vjp = jax.vjp(fast, x, w)
+    np.testing.assert_allclose(got_out, want_out, atol=1e-5)
+    cotangent = jnp.asarray(rand(*want_out.shape, seed=14))
+    for got, want in zip(got_vjp(cotangent), want_vjp(cotangent)):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 @pytest.mark.parametrize("group, stride", [(1, 1), (4, 1), (4, 2)])
 def test_one_channel_per_group_conv_gradients_match_xla(group, stride):
     """The CPU fast path (shifted sums; XLA gradients for group 1, its own for depthwise) is the same

@@ -134,6 +134,22 @@ def _one_channel_input_grad(cotangent, w, x_shape, strides, dilations, padding):
 _conv_fast_forward.defvjp(_conv_fast_fwd, _conv_fast_bwd)
 
 
+def _conv_as_matmul(x, w, strides, dilations, padding):
+    """2-D convolution as one matrix product over the kernel's shifted views (im2col), for inputs smaller
+    than the kernel's reach (the last stages of a VGG on 32 x 32 images: 128 -> 128 channels, 3 x 3 on
+    2 x 2). XLA's CPU convolution falls to 8-16 GFLOP/s there (9.0 ms for 64 inputs against 1.1 ms this
+    way); on inputs as large as the kernel XLA's is faster (3 x 3 on 3 x 3: 1.2 against 1.9 ms)."""
+    out_channels, in_channels, kh, kw = w.shape
+    x = jnp.pad(x, [(0, 0), (0, 0), *padding])
+    (sh, sw), (dh, dw) = strides, dilations
+    oh = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    ow = (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    views = [x[:, :, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
+             for i in range(kh) for j in range(kw)]
+    return jnp.einsum("nckhw,ock->nohw", jnp.stack(views, axis=2), w.reshape(out_channels, in_channels, kh * kw),
+                      precision=PRECISION)
+
+
 @register("Conv")
 def conv(inputs, attrs, ctx):
     x, w = inputs[0], inputs[1]
@@ -144,10 +160,14 @@ def conv(inputs, attrs, ctx):
     dilations = attrs.get("dilations") or [1] * rank
     padding = _spatial_padding(x.shape[2:], kernel, strides, dilations, attrs)
     group = attrs.get("group", 1)
-    if rank == 2 and w.shape[1] == 1 and jax.default_backend() == "cpu":
+    on_cpu = jax.default_backend() == "cpu"
+    if rank == 2 and w.shape[1] == 1 and on_cpu:
         fast = _conv_fast_forward if group == 1 else _conv_one_channel_per_group
         pads = tuple(tuple(int(v) for v in pair) for pair in padding)
         out = fast(x, w, group, tuple(strides), tuple(dilations), pads)
+    elif rank == 2 and group == 1 and on_cpu and any(
+            size < (k - 1) * d + 1 for size, k, d in zip(x.shape[2:], kernel, dilations)):
+        out = _conv_as_matmul(x, w, strides, dilations, padding)
     else:
         out = lax.conv_general_dilated(
             x, w, window_strides=strides, padding=padding, rhs_dilation=dilations,
