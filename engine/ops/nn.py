@@ -14,6 +14,10 @@ from .registry import int_list, register, xp
 PRECISION = lax.Precision.HIGHEST
 # Single-input-channel convolutions up to this many out channels x kernel cells get a shifted-sum input gradient.
 SHIFTED_GRAD_TERMS = 256
+# Group-1 convolutions run as shifted sums on CPU with one input channel, or with up to FEW_CHANNELS (RGB,
+# RGBA) and up to FEW_CHANNELS_TERMS weights: VGG-11's 3 -> 16 x 3 x 3 stem (432) made the model 11 % faster,
+# ResNet-18's 3 -> 64 (1,728) 28 % slower, though faster alone (2.2 against 4.2 ms at 64 inputs).
+FEW_CHANNELS, FEW_CHANNELS_TERMS = 4, 512
 
 
 def _spatial_padding(x_spatial, kernel, strides, dilations, attrs) -> list[tuple[int, int]]:
@@ -63,6 +67,25 @@ def _conv_one_channel_per_group(x, w, group, strides, dilations, padding):
     return _materialized(out.reshape(n, out_channels, oh, ow), w)
 
 
+def _conv_few_channels(x, w, strides, dilations, padding):
+    """2-D conv (group 1) with few input channels (grey and colour first layers) as one sum of shifted
+    products over input channels and kernel cells. XLA's CPU convolution is slower there: LeNet's grey
+    conv1 5-30x (benchmarks/forward.py), VGG-11's 3 -> 16 channels 3 x 3 on 32 x 32 3.7x (2.97 against
+    0.79 ms for 64 inputs); the result is the same up to float rounding."""
+    out_channels, in_channels, kh, kw = w.shape
+    x = jnp.pad(x, [(0, 0), (0, 0), *padding])
+    (sh, sw), (dh, dw) = strides, dilations
+    oh = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    ow = (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    out = 0
+    for c in range(in_channels):
+        for i in range(kh):
+            for j in range(kw):
+                window = x[:, c:c + 1, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
+                out = out + window * w[None, :, c, i, j, None, None]
+    return _materialized(out, w)
+
+
 def _materialized(value, param):
     """`value`, computed into memory before its consumers run.
 
@@ -82,31 +105,33 @@ def _xla_conv(x, w, group, strides, dilations, padding):
                                     precision=PRECISION)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv_fast_forward(x, w, group, strides, dilations, padding):
-    """The shifted-sum forward of a single-input-channel layer, with gradients chosen per size (below).
-    Depthwise layers keep the shifted sum's own gradients (XLA's grouped-convolution gradients are
-    1.8-13x slower on MobileNetV2-like shapes)."""
-    return _conv_one_channel_per_group(x, w, group, strides, dilations, padding)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_fast_forward(x, w, strides, dilations, padding):
+    """The shifted-sum forward of a group-1 layer with few input channels (`_conv_few_channels`), with
+    the gradients below."""
+    return _conv_few_channels(x, w, strides, dilations, padding)
 
 
-def _conv_fast_fwd(x, w, group, strides, dilations, padding):
-    return _conv_one_channel_per_group(x, w, group, strides, dilations, padding), (x, w)
+def _conv_fast_fwd(x, w, strides, dilations, padding):
+    return _conv_few_channels(x, w, strides, dilations, padding), (x, w)
 
 
-def _conv_fast_bwd(group, strides, dilations, padding, residuals, cotangent):
-    """XLA's weight gradient and, up to SHIFTED_GRAD_TERMS (out channels x kernel cells) terms, the input
-    gradient as shifted sums (`_one_channel_input_grad`): LeNet conv1 at 640 inputs 10 ms against XLA's
-    32 ms (the shifted sum's own input gradient, one strided scatter per offset, takes 394 ms). Beyond
-    that, XLA's (an unrolled sum of 1->64 channels 3x3 grows too large to compile). The shifted sum's own
-    weight gradient is faster alone (9 against 50 ms) but not inside the model: the pairs' weight scores
-    on LeNet took 46 ms a batch with it, 20 ms with XLA's."""
+def _conv_fast_bwd(strides, dilations, padding, residuals, cotangent):
+    """XLA's weight gradient and, for one input channel up to SHIFTED_GRAD_TERMS (out channels x kernel
+    cells) terms, the input gradient as shifted sums (`_one_channel_input_grad`): LeNet conv1 at 640
+    inputs 10 ms against XLA's 32 ms (the shifted sum's own input gradient, one strided scatter per offset,
+    takes 394 ms). Otherwise XLA's (an unrolled sum of 1->64 channels 3x3 grows too large to compile).
+    The shifted sum's own weight gradient is faster alone (9 against 50 ms) but not inside the model: the
+    pairs' weight scores on LeNet took 46 ms a batch with it, 20 ms with XLA's."""
     x, w = residuals
-    _, vjp = jax.vjp(lambda x_, w_: _xla_conv(x_, w_, group, strides, dilations, padding), x, w)
+    _, vjp = jax.vjp(lambda x_, w_: _xla_conv(x_, w_, 1, strides, dilations, padding), x, w)
     dx, dw = vjp(cotangent)
-    if w.shape[0] * w.shape[2] * w.shape[3] <= SHIFTED_GRAD_TERMS:
+    if w.shape[1] == 1 and w.shape[0] * w.shape[2] * w.shape[3] <= SHIFTED_GRAD_TERMS:
         dx = _one_channel_input_grad(cotangent, w, x.shape, strides, dilations, padding)
     return dx, dw
+
+
+_conv_fast_forward.defvjp(_conv_fast_fwd, _conv_fast_bwd)
 
 
 def _one_channel_input_grad(cotangent, w, x_shape, strides, dilations, padding):
@@ -128,10 +153,7 @@ def _one_channel_input_grad(cotangent, w, x_shape, strides, dilations, padding):
             for j in range(kw):
                 rows, cols = reach_h - i * dh, reach_w - j * dw
                 grad = grad + spread[:, o, rows: rows + height, cols: cols + width] * w[o, 0, i, j]
-    return _materialized(grad[:, None, top: top + x_shape[2], left: left + x_shape[3]], w)
-
-
-_conv_fast_forward.defvjp(_conv_fast_fwd, _conv_fast_bwd)
+    return grad[:, None, top: top + x_shape[2], left: left + x_shape[3]]
 
 
 def _conv_as_matmul(x, w, strides, dilations, padding):
@@ -161,10 +183,12 @@ def conv(inputs, attrs, ctx):
     padding = _spatial_padding(x.shape[2:], kernel, strides, dilations, attrs)
     group = attrs.get("group", 1)
     on_cpu = jax.default_backend() == "cpu"
-    if rank == 2 and w.shape[1] == 1 and on_cpu:
-        fast = _conv_fast_forward if group == 1 else _conv_one_channel_per_group
-        pads = tuple(tuple(int(v) for v in pair) for pair in padding)
-        out = fast(x, w, group, tuple(strides), tuple(dilations), pads)
+    pads = tuple(tuple(int(v) for v in pair) for pair in padding)
+    if rank == 2 and on_cpu and group == 1 and (w.shape[1] == 1 or (
+            w.shape[1] <= FEW_CHANNELS and w[0].size * w.shape[0] <= FEW_CHANNELS_TERMS)):
+        out = _conv_fast_forward(x, w, tuple(strides), tuple(dilations), pads)
+    elif rank == 2 and on_cpu and w.shape[1] == 1:  # depthwise
+        out = _conv_one_channel_per_group(x, w, group, tuple(strides), tuple(dilations), pads)
     elif rank == 2 and group == 1 and on_cpu and any(
             size < (k - 1) * d + 1 for size, k, d in zip(x.shape[2:], kernel, dilations)):
         out = _conv_as_matmul(x, w, strides, dilations, padding)
