@@ -267,10 +267,11 @@ def test_few_channel_conv_values_and_gradients_match_xla(in_channels, out_channe
 
 
 @pytest.mark.parametrize("size, kernel, stride, dilation, pad", [
-    (2, 3, 1, 1, 1), (1, 3, 1, 1, 1), (3, 5, 1, 1, 2), (2, 2, 1, 2, 1), (3, 5, 2, 1, 2)])
-def test_conv_on_inputs_smaller_than_the_kernel_matches_xla(size, kernel, stride, dilation, pad):
-    """Inputs smaller than the kernel's reach take the matrix-product path (CPU); values and gradients are
-    XLA's convolution's."""
+    (2, 3, 1, 1, 1), (1, 3, 1, 1, 1), (3, 5, 1, 1, 2), (2, 2, 1, 2, 1), (3, 5, 2, 1, 2), (6, 1, 1, 1, 0),
+    (5, 1, 1, 2, 1)])
+def test_matrix_product_conv_matches_xla(size, kernel, stride, dilation, pad):
+    """Inputs smaller than the kernel's reach and 1 x 1 stride-1 kernels take the matrix-product path
+    (CPU); values and gradients are XLA's convolution's."""
     import jax.numpy as jnp
 
     x = jnp.asarray(rand(3, 5, size, size + 1, seed=12))
