@@ -1,6 +1,6 @@
 """JAX-jit vs onnxruntime CPU throughput (images/s) on ResNet-18 (CIFAR), LeNet-5 and VGG-11, and the JAX gradients.
 
-    python benchmarks/forward.py [--out benchmarks/results/forward.json] [--width 64]
+    python benchmarks/forward.py [--out benchmarks/results/forward.json] [--width 64] [--zoo]
 
 Goal (issue 2): the JAX forward no slower than 1.5x onnxruntime. The ratio is the median over `--rounds`
 alternating rounds (each a best-of-5 of both engines), printed with its spread. The gradients onnxruntime
@@ -20,6 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of, environment, write_json  # noqa: E402
+
+
+ZOO_EXTRA = ("mobilenetv2", "densenet", "vit")
 
 
 def measure(name: str, net, shape, batch: int, folder: Path, rounds: int = 7) -> dict:
@@ -72,6 +75,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/forward.json")
     parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width (64 as in the paper)")
     parser.add_argument("--rounds", type=int, default=7, help="alternating JAX / onnxruntime timing rounds")
+    parser.add_argument("--zoo", action="store_true",
+                        help="also the zoo's MobileNetV2-small, DenseNet-small and ViT (3 x 32 x 32, 64 inputs)")
     args = parser.parse_args()
     import torch
 
@@ -84,6 +89,8 @@ def main() -> None:
                             Path(tmp), args.rounds))
         rows.append(measure("lenet5", build("lenet5", 1, 28), (1, 28, 28), 256, Path(tmp), args.rounds))
         rows.append(measure("vgg11-w16", build("vgg11", 3, 32), (3, 32, 32), 64, Path(tmp), args.rounds))
+        for name in ZOO_EXTRA if args.zoo else ():
+            rows.append(measure(name, build(name, 3, 32), (3, 32, 32), 64, Path(tmp), args.rounds))
     print(f"{'model':<16}{'batch':>6}{'JAX img/s':>12}{'ORT img/s':>12}{'JAX time / ORT':>16}{'rounds min-max':>16}"
           f"{'input grad ms':>15}{'weight grad ms':>16}")
     for row in rows:
