@@ -65,7 +65,7 @@ def gradient_seconds(forward, x: np.ndarray) -> dict:
 
     input_grad = jax.jit(jax.grad(loss, argnums=1))
     weight_grad = jax.jit(jax.grad(loss, argnums=0))
-    xj, params = jax.numpy.asarray(x), forward.params
+    xj, params = jnp.asarray(x), forward.params
     return {"input_grad": best_of(lambda: jax.block_until_ready(input_grad(params, xj))),
             "weight_grad": best_of(lambda: jax.block_until_ready(weight_grad(params, xj)))}
 

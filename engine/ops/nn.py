@@ -15,8 +15,9 @@ PRECISION = lax.Precision.HIGHEST
 # Single-input-channel convolutions up to this many out channels x kernel cells get a shifted-sum input gradient.
 SHIFTED_GRAD_TERMS = 256
 # Group-1 convolutions run as shifted sums on CPU with one input channel, or with up to FEW_CHANNELS (RGB,
-# RGBA) and up to FEW_CHANNELS_TERMS weights: VGG-11's 3 -> 16 x 3 x 3 stem (432) made the model 11 % faster,
-# ResNet-18's 3 -> 64 (1,728) 28 % slower, though faster alone (2.2 against 4.2 ms at 64 inputs).
+# RGBA) and up to FEW_CHANNELS_TERMS weights: VGG-11's 3 -> 16 x 3 x 3 stem (432) took its forward from 2.78x
+# to 2.48-2.53x onnxruntime's time; ResNet-18's 3 -> 64 (1,728) made its forward 28-33 % slower (368-380 ->
+# 472-506 ms), though faster alone (2.2 against 4.2 ms at 64 inputs).
 FEW_CHANNELS, FEW_CHANNELS_TERMS = 4, 512
 
 
@@ -72,17 +73,11 @@ def _conv_few_channels(x, w, strides, dilations, padding):
     products over input channels and kernel cells. XLA's CPU convolution is slower there: LeNet's grey
     conv1 5-30x (benchmarks/forward.py), VGG-11's 3 -> 16 channels 3 x 3 on 32 x 32 3.7x (2.97 against
     0.79 ms for 64 inputs); the result is the same up to float rounding."""
-    out_channels, in_channels, kh, kw = w.shape
-    x = jnp.pad(x, [(0, 0), (0, 0), *padding])
-    (sh, sw), (dh, dw) = strides, dilations
-    oh = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1
-    ow = (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    kernel = w.shape[2:]
     out = 0
-    for c in range(in_channels):
-        for i in range(kh):
-            for j in range(kw):
-                window = x[:, c:c + 1, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
-                out = out + window * w[None, :, c, i, j, None, None]
+    for (i, j), view in zip(np.ndindex(*kernel), _windows(x, kernel, strides, dilations, padding, 0.0)):
+        for c in range(w.shape[1]):
+            out = out + view[:, c:c + 1] * w[None, :, c, i, j, None, None]
     return _materialized(out, w)
 
 
@@ -124,11 +119,13 @@ def _conv_fast_bwd(strides, dilations, padding, residuals, cotangent):
     The shifted sum's own weight gradient is faster alone (9 against 50 ms) but not inside the model: the
     pairs' weight scores on LeNet took 46 ms a batch with it, 20 ms with XLA's."""
     x, w = residuals
-    _, vjp = jax.vjp(lambda x_, w_: _xla_conv(x_, w_, 1, strides, dilations, padding), x, w)
-    dx, dw = vjp(cotangent)
+    _, vjp_w = jax.vjp(lambda w_: _xla_conv(x, w_, 1, strides, dilations, padding), w)
     if w.shape[1] == 1 and w.shape[0] * w.shape[2] * w.shape[3] <= SHIFTED_GRAD_TERMS:
         dx = _one_channel_input_grad(cotangent, w, x.shape, strides, dilations, padding)
-    return dx, dw
+    else:
+        _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, w, 1, strides, dilations, padding), x)
+        dx = vjp_x(cotangent)[0]
+    return dx, vjp_w(cotangent)[0]
 
 
 _conv_fast_forward.defvjp(_conv_fast_fwd, _conv_fast_bwd)
@@ -163,18 +160,13 @@ def _conv_as_matmul(x, w, strides, dilations, padding):
     1.4-3.7x, input gradient 1.3-6x, weight gradient 2-9x faster (32 -> 128 channels on 16 x 16: 2.3 / 4.1 /
     9.3 ms against 1.5 / 1.7 / 1.6); in the models: MobileNetV2-small forward 38-41 -> 31-34 ms, weight
     gradient 363-377 -> 303-311 ms; DenseNet-small 35-36 -> 31 ms, 256-278 -> 200-208 ms. Not for strided
-    1 x 1 (ResNet-18's shortcuts): faster alone, the model's forward 26 -> 41 ms with it. Small inputs (the last stages of a VGG on 32 x 32 images:
-    128 -> 128 channels, 3 x 3 on 2 x 2): XLA falls to 8-16 GFLOP/s (9.0 ms against 1.1 ms this way); on
-    inputs as large as a 3 x 3 kernel XLA's is faster (3 x 3 on 3 x 3: 1.2 against 1.9 ms)."""
+    1 x 1 (ResNet-18's shortcuts): faster alone, the model's forward 26 -> 41 ms with it. Small inputs (the
+    last stages of a VGG on 32 x 32 images: 128 -> 128 channels, 3 x 3 on 2 x 2): XLA falls to 8-16
+    GFLOP/s (9.0 ms against 1.1 ms this way); on inputs as large as a 3 x 3 kernel XLA's is faster (3 x 3
+    on 3 x 3: 1.2 against 1.9 ms)."""
     out_channels, in_channels, kh, kw = w.shape
-    x = jnp.pad(x, [(0, 0), (0, 0), *padding])
-    (sh, sw), (dh, dw) = strides, dilations
-    oh = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1
-    ow = (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
-    views = [x[:, :, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
-             for i in range(kh) for j in range(kw)]
-    return jnp.einsum("nckhw,ock->nohw", jnp.stack(views, axis=2), w.reshape(out_channels, in_channels, kh * kw),
-                      precision=PRECISION)
+    views = jnp.stack(list(_windows(x, (kh, kw), strides, dilations, padding, 0.0)), axis=2)
+    return jnp.einsum("nckhw,ock->nohw", views, w.reshape(out_channels, in_channels, kh * kw), precision=PRECISION)
 
 
 @register("Conv")
@@ -190,7 +182,7 @@ def conv(inputs, attrs, ctx):
     on_cpu = jax.default_backend() == "cpu"
     pads = tuple(tuple(int(v) for v in pair) for pair in padding)
     if rank == 2 and on_cpu and group == 1 and (w.shape[1] == 1 or (
-            w.shape[1] <= FEW_CHANNELS and w[0].size * w.shape[0] <= FEW_CHANNELS_TERMS)):
+            w.shape[1] <= FEW_CHANNELS and w.size <= FEW_CHANNELS_TERMS)):
         out = _conv_fast_forward(x, w, tuple(strides), tuple(dilations), pads)
     elif rank == 2 and on_cpu and w.shape[1] == 1:  # depthwise
         out = _conv_one_channel_per_group(x, w, group, tuple(strides), tuple(dilations), pads)
