@@ -17,6 +17,7 @@ import numpy as np
 from .errors import BadInputError
 from .ir import Model
 from .ops import REGISTRY, OpContext
+from .ops.fused import conv_relu_max_pool, find_conv_relu_pools
 
 # Op types whose output channels live on axis 1 (NCHW-style) rather than on the last axis.
 CHANNEL_FIRST_OPS = {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool",
@@ -89,6 +90,7 @@ def build_apply(model: Model, start: int = 0,
     producers = model.producer_of()
     axes = {name: (1 if node.op_type in CHANNEL_FIRST_OPS else -1) for name, node in producers.items()}
     known = set(producers) | set(input_names) | set(model.params) | set(constants)
+    chains = find_conv_relu_pools(nodes, output_names)
 
     def apply(params: Mapping[str, Any], inputs: Any, taps: Sequence[str] = (),
               edits: Mapping[str, Edit] | None = None) -> dict[str, Any]:
@@ -106,8 +108,20 @@ def build_apply(model: Model, start: int = 0,
         for name in input_names if start == 0 else ():  # a cached prefix already carries its edits
             if name in edits:
                 env[name] = apply_edit(env[name], edits[name], 1)
-        for node, spec, ctx in zip(nodes, specs, contexts):
+        fused: set[int] = set()  # the Relu and MaxPool positions a fused chain has already computed
+        for index, (node, spec, ctx) in enumerate(zip(nodes, specs, contexts)):
+            if index in fused:
+                continue
             args = [env[name] if name else None for name in node.inputs]
+            chain = chains.get(index)
+            if chain is not None and not {node.outputs[0], nodes[chain.relu].outputs[0]} & (set(taps) | set(edits)):
+                pool = nodes[chain.pool]
+                value = conv_relu_max_pool(*args[:2], args[2] if len(args) > 2 else None, node.attrs, pool.attrs)
+                if value is not None:
+                    name = pool.outputs[0]
+                    env[name] = apply_edit(value, edits[name], 1) if name in edits else value
+                    fused.update((chain.relu, chain.pool))
+                    continue
             result = spec.fn(args, node.attrs, ctx)
             results = result if isinstance(result, (tuple, list)) else (result,)
             for name, value in zip(node.outputs, results):

@@ -82,7 +82,7 @@ def _conv_few_channels(x, w, strides, dilations, padding):
 
 
 def _materialized(value, param):
-    """`value`, computed into memory before its consumers run.
+    """`value` (an array or a pytree of them), computed into memory before its consumers run.
 
     XLA's CPU fusion otherwise recomputes the shifted sum inside a following pool's strided loop, which is
     4-5x slower for LeNet's conv1 + ReLU + MaxPool (benchmarks/forward.py). A conditional is a fusion
@@ -91,7 +91,8 @@ def _materialized(value, param):
     vmap with a batched parameter the conditional becomes a select: the same value, without the boundary.
     """
     first = param.ravel()[0]
-    return lax.cond(jnp.isnan(first) | ~jnp.isnan(first), lambda v: v, jnp.zeros_like, value)
+    return lax.cond(jnp.isnan(first) | ~jnp.isnan(first), lambda v: v,
+                    lambda v: jax.tree.map(jnp.zeros_like, v), value)
 
 
 def _xla_conv(x, w, group, strides, dilations, padding):
@@ -169,30 +170,40 @@ def _conv_as_matmul(x, w, strides, dilations, padding):
     return jnp.einsum("nckhw,ock->nohw", views, w.reshape(out_channels, in_channels, kh * kw), precision=PRECISION)
 
 
-@register("Conv")
-def conv(inputs, attrs, ctx):
-    x, w = inputs[0], inputs[1]
-    bias = inputs[2] if len(inputs) > 2 else None
+def shifted_sum_conv(w, group: int) -> bool:
+    """Whether a convolution runs as shifted sums (`_conv_fast_forward`): on CPU, 2-D, group 1, with one
+    input channel or up to FEW_CHANNELS of them and up to FEW_CHANNELS_TERMS weights."""
+    return (w.ndim == 4 and group == 1 and jax.default_backend() == "cpu"
+            and (w.shape[1] == 1 or (w.shape[1] <= FEW_CHANNELS and w.size <= FEW_CHANNELS_TERMS)))
+
+
+def conv_geometry(x, w, attrs) -> tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, int], ...], int]:
+    """(strides, dilations, explicit (begin, end) padding per spatial axis, group) of a Conv node."""
     kernel = attrs.get("kernel_shape") or list(w.shape[2:])
     rank = len(kernel)
     strides = attrs.get("strides") or [1] * rank
     dilations = attrs.get("dilations") or [1] * rank
     padding = _spatial_padding(x.shape[2:], kernel, strides, dilations, attrs)
-    group = attrs.get("group", 1)
+    pads = tuple((int(b), int(e)) for b, e in padding)
+    return tuple(int(s) for s in strides), tuple(int(d) for d in dilations), pads, int(attrs.get("group", 1))
+
+
+@register("Conv")
+def conv(inputs, attrs, ctx):
+    x, w = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    strides, dilations, pads, group = conv_geometry(x, w, attrs)
+    kernel, rank = w.shape[2:], w.ndim - 2
     on_cpu = jax.default_backend() == "cpu"
-    pads = tuple(tuple(int(v) for v in pair) for pair in padding)
-    if rank == 2 and on_cpu and group == 1 and (w.shape[1] == 1 or (
-            w.shape[1] <= FEW_CHANNELS and w.size <= FEW_CHANNELS_TERMS)):
-        out = _conv_fast_forward(x, w, tuple(strides), tuple(dilations), pads)
+    if shifted_sum_conv(w, group):
+        out = _conv_fast_forward(x, w, strides, dilations, pads)
     elif rank == 2 and on_cpu and w.shape[1] == 1:  # depthwise
-        out = _conv_one_channel_per_group(x, w, group, tuple(strides), tuple(dilations), pads)
-    elif rank == 2 and group == 1 and on_cpu and ((tuple(kernel) == (1, 1) and tuple(strides) == (1, 1)) or any(
+        out = _conv_one_channel_per_group(x, w, group, strides, dilations, pads)
+    elif rank == 2 and group == 1 and on_cpu and ((tuple(kernel) == (1, 1) and strides == (1, 1)) or any(
             size < (k - 1) * d + 1 for size, k, d in zip(x.shape[2:], kernel, dilations))):
-        out = _conv_as_matmul(x, w, strides, dilations, padding)
+        out = _conv_as_matmul(x, w, strides, dilations, pads)
     else:
-        out = lax.conv_general_dilated(
-            x, w, window_strides=strides, padding=padding, rhs_dilation=dilations,
-            dimension_numbers=_dims(x.ndim), feature_group_count=group, precision=PRECISION)
+        out = _xla_conv(x, w, group, strides, dilations, pads)
     if bias is not None:
         out = out + bias.reshape((1, -1) + (1,) * rank)
     return out
