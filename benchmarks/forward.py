@@ -1,6 +1,6 @@
 """JAX-jit vs onnxruntime CPU throughput (images/s) on ResNet-18 (CIFAR), LeNet-5 and VGG-11, and the JAX gradients.
 
-    python benchmarks/forward.py [--out benchmarks/results/forward.json] [--width 64] [--zoo]
+    python benchmarks/forward.py [--out benchmarks/results/forward.json] [--width 64] [--zoo] [--models NAME ...]
 
 Goal (issue 2): the JAX forward no slower than 1.5x onnxruntime. The ratio is the median over `--rounds`
 alternating rounds (each a best-of-5 of both engines), printed with its spread. The gradients onnxruntime
@@ -11,6 +11,8 @@ weight scores take), both of the summed log-likelihood of class 0.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -51,6 +53,23 @@ def measure(name: str, net, shape, batch: int, folder: Path, rounds: int = 7) ->
             **{f"{k}_over_forward": v / jax_s for k, v in grads.items()}}
 
 
+def measure_one(name: str, width: int, rounds: int) -> dict:
+    """`measure` of one named model, exported into a temporary folder."""
+    import torch
+
+    from lancet.models.torch_zoo import build, resnet18
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        if name == "resnet18":
+            return measure(f"resnet18-w{width}", resnet18(3, 32, 10, width=width).eval(), (3, 32, 32), 64,
+                           Path(tmp), rounds)
+        if name == "lenet5":
+            return measure("lenet5", build("lenet5", 1, 28), (1, 28, 28), 256, Path(tmp), rounds)
+        return measure("vgg11-w16" if name == "vgg11" else name, build(name, 3, 32), (3, 32, 32), 64, Path(tmp),
+                       rounds)
+
+
 def gradient_seconds(forward, x: np.ndarray) -> dict:
     """Best-of-5 seconds of the jitted input gradient and weight gradient on batch `x` (parameters passed
     as arguments, as the engine's restoration and fine-tuning steps do)."""
@@ -77,20 +96,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="alternating JAX / onnxruntime timing rounds")
     parser.add_argument("--zoo", action="store_true",
                         help="also the zoo's MobileNetV2-small, DenseNet-small and ViT (3 x 32 x 32, 64 inputs)")
+    parser.add_argument("--models", nargs="+", choices=("resnet18", "lenet5", "vgg11", *ZOO_EXTRA),
+                        help="only these models (default: ResNet-18, LeNet-5, VGG-11, and the zoo's with --zoo)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one model, its row as JSON on stdout
     args = parser.parse_args()
-    import torch
-
-    from lancet.models.torch_zoo import build, resnet18
-
-    torch.manual_seed(0)
+    if args.child:
+        print(json.dumps(measure_one(args.child, args.width, args.rounds)))
+        return
+    wanted = args.models or ["resnet18", "lenet5", "vgg11", *(ZOO_EXTRA if args.zoo else ())]
+    # One process per model: its figures do not depend on which models ran before it (allocator, caches).
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        rows.append(measure(f"resnet18-w{args.width}", resnet18(3, 32, 10, width=args.width).eval(), (3, 32, 32), 64,
-                            Path(tmp), args.rounds))
-        rows.append(measure("lenet5", build("lenet5", 1, 28), (1, 28, 28), 256, Path(tmp), args.rounds))
-        rows.append(measure("vgg11-w16", build("vgg11", 3, 32), (3, 32, 32), 64, Path(tmp), args.rounds))
-        for name in ZOO_EXTRA if args.zoo else ():
-            rows.append(measure(name, build(name, 3, 32), (3, 32, 32), 64, Path(tmp), args.rounds))
+    for name in wanted:
+        out = subprocess.run([sys.executable, __file__, "--child", name, "--width", str(args.width),
+                              "--rounds", str(args.rounds)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{'model':<16}{'batch':>6}{'JAX img/s':>12}{'ORT img/s':>12}{'JAX time / ORT':>16}{'rounds min-max':>16}"
           f"{'input grad ms':>15}{'weight grad ms':>16}")
     for row in rows:

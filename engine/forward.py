@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .allocator import tune_allocator
 from .errors import BadInputError
 from .ir import Model
 from .ops import REGISTRY, OpContext
@@ -138,6 +139,7 @@ class Forward:
     """A model's forward pass, jitted once per set of taps (and per input shape, by jax.jit itself)."""
 
     def __init__(self, model: Model):
+        tune_allocator()  # XLA's per-call buffers on CPU (engine/allocator.py)
         self.model = model
         self.params = {name: jnp.asarray(value) for name, value in model.params.items()}
         self.apply = build_apply(model)

@@ -102,3 +102,19 @@ def test_batch_shapes_and_predict(lenet):
     full = forward.predict(np.concatenate([x] * 20), batch_size=64)
     assert full.shape == (320,)
     assert np.array_equal(full[:16], np.asarray(jnp.argmax(forward.logits(x), -1)))
+
+
+def test_allocator_tuning_is_on_by_default_and_can_be_turned_off():
+    """`Forward` raises glibc's malloc thresholds once per process (engine/allocator.py) unless
+    LANCET_MALLOC_TUNING=0; elsewhere than glibc it does nothing."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    code = "from lancet.allocator import tune_allocator; print(tune_allocator(), tune_allocator())"
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    for setting, expected in (("1", glibc), ("0", False)):
+        env = {**os.environ, "LANCET_MALLOC_TUNING": setting}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == [str(expected)] * 2

@@ -279,6 +279,35 @@ def test_matrix_product_conv_matches_xla(size, kernel, stride, dilation, pad):
     _assert_cpu_conv_path_is_xlas_function(x, w, stride, dilation, pad)
 
 
+@pytest.mark.parametrize("in_channels", [5, 6, 7])
+def test_channel_padded_conv_matches_xla(in_channels):
+    """5-7 input channels run on CPU with zero channels up to 8 (PAD_CHANNELS_TO): XLA's convolution's
+    values and gradients, the padding's gradient cut off."""
+    import jax
+    import jax.numpy as jnp
+
+    from lancet.ops.nn import _xla_conv, conv
+
+    x = jnp.asarray(rand(3, in_channels, 9, 8, seed=14))
+    w = jnp.asarray(rand(4, in_channels, 3, 3, seed=15))
+    attrs = {"strides": [2, 1], "pads": [1, 0, 1, 2]}
+
+    class Ctx:
+        node_name, num_outputs = "conv", 1
+
+    padded = lambda x_, w_: conv([x_, w_], attrs, Ctx())  # noqa: E731
+    if jax.default_backend() == "cpu":
+        assert "pad" in str(jax.make_jaxpr(padded)(x, w))
+    reference = lambda x_, w_: _xla_conv(x_, w_, 1, (2, 1), (1, 1), ((1, 1), (0, 2)))  # noqa: E731
+    want_out, want_vjp = jax.vjp(reference, x, w)
+    got_out, got_vjp = jax.vjp(jax.jit(padded), x, w)
+    np.testing.assert_allclose(got_out, want_out, atol=1e-5)
+    cotangent = jnp.asarray(rand(*want_out.shape, seed=16))
+    for got, want in zip(got_vjp(cotangent), want_vjp(cotangent)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 @pytest.mark.parametrize("group, stride", [(1, 1), (4, 1), (4, 2)])
 def test_one_channel_per_group_conv_gradients_match_xla(group, stride):
     """The CPU fast path (shifted sums; XLA gradients for group 1, its own for depthwise) is the same

@@ -19,6 +19,11 @@ SHIFTED_GRAD_TERMS = 256
 # to 2.48-2.53x onnxruntime's time; ResNet-18's 3 -> 64 (1,728) made its forward 28-33 % slower (368-380 ->
 # 472-506 ms), though faster alone (2.2 against 4.2 ms at 64 inputs).
 FEW_CHANNELS, FEW_CHANNELS_TERMS = 4, 512
+# XLA's CPU convolution (YNNPACK) with 5-7 input channels runs faster given zero channels up to 8: LeNet's
+# 6 -> 16 x 5 x 5 on 12 x 12, 256 inputs, 1.02 -> 0.72 ms alone; the model's forward 2.13-2.17 -> 1.87-1.88 ms
+# (two A/B runs of 7 alternating rounds). Not beyond: 12 -> 16, 20 -> 24, 36 -> 40 channels were 7-14 %
+# slower, and 3 -> 8 on ResNet-18's stem (3 -> 64) 2x slower.
+PAD_CHANNELS_FROM, PAD_CHANNELS_TO = 5, 8
 
 
 def _spatial_padding(x_spatial, kernel, strides, dilations, attrs) -> list[tuple[int, int]]:
@@ -202,6 +207,9 @@ def conv(inputs, attrs, ctx):
     elif rank == 2 and group == 1 and on_cpu and ((tuple(kernel) == (1, 1) and strides == (1, 1)) or any(
             size < (k - 1) * d + 1 for size, k, d in zip(x.shape[2:], kernel, dilations))):
         out = _conv_as_matmul(x, w, strides, dilations, pads)
+    elif rank == 2 and group == 1 and on_cpu and PAD_CHANNELS_FROM <= w.shape[1] < PAD_CHANNELS_TO:
+        extra = [(0, 0), (0, PAD_CHANNELS_TO - w.shape[1]), (0, 0), (0, 0)]
+        out = _xla_conv(jnp.pad(x, extra), jnp.pad(w, extra), 1, strides, dilations, pads)
     else:
         out = _xla_conv(x, w, group, strides, dilations, pads)
     if bias is not None:
