@@ -3,9 +3,11 @@
 XLA on CPU allocates a computation's temporaries as one buffer per call (MobileNetV2-small's forward at 64
 inputs: 34 MB; its weight gradient: 508 MB; ResNet-18's forward: 91 MB). glibc serves allocations above its
 mmap threshold (at most 32 MB by its dynamic rule) with a fresh mmap, so every call page-faults the whole
-buffer in again, and trims freed heap memory back to the system. With the threshold and the trim limit at
-1 GiB the buffer is reused from the heap: MobileNetV2-small's forward 27-30 -> 17-20 ms, 6.0x -> 3.95x
-onnxruntime's time, its input gradient 71 -> 56 ms (benchmarks/forward.py, one process per model). The cost: up to 1 GiB of freed memory may stay with the process.
+buffer in again, and trims freed heap memory back to the system. With both thresholds at 128 MiB the forward's
+buffer is reused from the heap: MobileNetV2-small's forward 27-30 -> 17-18 ms, 6.0x -> 3.95-4.14x onnxruntime's
+time, its input gradient 71 -> 50-56 ms (benchmarks/forward.py, one process per model). The cost is memory the
+process keeps: the ResNet-18 locate benchmark's peak RSS 691 -> 801 MB (1,078 MB at 1 GiB thresholds, which
+sped up nothing more: gradient buffers of up to 508 MB were no faster from the heap).
 Set LANCET_MALLOC_TUNING=0 to leave the allocator alone.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-HEAP_BYTES = 1 << 30
+HEAP_BYTES = 128 << 20  # both thresholds
 
 _tuned: bool | None = None
 
