@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--port-limit", type=int, default=12)
     parser.add_argument("--scopes", choices=["all", "global"], default="all",
                         help="'global' skips the per-layer searches (minutes each on a CPU ResNet)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "locate.json"))
+    parser.add_argument("--out", help="JSON path (default: benchmarks/results/locate-MODEL.json)")
     parser.add_argument("--child", choices=["ours", "port"], help=argparse.SUPPRESS)
     parser.add_argument("--candidates", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,9 +165,10 @@ def main() -> None:
     print(f"speed-up of ours over the port: {ratio:.2f}x first run, {ratio_warm:.2f}x with the compile cache warm "
           "(goal: >= 10x)")
     assert warm.pop("candidates") == ours.pop("candidates"), "the warm run searched other candidates"
-    write_json(args.out, {"environment": environment(), "model": args.model, "scopes": args.scopes,
-                          "ours": ours, "ours_compile_cache_warm": warm, "port": port, "candidates": n,
-                          "port_extrapolated_seconds": port_total, "speedup": ratio, "speedup_warm": ratio_warm})
+    out = args.out or str(Path(__file__).parent / "results" / f"locate-{args.model}.json")
+    write_json(out, {"environment": environment(), "model": args.model, "scopes": args.scopes,
+                     "ours": ours, "ours_compile_cache_warm": warm, "port": port, "candidates": n,
+                     "port_extrapolated_seconds": port_total, "speedup": ratio, "speedup_warm": ratio_warm})
 
 
 if __name__ == "__main__":
