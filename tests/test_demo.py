@@ -14,7 +14,10 @@ def test_demo_repairs_the_backdoor_with_both_methods(tmp_path):
     from lancet.models.demo import DEMO_RECIPE, run_demo
     from lancet.models.recipes import build_case
 
+    from lancet.cache import cache_root
+
     console = Console(record=True, width=160)
+    was_cached = (cache_root() / DEMO_RECIPE.name / "meta.json").is_file()
     shown = run_demo(console, out_dir=tmp_path)
     rows = shown["rows"]
     assert rows["original"]["asr"] > 0.9
@@ -31,3 +34,4 @@ def test_demo_repairs_the_backdoor_with_both_methods(tmp_path):
         assert row["worst_class"]["class"] == int(max(drops, key=lambda c: (drops[c], -int(c))))
     text = console.export_text()
     assert "class losing most" in text and "flip" in text and "finetune" in text
+    assert ("(cached)" if was_cached else "(trained)") in text  # said from the cache, not from the build time
