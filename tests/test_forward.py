@@ -52,11 +52,30 @@ def test_channel_ablation_equals_zeroed_parameters(lenet):
 def test_edit_values_do_not_retrace(lenet):
     model, forward, x = lenet
     layer = find_layers(model)[2]
-    before = forward._jitted._cache_size()
+    forward.logits(x)
+    own = forward._own_weights()[0]  # the own-weights forward (params=None)
+    before = own._cache_size(), forward._jitted._cache_size()
     for k in range(3):
         scale = jnp.ones(layer.channels).at[k].set(0)
         forward.logits(x, edits={layer.name: Edit(scale=scale)})
-    assert forward._jitted._cache_size() - before <= 1
+        forward.logits(x, edits={layer.name: Edit(scale=scale)}, params=forward.params)
+    assert own._cache_size() - before[0] <= 1 and forward._jitted._cache_size() - before[1] <= 1
+
+
+def test_own_weights_forward_is_the_forward_with_params(lenet):
+    """params=None runs a forward with the XLA-path conv kernels closed over as constants (CPU): the same
+    values as passing the weights, and it follows a replaced weight."""
+    model, _, x = lenet
+    forward = Forward(model)
+    layer = find_layers(model)[1]  # conv2: 6 input channels, XLA's path
+    np.testing.assert_array_equal(np.asarray(forward.logits(x)), np.asarray(forward.logits(x, params=forward.params)))
+    if jax.default_backend() == "cpu":
+        assert set(forward._own[2]) == {layer.weight}
+    forward.params[layer.weight] = -forward.params[layer.weight]
+    flipped = dict(forward.params)
+    assert max_diff(forward.logits(x), forward.logits(x, params=flipped)) == 0.0
+    forward.params[layer.weight] = -forward.params[layer.weight]
+    assert max_diff(forward.logits(x), forward.logits(x, params=flipped)) > 1e-3
 
 
 def test_gradient_wrt_params_matches_finite_difference(lenet):
