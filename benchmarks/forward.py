@@ -3,7 +3,7 @@
     python benchmarks/forward.py [--out benchmarks/results/forward.json] [--width 64] [--zoo] [--models NAME ...]
 
 Goal (issue 2): the JAX forward no slower than 1.5x onnxruntime. The ratio is the median over `--rounds`
-alternating rounds (each a best-of-5 of both engines), printed with its spread. The gradients onnxruntime
+alternating rounds (each a best-of of both engines over at least 0.2 s, 5-200 calls), printed with its spread. The gradients onnxruntime
 does not have are timed too, as multiples of the JAX forward on the same batch: the input gradient (what
 trigger restoration and saliency take, one per step) and the weight gradient (what fine-tuning and the
 weight scores take), both of the summed log-likelihood of class 0.
@@ -25,6 +25,7 @@ from common import best_of, environment, write_json  # noqa: E402
 
 
 ZOO_EXTRA = ("mobilenetv2", "densenet", "vit")
+MIN_SPAN_SECONDS = 0.2  # each best-of covers at least this long (5-200 calls)
 
 
 def measure(name: str, net, shape, batch: int, folder: Path, rounds: int = 7) -> dict:
@@ -42,8 +43,12 @@ def measure(name: str, net, shape, batch: int, folder: Path, rounds: int = 7) ->
     # Alternating rounds: on a shared machine either engine's speed drifts between runs (onnxruntime's LeNet
     # throughput moved 76k-198k images/s run to run on one 2-core VM), so each round times both back to back
     # and the ratio is the median over rounds, with its spread.
-    pairs = [(best_of(run_jax, repeats=5, warmup=1 if r else 2), best_of(run_ort, repeats=5, warmup=1 if r else 2))
-             for r in range(rounds)]
+    # Each best-of spans at least MIN_SPAN_SECONDS: five 2 ms LeNet calls gave run medians of 1.40-1.90x
+    # onnxruntime's time from one process to the next.
+    repeats = {run: int(np.clip(np.ceil(MIN_SPAN_SECONDS / best_of(run, repeats=3)), 5, 200))
+               for run in (run_jax, run_ort)}
+    pairs = [(best_of(run_jax, repeats=repeats[run_jax], warmup=1),
+              best_of(run_ort, repeats=repeats[run_ort], warmup=1)) for _ in range(rounds)]
     ratios = sorted(j / o for j, o in pairs)
     jax_s, ort_s = float(np.median([j for j, _ in pairs])), float(np.median([o for _, o in pairs]))
     grads = gradient_seconds(forward, x)
