@@ -165,7 +165,7 @@ class Forward:
     def __call__(self, inputs: Any, taps: Sequence[str] = (), edits: Mapping[str, Edit] | None = None,
                  params: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Run the jitted forward on `inputs` (default params unless given)."""
-        if params is None:
+        if params is None or params is self.params:  # the own weights: one compiled forward for both
             own, free = self._own_weights()
             return own(free, inputs, taps=tuple(taps), edits=edits)
         return self._jitted(params, inputs, taps=tuple(taps), edits=edits)

@@ -58,7 +58,7 @@ def test_edit_values_do_not_retrace(lenet):
     for k in range(3):
         scale = jnp.ones(layer.channels).at[k].set(0)
         forward.logits(x, edits={layer.name: Edit(scale=scale)})
-        forward.logits(x, edits={layer.name: Edit(scale=scale)}, params=forward.params)
+        forward.logits(x, edits={layer.name: Edit(scale=scale)}, params=dict(forward.params))
     assert own._cache_size() - before[0] <= 1 and forward._jitted._cache_size() - before[1] <= 1
 
 
@@ -68,7 +68,9 @@ def test_own_weights_forward_is_the_forward_with_params(lenet):
     model, _, x = lenet
     forward = Forward(model)
     layer = find_layers(model)[1]  # conv2: 6 input channels, XLA's path
-    np.testing.assert_array_equal(np.asarray(forward.logits(x)), np.asarray(forward.logits(x, params=forward.params)))
+    given = dict(forward.params)  # another dict: the params path (the own dict itself takes the own path)
+    np.testing.assert_array_equal(np.asarray(forward.logits(x)), np.asarray(forward.logits(x, params=given)))
+    assert forward._jitted._cache_size() >= 1
     if jax.default_backend() == "cpu":
         assert set(forward._own[2]) == {layer.weight}
     forward.params[layer.weight] = -forward.params[layer.weight]
