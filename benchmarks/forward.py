@@ -3,8 +3,9 @@
     python benchmarks/forward.py [--out benchmarks/results/forward.json] [--width 64] [--zoo] [--models NAME ...]
 
 Goal (issue 2): the JAX forward no slower than 1.5x onnxruntime. The ratio is the median over `--rounds`
-alternating rounds (each a best-of of both engines over at least 0.2 s, 5-200 calls), printed with its spread. The gradients onnxruntime
-does not have are timed too, as multiples of the JAX forward on the same batch: the input gradient (what
+alternating rounds (each a best-of of both engines over at least 0.2 s, 5-200 calls), printed with its
+spread; each model runs in its own process. The gradients onnxruntime does not have are timed too, as
+multiples of the JAX forward on the same batch: the input gradient (what
 trigger restoration and saliency take, one per step) and the weight gradient (what fine-tuning and the
 weight scores take), both of the summed log-likelihood of class 0.
 """

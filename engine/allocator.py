@@ -4,8 +4,9 @@ XLA on CPU allocates a computation's temporaries as one buffer per call (MobileN
 inputs: 34 MB; its weight gradient: 508 MB; ResNet-18's forward: 91 MB). glibc serves allocations above its
 mmap threshold (at most 32 MB by its dynamic rule) with a fresh mmap, so every call page-faults the whole
 buffer in again, and trims freed heap memory back to the system. With both thresholds at 128 MiB the forward's
-buffer is reused from the heap: MobileNetV2-small's forward 27-30 -> 17-18 ms, 6.0x -> 3.95-4.14x onnxruntime's
-time, its input gradient 71 -> 50-56 ms (benchmarks/forward.py, one process per model). The cost is memory the
+buffer is reused from the heap: MobileNetV2-small's forward 27-30 -> 17-18 ms in fresh processes; in
+benchmarks/forward.py (one process per model) 6.0x -> 3.9-4.3x onnxruntime's time over four runs, its input
+gradient 71 -> 50-53 ms. The cost is memory the
 process keeps: the ResNet-18 locate benchmark's peak RSS 691 -> 801 MB (1,078 MB at 1 GiB thresholds, which
 sped up nothing more: gradient buffers of up to 508 MB were no faster from the heap).
 Set LANCET_MALLOC_TUNING=0 to leave the allocator alone.

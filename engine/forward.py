@@ -91,7 +91,7 @@ def build_apply(model: Model, start: int = 0,
     producers = model.producer_of()
     axes = {name: (1 if node.op_type in CHANNEL_FIRST_OPS else -1) for name, node in producers.items()}
     known = set(producers) | set(input_names) | set(model.params) | set(constants)
-    chains = find_conv_relu_pools(nodes, output_names)
+    chains = find_conv_relu_pools(model, nodes)
 
     def apply(params: Mapping[str, Any], inputs: Any, taps: Sequence[str] = (),
               edits: Mapping[str, Edit] | None = None) -> dict[str, Any]:
@@ -139,15 +139,15 @@ CLOSED_KERNEL_BYTES = 128 << 20  # own-weights forward: convolution kernels up t
 
 
 def _xla_conv_kernels(model: Model, params: Mapping[str, Any]) -> set[str]:
-    """Parameters that are only ever the kernel of 2-D group-1 Convs with more than FEW_CHANNELS input
-    channels: not the shifted-sum path, whose fusion barrier reads its kernel, nor depthwise ones."""
-    from .ops.nn import FEW_CHANNELS
+    """Parameters that are only ever the kernel of group-1 Convs off the shifted-sum path (whose fusion
+    barrier reads its kernel; depthwise kernels likewise stay out)."""
+    from .ops.nn import shifted_sum_conv
 
     readers = model.consumers_of()
     return {name for name, value in params.items()
-            if value.ndim == 4 and value.shape[1] > FEW_CHANNELS and readers.get(name) and all(
+            if value.ndim == 4 and readers.get(name) and all(
                 node.op_type == "Conv" and node.inputs[1] == name and node.attrs.get("group", 1) == 1
-                for node in readers[name])}
+                and not shifted_sum_conv(value, 1) for node in readers[name])}
 
 
 class Forward:
@@ -160,7 +160,7 @@ class Forward:
         self.apply = build_apply(model)
         self._jitted = jax.jit(self.apply, static_argnames=("taps",))
         self.output_name = model.outputs[0].name
-        self._own: tuple | None = None  # (the params it was built for, the own-weights forward, its constants)
+        self._own: tuple | None = None  # (params it was built for, own-weights forward, its constants, the rest)
 
     def __call__(self, inputs: Any, taps: Sequence[str] = (), edits: Mapping[str, Edit] | None = None,
                  params: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -173,8 +173,9 @@ class Forward:
     def _own_weights(self) -> tuple[Any, dict[str, Any]]:
         """The forward with the model's own weights, its convolution kernels closed over as constants (on
         CPU): XLA then lays them out once at compile time instead of on every call (median of 7 alternating
-        rounds: ResNet-18 at 64 inputs 300 -> 260 ms, 1.51x -> 1.31x onnxruntime's time; DenseNet-small
-        27.3 -> 25.3 ms; VGG-11 8.8 -> 8.7 ms; LeNet-5 and MobileNetV2-small unchanged). Shifted-sum
+        rounds, two A/Bs: ResNet-18 at 64 inputs 300 -> 260 and 333 -> 280 ms, 1.51x -> 1.31x and 1.53x ->
+        1.28x onnxruntime's time; DenseNet-small 27.3 -> 25.3 ms; VGG-11 8.8 -> 8.7 ms; LeNet-5 and
+        MobileNetV2-small unchanged). Shifted-sum
         kernels stay arguments: their fusion barrier reads them, and folded away it made LeNet-5's forward
         1.9 -> 3.1 ms; so does everything beyond CLOSED_KERNEL_BYTES (each compiled variant embeds its own
         copy). Returns the jitted function and the parameters it takes as arguments."""
@@ -188,9 +189,9 @@ class Forward:
             def own(free, inputs, taps=(), edits=None):
                 return self.apply({**free, **closed}, inputs, taps=taps, edits=edits)
 
-            self._own = key, jax.jit(own, static_argnames=("taps",)), closed
-        _, own, closed = self._own
-        return own, {name: value for name, value in self.params.items() if name not in closed}
+            free = {name: value for name, value in self.params.items() if name not in closed}
+            self._own = key, jax.jit(own, static_argnames=("taps",)), closed, free
+        return self._own[1], self._own[3]
 
     def logits(self, x: Any, params: Mapping[str, Any] | None = None,
                edits: Mapping[str, Edit] | None = None) -> Any:

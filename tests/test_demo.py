@@ -9,12 +9,11 @@ def test_demo_repairs_the_backdoor_with_both_methods(tmp_path):
     pytest.importorskip("torch")
     from rich.console import Console
 
+    from lancet.cache import cache_root
     from lancet.evaluate import OrtPredictor, class_accuracy
     from lancet.loader import load_model
     from lancet.models.demo import DEMO_RECIPE, run_demo
     from lancet.models.recipes import build_case
-
-    from lancet.cache import cache_root
 
     console = Console(record=True, width=160)
     was_cached = (cache_root() / DEMO_RECIPE.name / "meta.json").is_file()

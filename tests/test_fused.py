@@ -57,7 +57,7 @@ def test_fused_chain_is_the_unfused_function(name):
     channels, out_channels, kernel, size, conv_attrs, pool_attrs, bias = GEOMETRIES[name]
     proto = chain_model(channels, out_channels, kernel, size, conv_attrs, pool_attrs, bias)
     model = model_from_proto(proto)
-    assert find_conv_relu_pools(model.nodes, ["y"]) == {0: ConvReluPool(0, 1, 2)}
+    assert find_conv_relu_pools(model, model.nodes) == {0: ConvReluPool(0, 1, 2)}
     forward = Forward(model)
     x = jnp.asarray(rand(2, channels, *size, seed=3))
 
@@ -86,7 +86,7 @@ def test_chains_not_fused_where_they_must_not_be():
     tensors all run the ops one by one, and agree with onnxruntime."""
     lenet = GEOMETRIES["lenet-conv1"]
     shared = model_from_proto(chain_model(*lenet[:6], extra_reader=True))
-    assert find_conv_relu_pools(shared.nodes, ["y"]) == {}
+    assert find_conv_relu_pools(shared, shared.nodes) == {}
     x = rand(2, 1, 28, 29, seed=5)
     for pool in ({"kernel_shape": [3, 3], "strides": [2, 2]}, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}):
         proto = chain_model(1, 6, 5, (28, 29), {}, pool)  # 24 x 25 conv output: ceil mode leaves a partial window

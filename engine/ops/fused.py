@@ -3,11 +3,12 @@
 A non-overlapping max pool (kernel = stride) over a convolution keeps, per window, the largest of
 kernel-cell many convolution outputs. Computed per pool offset straight from the input's polyphase
 components (the input split by the convolution stride times the pool stride), the convolution output is
-never written out and every shifted view is contiguous. LeNet's conv1 + ReLU + pool at 256 inputs: 0.59-0.66
-against 1.02-1.09 ms unfused; the forwards of the models (median of 7 alternating rounds): LeNet-5 at 256
-inputs 2.29 -> 2.06 ms (1.77x -> 1.59x onnxruntime's time), VGG-11 at 64 8.94 -> 8.59 ms. Max and ReLU commute with adding the bias
-(rounding is monotonic) and the products are summed in the unfused order, so the result is the unfused
-one bit for bit. Gradients are those of the unfused ops (the forward under differentiation runs them).
+never written out and every shifted view is contiguous. LeNet's conv1 + ReLU + pool at 256 inputs:
+0.59-0.66 against 1.02-1.09 ms unfused; the forwards of the models (median of 7 alternating rounds):
+LeNet-5 at 256 inputs 2.29 -> 2.06 ms (1.77x -> 1.59x onnxruntime's time), VGG-11 at 64 8.94 -> 8.59 ms.
+Max and ReLU commute with adding the bias (rounding is monotonic) and the products are summed in the
+unfused order, so the result is the unfused one bit for bit. Gradients are those of the unfused ops (the
+forward under differentiation runs them).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .nn import _conv_fast_forward, _materialized, _max_pool, _pool_geometry, conv_geometry, shifted_sum_conv
+from .nn import (_conv_fast_forward, _materialized, _max_pool, _pool_geometry, conv_geometry, output_sizes,
+                 shifted_sum_conv)
 
 
 class ConvReluPool(NamedTuple):
@@ -29,51 +31,40 @@ class ConvReluPool(NamedTuple):
     pool: int
 
 
-def find_conv_relu_pools(nodes: Sequence, graph_outputs: Sequence[str]) -> dict[int, ConvReluPool]:
-    """The fusable chains of a node list, keyed by the Conv's position: the Conv and Relu outputs are read
-    by nothing else and are not graph outputs (the caller still checks taps and edits, and the shapes)."""
-    readers: dict[str, list[int]] = {}
-    for index, node in enumerate(nodes):
-        for name in node.inputs:
-            if name:
-                readers.setdefault(name, []).append(index)
+def find_conv_relu_pools(model, nodes: Sequence) -> dict[int, ConvReluPool]:
+    """The fusable chains of `nodes` (the model's, or a suffix of them), keyed by the Conv's position: the
+    Conv and Relu outputs are read by nothing else and are not graph outputs (the caller still checks
+    taps and edits, and the shapes)."""
+    position = {id(node): index for index, node in enumerate(nodes)}
+    readers = model.consumers_of()
+    graph_outputs = {info.name for info in model.outputs}
     chains = {}
     for index, node in enumerate(nodes):
         if node.op_type != "Conv" or len(node.outputs) != 1:
             continue
-        hops, ok = [index], True
+        hops = [node]
         for op_type in ("Relu", "MaxPool"):
-            tensor = nodes[hops[-1]].outputs[0]
+            tensor = hops[-1].outputs[0]
             after = readers.get(tensor, [])
-            ok = (ok and tensor not in graph_outputs and len(after) == 1 and nodes[after[0]].op_type == op_type
-                  and len(nodes[after[0]].outputs) == 1)
-            if not ok:
+            if tensor in graph_outputs or len(after) != 1 or after[0].op_type != op_type \
+                    or len(after[0].outputs) != 1:
                 break
             hops.append(after[0])
-        if ok:
-            chains[index] = ConvReluPool(*hops)
+        else:
+            chains[index] = ConvReluPool(*(position[id(hop)] for hop in hops))
     return chains
 
 
-def fusable_pool(x_shape: tuple[int, ...], w_shape: tuple[int, ...], conv_attrs: dict, pool_attrs: dict):
-    """The pool's kernel when the chain can be fused (a 2-D pool whose windows tile the convolution output
-    without overlap or padding), else None."""
+def _tiling_pool(conv_out: tuple[int, ...], pool_attrs: dict):
+    """The pool's kernel when its windows tile a convolution output of shape `conv_out` without overlap or
+    padding (2-D), else None."""
     if len(pool_attrs.get("kernel_shape", ())) != 2:
         return None
-    conv_out = _conv_out_shape(x_shape, w_shape, conv_attrs)
     kernel, strides, dilations, padding, extra = _pool_geometry(jax.ShapeDtypeStruct(conv_out, jnp.float32),
                                                                  pool_attrs)
     if list(strides) != list(kernel) or list(dilations) != [1, 1] or any(extra) or any(b or e for b, e in padding):
         return None
     return tuple(int(k) for k in kernel)
-
-
-def _conv_out_shape(x_shape, w_shape, attrs) -> tuple[int, ...]:
-    strides, dilations, pads, _ = conv_geometry(jax.ShapeDtypeStruct(x_shape, jnp.float32),
-                                                jax.ShapeDtypeStruct(w_shape, jnp.float32), attrs)
-    spatial = [(size + b + e - (k - 1) * d - 1) // s + 1
-               for size, k, s, d, (b, e) in zip(x_shape[2:], w_shape[2:], strides, dilations, pads)]
-    return (x_shape[0], w_shape[0], *spatial)
 
 
 def conv_relu_max_pool(x, w, bias, conv_attrs: dict, pool_attrs: dict):
@@ -82,7 +73,8 @@ def conv_relu_max_pool(x, w, bias, conv_attrs: dict, pool_attrs: dict):
     strides, dilations, pads, group = conv_geometry(x, w, conv_attrs)
     if not shifted_sum_conv(w, group):
         return None
-    pool = fusable_pool(x.shape, w.shape, conv_attrs, pool_attrs)
+    conv_out = (x.shape[0], w.shape[0], *output_sizes(x.shape[2:], w.shape[2:], strides, dilations, pads))
+    pool = _tiling_pool(conv_out, pool_attrs)
     if pool is None:
         return None
     if bias is None:
@@ -97,11 +89,10 @@ def _unfused(x, w, bias, strides, dilations, pads, pool):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _fused(x, w, bias, strides, dilations, pads, pool):
-    x = jnp.pad(x, [(0, 0), (0, 0), *pads])
     out_channels, channels, kh, kw = w.shape
+    pooled = [size // p for size, p in zip(output_sizes(x.shape[2:], (kh, kw), strides, dilations, pads), pool)]
+    x = jnp.pad(x, [(0, 0), (0, 0), *pads])
     period = tuple(s * p for s, p in zip(strides, pool))
-    pooled = [((size - (k - 1) * d - 1) // s + 1) // p
-              for size, k, s, d, p in zip(x.shape[2:], (kh, kw), strides, dilations, pool)]
     # Polyphase components: component (r, c) holds rows r, r + period, ... and columns likewise;
     # materialized (read by every term; fused into them, LeNet's stage took 2.04 ms, not 0.59).
     phases = _materialized({(r, c): x[:, :, r::period[0], c::period[1]]

@@ -19,10 +19,10 @@ SHIFTED_GRAD_TERMS = 256
 # to 2.48-2.53x onnxruntime's time; ResNet-18's 3 -> 64 (1,728) made its forward 28-33 % slower (368-380 ->
 # 472-506 ms), though faster alone (2.2 against 4.2 ms at 64 inputs).
 FEW_CHANNELS, FEW_CHANNELS_TERMS = 4, 512
-# XLA's CPU convolution (YNNPACK) with 5-7 input channels runs faster given zero channels up to 8: LeNet's
-# 6 -> 16 x 5 x 5 on 12 x 12, 256 inputs, 1.02 -> 0.72 ms alone; the model's forward 2.13-2.17 -> 1.87-1.88 ms
-# (two A/B runs of 7 alternating rounds). Not beyond: 12 -> 16, 20 -> 24, 36 -> 40 channels were 7-14 %
-# slower, and 3 -> 8 on ResNet-18's stem (3 -> 64) 2x slower.
+# XLA's CPU convolution (YNNPACK) with 5-7 input channels runs faster given zero channels up to 8: alone, 256
+# inputs 12 x 12, 16 out channels 5 x 5, 6 channels 1.23 ms against 0.97 with 8; LeNet-5's forward
+# 2.13-2.17 -> 1.87-1.88 ms (two A/B runs of 7 alternating rounds). Not beyond: 12 -> 16, 20 -> 24, 36 -> 40
+# channels took 7-16 % longer, and 3 -> 8 for a 3 -> 64 channel layer (ResNet-18's stem) twice as long.
 PAD_CHANNELS_FROM, PAD_CHANNELS_TO = 5, 8
 
 
@@ -325,14 +325,20 @@ def _pool_geometry(x, attrs):
     return kernel, strides, dilations, padding, ceil_extra
 
 
+def output_sizes(sizes, kernel, strides, dilations, pads) -> list[int]:
+    """Output length per spatial axis of a window op (convolution, pooling) over `sizes` padded by `pads`."""
+    return [(size + b + e - (k - 1) * d - 1) // s + 1
+            for size, k, s, d, (b, e) in zip(sizes, kernel, strides, dilations, pads)]
+
+
 def _windows(x, kernel, strides, dilations, pads, fill):
     """Every kernel offset's strided view of the padded input: pooling as an element-wise reduction.
 
     On CPU this is 3x faster than lax.reduce_window for the usual 2x2/3x3 pools (benchmarks/forward.py).
     """
+    out = output_sizes(x.shape[2:], kernel, strides, dilations, pads)
     x = jnp.pad(x, [(0, 0), (0, 0)] + list(pads), constant_values=fill)
     rank = len(kernel)
-    out = [(x.shape[2 + a] - (kernel[a] - 1) * dilations[a] - 1) // strides[a] + 1 for a in range(rank)]
     for offset in np.ndindex(*kernel):
         index = [slice(None), slice(None)]
         for a in range(rank):
