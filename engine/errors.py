@@ -28,3 +28,7 @@ class RepairRejectedError(LancetError):
     """The repair missed its acceptance bounds; nothing was written."""
 
     exit_code = 3
+
+
+class NodeFailedError(BadInputError):
+    """An op handler could not run a node (shapes or attributes it cannot take); names the node."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from .case import Case
 from .errors import BadInputError
-from .forward import Forward
+from .forward import Forward, static_batch
 from .ir import Model
 from .runtime import ort_session
 
@@ -49,16 +49,17 @@ def error_rate_upper_bound(errors: int, n: int, confidence: float = 0.95) -> flo
     return high
 
 
-def static_batch(model: Model) -> int | None:
-    """The input's fixed batch size, if the file hard-codes one (then every run must use it)."""
-    shape = model.input.shape
-    first = shape[0] if shape else None
-    return first if isinstance(first, int) and first > 0 else None
-
-
 def _chunks(x: np.ndarray, size: int):
     for start in range(0, len(x), size):
         yield x[start:start + size]
+
+
+def _fixed_chunks(x: np.ndarray, size: int):
+    """Chunks of exactly `size` (the last zero-padded) with their real lengths: a file with a fixed batch
+    runs only on that many inputs."""
+    for chunk in _chunks(x, size):
+        pad = size - len(chunk)
+        yield (np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk), len(chunk)
 
 
 class OrtPredictor:
@@ -67,11 +68,15 @@ class OrtPredictor:
     def __init__(self, model: Model, path: str | Path | bytes):
         self.session = ort_session(path)
         self.input_name = model.input.name
-        self.batch = static_batch(model) or 256
+        self.fixed = static_batch(model)
+        self.batch = self.fixed or 256
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw first outputs for a numpy batch of any length."""
-        outs = [self.session.run(None, {self.input_name: chunk})[0] for chunk in _chunks(x, self.batch)]
+        if self.fixed:
+            outs = [self.session.run(None, {self.input_name: chunk})[0][:n] for chunk, n in _fixed_chunks(x, self.fixed)]
+        else:
+            outs = [self.session.run(None, {self.input_name: chunk})[0] for chunk in _chunks(x, self.batch)]
         return np.concatenate(outs)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -84,7 +89,7 @@ class JaxPredictor:
 
     def __init__(self, model: Model, forward: Forward | None = None):
         self.forward = forward or Forward(model)
-        self.batch = static_batch(model) or 256
+        self.batch = 256  # any batch, a file's fixed one included (forward.over_fixed_batch)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw first outputs for a numpy batch of any length."""

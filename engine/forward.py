@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .allocator import tune_allocator
-from .errors import BadInputError
+from .errors import BadInputError, LancetError, NodeFailedError
 from .ir import Model
 from .ops import REGISTRY, OpContext
 from .ops.fused import conv_relu_max_pool, find_conv_relu_pools
@@ -78,8 +78,19 @@ def build_apply(model: Model, start: int = 0,
     With `start` > 0 only nodes from `start` on run and `inputs` maps `live_tensors(model, start)` to
     their values (a cached prefix: what the per-layer ablation search reuses for every candidate);
     `static` gives those of them that are the same for every batch (shape arithmetic a later Reshape
-    needs as a constant), held as constants rather than passed in `inputs`.
+    needs as a constant), held as constants rather than passed in `inputs`. Any number of inputs, also
+    for a graph that hard-codes its file's fixed batch (`over_fixed_batch`).
     """
+    fixed = static_batch(model)
+    if fixed is None or not hard_codes_batch(model):
+        return _graph_apply(model, start, static)
+    return over_fixed_batch(_graph_apply(model, start, static, fuse=False), fixed)
+
+
+def _graph_apply(model: Model, start: int = 0, static: Mapping[str, np.ndarray] | None = None,
+                 fuse: bool = True) -> Callable[..., dict[str, Any]]:
+    """`build_apply` on the graph as written: on the batch sizes the graph itself allows. `fuse`: run
+    Conv -> Relu -> MaxPool chains as one op where they qualify (ops/fused.py)."""
     nodes = list(model.nodes)[start:]
     static = dict(static or {})
     constants = {**model.constants, **static}
@@ -91,7 +102,7 @@ def build_apply(model: Model, start: int = 0,
     producers = model.producer_of()
     axes = {name: (1 if node.op_type in CHANNEL_FIRST_OPS else -1) for name, node in producers.items()}
     known = set(producers) | set(input_names) | set(model.params) | set(constants)
-    chains = find_conv_relu_pools(model, nodes)
+    chains = find_conv_relu_pools(model, nodes) if fuse else {}
 
     def apply(params: Mapping[str, Any], inputs: Any, taps: Sequence[str] = (),
               edits: Mapping[str, Edit] | None = None) -> dict[str, Any]:
@@ -123,7 +134,15 @@ def build_apply(model: Model, start: int = 0,
                     env[name] = apply_edit(value, edits[name], 1) if name in edits else value
                     fused.update((chain.relu, chain.pool))
                     continue
-            result = spec.fn(args, node.attrs, ctx)
+            try:
+                result = spec.fn(args, node.attrs, ctx)
+            except LancetError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - shape and attribute errors surface at trace time
+                shapes = ", ".join(str(tuple(np.shape(a))) if a is not None else "-" for a in args)
+                raise NodeFailedError(f"node {node.name!r} ({node.op_type}) cannot run on inputs of shapes "
+                                      f"{shapes}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                                      ) from exc
             results = result if isinstance(result, (tuple, list)) else (result,)
             for name, value in zip(node.outputs, results):
                 if name in edits:
@@ -133,6 +152,94 @@ def build_apply(model: Model, start: int = 0,
         return {name: jnp.asarray(env[name]) for name in wanted}
 
     return apply
+
+
+def static_batch(model: Model) -> int | None:
+    """The batch size the file fixes on every graph input (an exporter's default without a dynamic
+    axis), or None when any input leaves it free."""
+    sizes = {info.shape[0] if info.shape else None for info in model.inputs}
+    if len(sizes) != 1:
+        return None
+    size = sizes.pop()
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def hard_codes_batch(model: Model) -> bool:
+    """Whether a graph with a fixed input batch b computes with it: traced (shapes only) on b and on 2b
+    inputs, some tensor does not simply double its leading b (a Reshape to [1, -1] gives [1, 256] and
+    [1, 512]) or the trace fails. Such a graph runs through `over_fixed_batch`; the others, whose file
+    merely declares the batch, run on any batch as they are. Decided once per model (both traces are
+    cheap next to a compilation) and remembered on it."""
+    cached = model.__dict__.get("_hard_codes_batch")
+    if cached is not None:
+        return cached
+    batch = static_batch(model)
+    shapes = [info.shape for info in model.inputs]
+    if batch is None or any(not all(isinstance(d, int) for d in shape[1:]) for shape in shapes):
+        verdict = batch is not None  # unknown sizes besides the batch: assume the worst
+    else:
+        apply = _graph_apply(model)
+        names = tuple(dict.fromkeys(name for node in model.nodes for name in node.outputs if name))
+        params = {name: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for name, v in model.params.items()}
+
+        def traced(n: int) -> dict:
+            inputs = {info.name: jax.ShapeDtypeStruct((n, *info.shape[1:]), info.dtype) for info in model.inputs}
+            return jax.eval_shape(lambda p, x: apply(p, x, taps=names), params, inputs)
+
+        try:
+            one, two = traced(batch), traced(2 * batch)
+            doubled = {name: (2 * batch, *one[name].shape[1:]) if one[name].shape[:1] == (batch,) else None
+                       for name in one}
+            verdict = any(two[name].shape not in (one[name].shape, doubled[name]) for name in one)
+        except Exception:  # noqa: BLE001 - any failure on 2b inputs means the graph is tied to b
+            verdict = True
+    model.__dict__["_hard_codes_batch"] = verdict
+    return verdict
+
+
+def over_fixed_batch(apply: Callable[..., dict[str, Any]], batch: int) -> Callable[..., dict[str, Any]]:
+    """`apply` for any number of inputs on a graph written for exactly `batch` of them.
+
+    A graph exported with a fixed batch may hard-code it (PyTorch's `x.view(x.size(0), -1)` becomes a
+    Reshape to [1, -1]), so it cannot simply run on more inputs. The inputs are split into groups of
+    `batch` (the last zero-padded) and the graph is `jax.vmap`ped over the groups, which XLA runs as one
+    batched computation. Returned tensors whose graph shape leads with `batch` are joined back into one
+    batch axis; the others (shape arithmetic, parameters) are the same for every group and returned once.
+    Edits with a per-input array (rank >= 2, leading axis the number of inputs) are split with the inputs;
+    per-channel vectors are shared."""
+
+    def per_input(array: Any, n: int) -> bool:
+        return array is not None and np.ndim(array) >= 2 and np.shape(array)[0] == n
+
+    def apply_any(params: Mapping[str, Any], inputs: Any, taps: Sequence[str] = (),
+                  edits: Mapping[str, Edit] | None = None) -> dict[str, Any]:
+        single = not isinstance(inputs, Mapping)
+        named = {None: inputs} if single else dict(inputs)
+        n = int(np.shape(next(iter(named.values())))[0])
+        if n == batch:
+            return apply(params, inputs, taps=taps, edits=edits)
+        groups = -(-n // batch)
+
+        def split(array: Any) -> Any:
+            array = jnp.asarray(array)
+            if groups * batch != n:
+                array = jnp.pad(array, [(0, groups * batch - n)] + [(0, 0)] * (array.ndim - 1))
+            return array.reshape(groups, batch, *array.shape[1:])
+
+        edits = dict(edits or {})
+        split_edits = {name: Edit(*(split(a) if per_input(a, n) else None for a in edit))
+                       for name, edit in edits.items() if any(per_input(a, n) for a in edit)}
+
+        def one_group(group_inputs, group_edits):
+            merged = {name: Edit(*(g if g is not None else a for a, g in zip(edit, group_edits[name])))
+                      if name in group_edits else edit for name, edit in edits.items()}
+            return apply(params, group_inputs[None] if single else group_inputs, taps=taps, edits=merged)
+
+        out = jax.vmap(one_group)({k: split(v) for k, v in named.items()}, split_edits)
+        return {name: value.reshape(groups * batch, *value.shape[2:])[:n]
+                if value.ndim >= 2 and value.shape[1] == batch else value[0] for name, value in out.items()}
+
+    return apply_any
 
 
 CLOSED_KERNEL_BYTES = 128 << 20  # own-weights forward: convolution kernels up to this many bytes as constants

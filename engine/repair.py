@@ -544,9 +544,9 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
                     "changed_parameters": ",".join(f"{k}:{v}" for k, v in changed_counts.items()),
                     "tool_version": __version__, "seed": seed}
         proto = replace_parameters(model_path, changed, metadata)
-        batch = static_batch(model) or 64
-        x_check = case.x_clean[:batch]
-        if len(x_check) < batch and static_batch(model):
+        batch = static_batch(model) or 64  # onnxruntime runs a fixed-batch file on exactly that many
+        x_check = case.x_clean[:max(64, batch) // batch * batch]
+        if len(x_check) % batch:
             x_check = np.resize(x_check, (batch, *x_check.shape[1:]))
         expected = np.asarray(forward.logits(x_check, params=repaired))
         details["parity_max_abs_diff"] = verify_repaired(proto, x_check, expected, batch=batch)

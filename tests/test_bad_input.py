@@ -137,3 +137,15 @@ def test_pickled_case_rejected(backdoor_case, tmp_path):
     path = tmp_path / "pickled.npz"
     np.savez(path, x_clean=np.array([object()], dtype=object), y_clean=np.zeros(1, np.int64))
     assert_clean_failure(*run_cli("eval", backdoor_case.model, "--data", path), "pickle")
+
+
+def test_node_that_cannot_run_is_named(tmp_path):
+    """A graph whose node fails on its inputs' shapes (here a Gemm weight that does not fit) exits 2 with
+    the node, its op and the shapes, not a traceback from inside JAX."""
+    model = tiny_model(initializers=[numpy_helper.from_array(np.ones((5, 3), np.float32), "w")])
+    model.graph.node[1].name = "head"
+    path = save(model, tmp_path / "misfit.onnx")
+    case = tmp_path / "case.npz"
+    np.savez(case, x_clean=np.zeros((6, 4), np.float32), y_clean=np.zeros(6, np.int64))
+    assert_clean_failure(*run_cli("eval", path, "--data", case, "--backend", "jax"),
+                         "node 'head' (Gemm)", "(6, 4), (5, 3)")

@@ -139,3 +139,56 @@ def test_allocator_tuning_is_on_by_default_and_can_be_turned_off():
         env = {**os.environ, "LANCET_MALLOC_TUNING": setting}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.split() == [str(expected)] * 2
+
+
+def _fixed_batch_graph(batch: int, hard_coded: bool):
+    """Conv -> Relu -> (Reshape to [batch, -1] | Flatten) -> Gemm, the file's input batch fixed at `batch`:
+    what torch.onnx.export writes without a dynamic axis for `x.view(x.size(0), -1)` (or `flatten`)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lancet.loader import model_from_proto
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(size=(3, 2, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=(4, 27)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.array([batch, -1], np.int64), "shape")]
+    flat = (helper.make_node("Reshape", ["r", "shape"], ["f"]) if hard_coded
+            else helper.make_node("Flatten", ["r"], ["f"]))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]), flat,
+             helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
+                              initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto, model_from_proto(proto)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fixed_batch_graph_runs_on_any_batch(batch):
+    """A graph that hard-codes its file's batch runs on any number of inputs (vmapped over groups of it):
+    outputs equal onnxruntime's, one group at a time; taps keep one batch axis; per-input edits and input
+    gradients equal those of the same graph with a free batch."""
+    from lancet.forward import hard_codes_batch, static_batch
+    from lancet.runtime import ort_session
+
+    proto, fixed = _fixed_batch_graph(batch, hard_coded=True)
+    _, free = _fixed_batch_graph(batch, hard_coded=False)
+    assert static_batch(fixed) == static_batch(free) == batch
+    assert hard_codes_batch(fixed) and not hard_codes_batch(free)
+    x = np.random.default_rng(2).normal(size=(7, 2, 5, 5)).astype(np.float32)  # 7: not a multiple of 2
+    session = ort_session(proto.SerializeToString())
+    padded = np.concatenate([x, np.zeros(((batch - 7 % batch) % batch, 2, 5, 5), np.float32)])
+    expected = np.concatenate([session.run(None, {"x": padded[i:i + batch]})[0]
+                               for i in range(0, len(padded), batch)])[:7]
+    forward, twin = Forward(fixed), Forward(free)
+    out = forward(x, taps=("r",))
+    assert max_diff(out["y"], expected) < 1e-4 and out["r"].shape == (7, 3, 3, 3)
+    shift = np.random.default_rng(3).normal(size=(7, 3, 3, 3)).astype(np.float32)
+    assert max_diff(forward.logits(x, edits={"r": Edit(shift=shift)}),
+                    twin.logits(x, edits={"r": Edit(shift=shift)})) < 1e-4
+
+    def input_grad(fw):
+        return jax.grad(lambda v: jnp.sum(fw.apply(fw.params, v)["y"] ** 2))(jnp.asarray(x))
+
+    assert max_diff(input_grad(forward), input_grad(twin)) < 1e-3

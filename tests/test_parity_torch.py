@@ -49,3 +49,30 @@ def test_jax_matches_onnxruntime(arch, channels, size, opset, keep_bn, export_di
             got = forward.logits(x[:batch])
             assert got.shape == expected.shape
             assert max_diff(got, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("arch,channels,size", [("lenet5", 1, 28), ("resnet18", 3, 32), ("vit", 3, 32)])
+def test_default_torch_export_with_its_fixed_batch_runs_on_any_batch(arch, channels, size, export_dir, real_inputs,
+                                                                      torch_threads):
+    """`torch.onnx.export(net, (x,), path)` as a user calls it: torch 2.13's default (dynamo) exporter fixes
+    the batch at the example's (4) and writes it into Reshape shapes. The engine runs it on 31 inputs (not a
+    multiple of 4) equal to PyTorch; onnxruntime, fed groups of 4 (the last padded), agrees."""
+    import warnings
+
+    from lancet.evaluate import OrtPredictor
+    from lancet.forward import hard_codes_batch, static_batch
+    from lancet.models.torch_zoo import build
+
+    torch = torch_threads
+    net = build(arch, channels, size, seed=1).eval()
+    path = export_dir / f"default-{arch}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(4, channels, size, size),), str(path))
+    model = load_model(path)
+    assert static_batch(model) == 4 and hard_codes_batch(model)
+    x = real_inputs[(channels, size)][:31]
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert max_diff(Forward(model).logits(x), expected) < 1e-4
+    assert max_diff(OrtPredictor(model, path).logits(x), expected) < 1e-4

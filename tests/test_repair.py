@@ -606,3 +606,44 @@ def test_growth_replay_stops_where_the_threshold_would_and_keeps_the_picked_set(
     assert replay({**record, "details": {"finetune_tried": tried[:3]}}, 0.985) == {"not_run": True}
     unsized = [{**t, "margin": None} for t in tried]
     assert replay({**record, "details": {"finetune_tried": unsized}}, 0.98) == {"unrecorded": True}
+
+
+def fixed_batch_copy(source, destination) -> None:
+    """The model as torch.onnx.export writes it without a dynamic axis and with `x.view(x.size(0), -1)`:
+    input and output batch fixed at 1, the Flatten a Reshape to the constant [1, -1]."""
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(source))
+    graph = proto.graph
+    index = next(i for i, node in enumerate(graph.node) if node.op_type == "Flatten")
+    flatten = graph.node[index]
+    graph.initializer.append(numpy_helper.from_array(np.array([1, -1], np.int64), "fixed_batch_shape"))
+    graph.node.remove(flatten)
+    graph.node.insert(index, helper.make_node("Reshape", [flatten.input[0], "fixed_batch_shape"],
+                                              list(flatten.output), name=flatten.name))
+    for info in list(graph.input) + list(graph.output):
+        dim = info.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = 1
+    del graph.value_info[:]
+    onnx.save(proto, str(destination))
+
+
+def test_fixed_batch_export_repairs_like_the_free_one(backdoor_case, repaired, tmp_path):
+    """A file that hard-codes batch 1 (PyTorch's default export) is repaired to the same parameters and
+    figures as the same model with a free batch; the written file keeps its fixed-batch graph and runs in
+    onnxruntime."""
+    folder, results = repaired
+    fixed = tmp_path / "fixed.onnx"
+    fixed_batch_copy(backdoor_case.model, fixed)
+    result = repair(fixed, backdoor_case.case, tmp_path / "out.onnx", method="flip", progress=False)
+    assert result.written
+    assert result.to_json()["after"] == results["flip"].to_json()["after"]
+    written = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "out.onnx")).graph.initializer}
+    reference = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(folder / "flip.onnx")).graph.initializer}
+    assert all(np.array_equal(written[name], value) for name, value in reference.items())
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in onnx.load(str(fixed)).graph.node]
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    heldout = dict(np.load(backdoor_case.heldout))
+    assert heldout_figures(tmp_path / "out.onnx", heldout) == heldout_figures(folder / "flip.onnx", heldout)
