@@ -97,5 +97,15 @@ def summary(model: Model) -> dict:
         "channel_neurons": sum(layer.channels for layer in layers),
         "weight_neurons": int(sum(model.params[w].size for w in layer_weights)),
         "parameters": int(sum(v.size for v in model.params.values())),
+        "batch": _batch_summary(model),
         "op_coverage": {op: {"count": n, "supported": op in REGISTRY} for op, n in sorted(op_counts.items())},
     }
+
+
+def _batch_summary(model: Model) -> dict:
+    """The input batch the file fixes (None: free) and whether the graph computes with it (then the engine
+    runs it vmapped over groups of that size; forward.over_fixed_batch)."""
+    from .forward import hard_codes_batch, static_batch
+
+    fixed = static_batch(model)
+    return {"fixed": fixed, "hard_coded": bool(fixed) and hard_codes_batch(model)}

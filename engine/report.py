@@ -39,6 +39,9 @@ def inspect_tables(info: dict, console) -> None:
         "outputs": ", ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in info["outputs"]),
         "parameters": info["parameters"], "channel neurons": info["channel_neurons"],
         "weight neurons": info["weight_neurons"],
+        "batch": "free" if not info["batch"]["fixed"] else
+        f"fixed at {info['batch']['fixed']}" + (" and written into the graph (runs vmapped over groups of it)"
+                                                 if info["batch"]["hard_coded"] else " (runs on any batch)"),
     }
     key_value_table("model", facts, console)
     layers = Table(title="neuron layers")
