@@ -9,7 +9,7 @@ import numpy as np
 
 from .case import Case
 from .errors import BadInputError
-from .forward import Forward, static_batch
+from .forward import Forward, label_threshold, output_labels, static_batch
 from .ir import Model
 from .runtime import ort_session
 
@@ -70,6 +70,7 @@ class OrtPredictor:
         self.input_name = model.input.name
         self.fixed = static_batch(model)
         self.batch = self.fixed or 256
+        self.threshold = label_threshold(model)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw first outputs for a numpy batch of any length."""
@@ -80,8 +81,8 @@ class OrtPredictor:
         return np.concatenate(outs)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Arg-max labels."""
-        return self.logits(x).argmax(axis=-1)
+        """Class labels (`forward.output_labels`)."""
+        return np.asarray(output_labels(self.logits(x), self.threshold))
 
 
 class JaxPredictor:
@@ -89,6 +90,7 @@ class JaxPredictor:
 
     def __init__(self, model: Model, forward: Forward | None = None):
         self.forward = forward or Forward(model)
+        self.threshold = label_threshold(model)
         self.batch = 256  # any batch, a file's fixed one included (forward.over_fixed_batch)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -96,8 +98,8 @@ class JaxPredictor:
         return np.concatenate([np.asarray(self.forward.logits(chunk)) for chunk in _chunks(x, self.batch)])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Arg-max labels."""
-        return self.logits(x).argmax(axis=-1)
+        """Class labels (`forward.output_labels`)."""
+        return np.asarray(output_labels(self.logits(x), self.threshold))
 
 
 def make_predictor(model: Model, backend: str, path: str | Path | bytes | None = None):

@@ -257,6 +257,22 @@ def _xla_conv_kernels(model: Model, params: Mapping[str, Any]) -> set[str]:
                 and not shifted_sum_conv(value, 1) for node in readers[name])}
 
 
+def label_threshold(model: Model) -> float:
+    """For a one-column classifier output (two classes): the value above which it means class 1, 0.5 for a
+    Sigmoid's probability and 0 for a raw logit."""
+    producer = model.producer_of().get(model.outputs[0].name)
+    return 0.5 if producer is not None and producer.op_type == "Sigmoid" else 0.0
+
+
+def output_labels(output: Any, threshold: float) -> Any:
+    """Class labels of classifier outputs [n, classes]: the arg-max, or with one column (a two-class model
+    with one sigmoid or logit output) class 1 where it exceeds `threshold`."""
+    xp_ = np if isinstance(output, np.ndarray) else jnp
+    if output.shape[-1] == 1:
+        return (output[..., 0] > threshold).astype(xp_.int32)
+    return xp_.argmax(output, axis=-1)
+
+
 class Forward:
     """A model's forward pass, jitted once per set of taps (and per input shape, by jax.jit itself)."""
 
@@ -306,8 +322,10 @@ class Forward:
         return self(x, edits=edits, params=params)[self.output_name]
 
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Arg-max labels for a numpy batch, computed in fixed-size chunks (one compile per chunk shape)."""
+        """Labels (`output_labels`) for a numpy batch, computed in fixed-size chunks (one compile per chunk
+        shape)."""
         labels = []
+        threshold = label_threshold(self.model)
         for start in range(0, len(x), batch_size):
-            labels.append(np.asarray(jnp.argmax(self.logits(x[start:start + batch_size]), axis=-1)))
+            labels.append(np.asarray(output_labels(self.logits(x[start:start + batch_size]), threshold)))
         return np.concatenate(labels) if labels else np.zeros(0, np.int64)

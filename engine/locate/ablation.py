@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..forward import Edit, Forward, build_apply, live_tensors
-from .common import chunks, logit_tensor, make_logits_fn, pad_to
+from .common import chunks, class_logits, logit_tensor, make_logits_fn, pad_to
 from .pairs import Pairs
 from .valuation import NeuronScores
 
@@ -193,7 +193,7 @@ class Ablator:
             taps = () if name == self.forward.output_name else (name,)
 
             def logits_fn(params, live, edits=None):
-                return apply(params, live, taps=taps, edits=edits)[name]
+                return class_logits(apply(params, live, taps=taps, edits=edits)[name])
 
         def one_k(params, ranks, k, x, wrong, right, is_pair, valid):
             keep = {u: jnp.where(ranks[u] < k, factor, 1.0).astype(jnp.float32) for u in units}

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..forward import Forward
+from ..forward import Forward, label_threshold, output_labels
 
 # Output ops whose input is the real logit tensor (their output saturates and would flatten gradients).
 NORMALISING_OUTPUT_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
@@ -21,13 +21,22 @@ def logit_tensor(forward: Forward) -> str:
     return forward.output_name
 
 
+def class_logits(logits: Any) -> Any:
+    """Logits with one column per class: a two-class model's single logit z becomes [0, z] (softmax of it is
+    the sigmoid's [1 - p, p]; arg-max is class 1 where z > 0), other outputs are returned as they are."""
+    if logits.shape[-1] != 1:
+        return logits
+    return jnp.concatenate([jnp.zeros_like(logits), logits], axis=-1)
+
+
 def make_logits_fn(forward: Forward) -> Callable[..., Any]:
-    """`logits(params, x, edits=None)` as a pure function of the params (differentiable, jittable)."""
+    """`logits(params, x, edits=None)` as a pure function of the params (differentiable, jittable); one
+    column per class (`class_logits`)."""
     name = logit_tensor(forward)
     taps = () if name == forward.output_name else (name,)
 
     def logits(params: Mapping[str, Any], x: Any, edits: Mapping[str, Any] | None = None) -> Any:
-        return forward.apply(params, x, taps=taps, edits=edits)[name]
+        return class_logits(forward.apply(params, x, taps=taps, edits=edits)[name])
 
     return logits
 
@@ -55,11 +64,12 @@ def pad_to(x: np.ndarray, size: int) -> np.ndarray:
 
 def predict_labels(forward: Forward, x: np.ndarray, batch: int = 256,
                    params: Mapping[str, Any] | None = None, edits: Mapping[str, Any] | None = None) -> np.ndarray:
-    """Arg-max labels in fixed-size padded chunks (with `params` or forward `edits` if given)."""
+    """Class labels (`output_labels`) in fixed-size padded chunks (with `params` or forward `edits` if given)."""
     out = []
+    threshold = label_threshold(forward.model)
     for start, stop in chunks(len(x), batch):
         logits = forward.logits(pad_to(x[start:stop], min(batch, len(x))), params=params, edits=edits)
-        out.append(np.asarray(jnp.argmax(logits, axis=-1))[: stop - start])
+        out.append(np.asarray(output_labels(logits, threshold))[: stop - start])
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import BadInputError
 from ..forward import Edit, Forward
 from ..neurons import Layer
-from .common import chunks, logit_tensor, make_logits_fn, margin, pad_to
+from .common import chunks, class_logits, logit_tensor, make_logits_fn, margin, pad_to
 from .pairs import Pairs
 
 GRANULARITIES = ("weight", "channel")
@@ -111,7 +111,7 @@ def _channel_scores(forward: Forward, pairs: Pairs, x_clean, y_clean, layers, ba
         """Logits and layer activations with `shifts` added to the layers (d/dshift = d/dactivation)."""
         out = forward.apply(params, x, taps=names + (logit_name,),
                             edits={n: Edit(shift=s) for n, s in shifts.items()})
-        return out[logit_name], {n: out[n] for n in names}
+        return class_logits(out[logit_name]), {n: out[n] for n in names}
 
     def zeros(params, x):
         return {n: jnp.zeros_like(v) for n, v in run_shifted(params, x, {})[1].items()}
