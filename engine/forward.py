@@ -268,8 +268,8 @@ def output_labels(output: Any, threshold: float) -> Any:
     """Class labels of classifier outputs [n, classes]: the arg-max, or with one column (a two-class model
     with one sigmoid or logit output) class 1 where it exceeds `threshold`."""
     xp_ = np if isinstance(output, np.ndarray) else jnp
-    if output.shape[-1] == 1:
-        return (output[..., 0] > threshold).astype(xp_.int32)
+    if output.ndim == 2 and output.shape[-1] == 1:
+        return (output[:, 0] > threshold).astype(xp_.int32)
     return xp_.argmax(output, axis=-1)
 
 

@@ -24,7 +24,7 @@ def logit_tensor(forward: Forward) -> str:
 def class_logits(logits: Any) -> Any:
     """Logits with one column per class: a two-class model's single logit z becomes [0, z] (softmax of it is
     the sigmoid's [1 - p, p]; arg-max is class 1 where z > 0), other outputs are returned as they are."""
-    if logits.shape[-1] != 1:
+    if logits.ndim != 2 or logits.shape[-1] != 1:
         return logits
     return jnp.concatenate([jnp.zeros_like(logits), logits], axis=-1)
 
