@@ -75,7 +75,8 @@ class OrtPredictor:
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw first outputs for a numpy batch of any length."""
         if self.fixed:
-            outs = [self.session.run(None, {self.input_name: chunk})[0][:n] for chunk, n in _fixed_chunks(x, self.fixed)]
+            outs = [self.session.run(None, {self.input_name: chunk})[0][:n]
+                    for chunk, n in _fixed_chunks(x, self.fixed)]
         else:
             outs = [self.session.run(None, {self.input_name: chunk})[0] for chunk in _chunks(x, self.batch)]
         return np.concatenate(outs)

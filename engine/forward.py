@@ -214,7 +214,7 @@ def over_fixed_batch(apply: Callable[..., dict[str, Any]], batch: int) -> Callab
     def apply_any(params: Mapping[str, Any], inputs: Any, taps: Sequence[str] = (),
                   edits: Mapping[str, Edit] | None = None) -> dict[str, Any]:
         single = not isinstance(inputs, Mapping)
-        named = {None: inputs} if single else dict(inputs)
+        named = {None: inputs} if single else dict(inputs)  # key None: the one unnamed input array
         n = int(np.shape(next(iter(named.values())))[0])
         if n == batch:
             return apply(params, inputs, taps=taps, edits=edits)
