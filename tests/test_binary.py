@@ -90,3 +90,18 @@ def test_two_class_backdoor_is_repaired(binary_case, tmp_path):
     assert 100 * (acc_before - acc_after) <= 2.0, (acc_before, acc_after)
     graph = onnx.load(str(out)).graph
     assert graph.node[-1].op_type == "Sigmoid" and graph.output[0].type.tensor_type.shape.dim[1].dim_value == 1
+
+
+def test_clean_data_only_on_two_classes_says_what_to_give(binary_case, tmp_path):
+    """Trigger restoration rates each class's trigger against the others': with two classes there is
+    nothing to rate against, so a clean-data-only case is refused with what to add, not 'no backdoor'."""
+    from click.testing import CliRunner
+
+    from lancet.cli import main
+
+    arrays = dict(np.load(binary_case.case))
+    clean_only = tmp_path / "clean.npz"
+    np.savez(clean_only, x_clean=arrays["x_clean"], y_clean=arrays["y_clean"])
+    result = CliRunner().invoke(main, ["locate", str(binary_case.model), "--data", str(clean_only)])
+    assert result.exit_code == 2 and "three classes" in result.output and "x_error" in result.output
+    assert "Traceback" not in result.output

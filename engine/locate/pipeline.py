@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..case import Case, load_case, num_classes
+from ..errors import BadInputError
 from ..forward import Forward
 from ..ir import Model
 from ..loader import load_model
@@ -143,6 +144,11 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
     else:
         pairs = features = scores = None
     if case.x_error is None and restore is None:
+        if (num_classes(model) or 10) < 3:
+            raise BadInputError(f"{case.path or 'the case'} has no x_error; restoring a trigger from x_clean alone "
+                                "needs at least three classes (each class's trigger size is rated against the "
+                                "others'), and this model has two: give x_error (triggered or misclassified "
+                                "inputs) with y_error (their right labels)")
         bar = _progress_bar(restore_steps, "restoring triggers", progress)
         def tick_restore(_):
             if bar.n >= bar.total:  # the fallback trigger model (restore.py, kind 'auto') runs as many steps
