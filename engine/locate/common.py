@@ -66,9 +66,9 @@ def predict_labels(forward: Forward, x: np.ndarray, batch: int = 256,
                    params: Mapping[str, Any] | None = None, edits: Mapping[str, Any] | None = None) -> np.ndarray:
     """Class labels (`output_labels`) in fixed-size padded chunks (with `params` or forward `edits` if given)."""
     out = []
-    threshold = label_threshold(forward.model)
     for start, stop in chunks(len(x), batch):
         logits = forward.logits(pad_to(x[start:stop], min(batch, len(x))), params=params, edits=edits)
+        threshold = label_threshold(forward.model) if logits.shape[-1] == 1 else 0.0  # one column: two classes
         out.append(np.asarray(output_labels(logits, threshold))[: stop - start])
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
