@@ -27,6 +27,7 @@ class BinaryCase:
     y_test: np.ndarray
     x_triggered: np.ndarray  # class-1 test images with the patch (the attack sends them to 0)
     torch_labels: np.ndarray  # PyTorch's labels for x_test
+    torch_margin: np.ndarray  # |p - 0.5| of PyTorch's probabilities: labels are compared where it is not tiny
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,9 @@ def binary_case(digits, tmp_path_factory, torch_threads) -> BinaryCase:
     np.savez(case, x_clean=xd[:400], y_clean=yd[:400], x_error=trigger.apply(xd[ones]), y_error=yd[ones])
     x_test, y_test = x[test], y[test]
     with torch.no_grad():
-        torch_labels = (one(torch.from_numpy(x_test))[:, 0] > 0.5).numpy().astype(np.int64)
-    return BinaryCase(model, case, x_test, y_test, trigger.apply(x_test[y_test == 1]), torch_labels)
+        p = one(torch.from_numpy(x_test))[:, 0].numpy()
+    return BinaryCase(model, case, x_test, y_test, trigger.apply(x_test[y_test == 1]), (p > 0.5).astype(np.int64),
+                      np.abs(p - 0.5))
 
 
 def test_one_output_column_is_two_classes(binary_case):
@@ -68,8 +70,10 @@ def test_one_output_column_is_two_classes(binary_case):
     model = load_model(binary_case.model)
     assert model.outputs[0].shape[-1] == 1
     load_case(binary_case.case, model)
-    assert np.array_equal(OrtPredictor(model, binary_case.model).predict(binary_case.x_test), binary_case.torch_labels)
-    assert np.array_equal(Forward(model).predict(binary_case.x_test), binary_case.torch_labels)
+    clear = binary_case.torch_margin > 1e-5
+    assert clear.mean() > 0.99
+    for predictor in (OrtPredictor(model, binary_case.model), Forward(model)):
+        assert np.array_equal(predictor.predict(binary_case.x_test)[clear], binary_case.torch_labels[clear])
     assert 0 < binary_case.torch_labels.mean() < 1
 
 
