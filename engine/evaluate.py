@@ -11,6 +11,7 @@ from .case import Case
 from .errors import BadInputError
 from .forward import Forward, label_threshold, output_labels, static_batch
 from .ir import Model
+from .locate.common import pad_to
 from .runtime import ort_session
 
 
@@ -58,8 +59,7 @@ def _fixed_chunks(x: np.ndarray, size: int):
     """Chunks of exactly `size` (the last zero-padded) with their real lengths: a file with a fixed batch
     runs only on that many inputs."""
     for chunk in _chunks(x, size):
-        pad = size - len(chunk)
-        yield (np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk), len(chunk)
+        yield pad_to(chunk, size), len(chunk)
 
 
 class OrtPredictor:
@@ -91,7 +91,7 @@ class JaxPredictor:
 
     def __init__(self, model: Model, forward: Forward | None = None):
         self.forward = forward or Forward(model)
-        self.threshold = label_threshold(model)
+        self.threshold = self.forward.threshold
         self.batch = 256  # any batch, a file's fixed one included (forward.over_fixed_batch)
 
     def logits(self, x: np.ndarray) -> np.ndarray:

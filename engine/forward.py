@@ -283,6 +283,7 @@ class Forward:
         self.apply = build_apply(model)
         self._jitted = jax.jit(self.apply, static_argnames=("taps",))
         self.output_name = model.outputs[0].name
+        self.threshold = label_threshold(model)  # a one-column output's class-1 threshold (output_labels)
         self._own: tuple | None = None  # (params it was built for, own-weights forward, its constants, the rest)
 
     def __call__(self, inputs: Any, taps: Sequence[str] = (), edits: Mapping[str, Edit] | None = None,
@@ -325,7 +326,6 @@ class Forward:
         """Labels (`output_labels`) for a numpy batch, computed in fixed-size chunks (one compile per chunk
         shape)."""
         labels = []
-        threshold = label_threshold(self.model)
         for start in range(0, len(x), batch_size):
-            labels.append(np.asarray(output_labels(self.logits(x[start:start + batch_size]), threshold)))
+            labels.append(np.asarray(output_labels(self.logits(x[start:start + batch_size]), self.threshold)))
         return np.concatenate(labels) if labels else np.zeros(0, np.int64)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..forward import Forward, label_threshold, output_labels
+from ..forward import Forward, output_labels
 
 # Output ops whose input is the real logit tensor (their output saturates and would flatten gradients).
 NORMALISING_OUTPUT_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
@@ -68,7 +68,7 @@ def predict_labels(forward: Forward, x: np.ndarray, batch: int = 256,
     out = []
     for start, stop in chunks(len(x), batch):
         logits = forward.logits(pad_to(x[start:stop], min(batch, len(x))), params=params, edits=edits)
-        threshold = label_threshold(forward.model) if logits.shape[-1] == 1 else 0.0  # one column: two classes
+        threshold = forward.threshold if logits.shape[-1] == 1 else 0.0  # one column: two classes
         out.append(np.asarray(output_labels(logits, threshold))[: stop - start])
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
