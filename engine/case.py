@@ -94,7 +94,7 @@ def _check_labels(key: str, labels: np.ndarray, count: int, num_classes: int | N
 def num_classes(model: Model) -> int | None:
     """The number of classes from the first output's static last dimension, if known; an output of one
     column, [n, 1], is a two-class model (a sigmoid or a logit: class 1 where it is high)."""
-    shape = model.outputs[0].shape
+    shape = model.output.shape
     last = shape[-1] if shape else None
     if not isinstance(last, int) or last <= 0:
         return None

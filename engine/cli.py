@@ -88,18 +88,25 @@ def main() -> None:
         click.echo(f"lancet: note: no compile cache ({exc})", err=True)
 
 
+output_option = click.option(
+    "--output", "output_name", metavar="NAME", default=None,
+    help="The graph output holding the class scores (default: the first float output; a predicted-label "
+         "output beside them is skipped).")
+
+
 @main.command()
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@output_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @handle_errors
-def inspect(model_path: str, as_json: bool) -> None:
+def inspect(model_path: str, output_name: str | None, as_json: bool) -> None:
     """List the model's inputs, outputs, layers, neuron and parameter counts, and op coverage."""
     from .errors import UnsupportedOpError
     from .loader import load_model
     from .neurons import summary
 
     try:
-        model = load_model(model_path)
+        model = load_model(model_path, output=output_name)
     except UnsupportedOpError as exc:
         if as_json:
             emit_json({"path": model_path, "supported": False, "unsupported_ops": exc.unsupported})
@@ -118,17 +125,18 @@ def inspect(model_path: str, as_json: bool) -> None:
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="The case .npz file.")
 @click.option("--backend", type=click.Choice(["ort", "jax"]), default="ort", show_default=True)
+@output_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @handle_errors
-def eval_command(model_path: str, data_path: str, backend: str, as_json: bool) -> None:
+def eval_command(model_path: str, data_path: str, backend: str, output_name: str | None, as_json: bool) -> None:
     """Accuracy on the case's clean and error sets."""
     from .case import load_case
     from .evaluate import evaluate_case, make_predictor
     from .loader import load_model
 
-    model = load_model(model_path)
+    model = load_model(model_path, output=output_name)
     case = load_case(data_path, model)
-    result = {"model": model_path, "data": data_path, "backend": backend,
+    result = {"model": model_path, "data": data_path, "backend": backend, "scores_output": model.output.name,
               **evaluate_case(make_predictor(model, backend), case)}
     if as_json:
         emit_json(result)
@@ -154,10 +162,11 @@ def eval_command(model_path: str, data_path: str, backend: str, as_json: bool) -
 @click.option("--mask-png", "mask_path", type=click.Path(dir_okay=False),
               help="Write the restored trigger mask PNG here (cases without x_error).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@output_option
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
 @handle_errors
 def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, report_path, plot_path, mask_path,
-           seed, as_json) -> None:
+           seed, output_name, as_json) -> None:
     """Find the error-inducing neurons: pairs, EI features, scores, progressive ablation."""
     from .io import check_output_path
     from .locate.pipeline import locate as run_locate
@@ -170,7 +179,7 @@ def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, r
         _require_matplotlib()
     result = run_locate(model_path, data_path, granularity=granularity, target_fix=target_fix,
                         max_acc_drop=max_acc_drop, fill=fill, seed=seed, progress=not as_json,
-                        full_curve=bool(plot_path))
+                        full_curve=bool(plot_path), output=output_name)
     report = result.to_json()
     if plot_path:
         plot_curve(result, plot_path)
@@ -208,10 +217,11 @@ def locate(model_path, data_path, granularity, target_fix, max_acc_drop, fill, r
                    "fastest.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Write the repaired model even when it misses the bounds.")
+@output_option
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
 @handle_errors
 def repair(model_path, data_path, out_path, method, granularity, report_path, plot_path, max_acc_drop, max_class_drop,
-           target_fix, candidates, seed, force, as_json) -> None:
+           target_fix, candidates, seed, force, output_name, as_json) -> None:
     """Locate the EINs, fix them (flip or fine-tune), export the repaired ONNX file, compare before/after."""
     from .io import check_output_path
     from .repair import repair as run_repair
@@ -223,7 +233,7 @@ def repair(model_path, data_path, out_path, method, granularity, report_path, pl
         _require_matplotlib()
     result = run_repair(model_path, data_path, out_path, method=method, granularity=granularity,
                         max_acc_drop=max_acc_drop, max_class_drop=max_class_drop, target_fix=target_fix,
-                        seed=seed, force=force, progress=not as_json,
+                        seed=seed, force=force, progress=not as_json, output=output_name,
                         **({} if candidates is None else {"finetune_candidates": candidates}))
     report = result.to_json()
     if plot_path:

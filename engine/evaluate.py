@@ -68,17 +68,18 @@ class OrtPredictor:
     def __init__(self, model: Model, path: str | Path | bytes):
         self.session = ort_session(path)
         self.input_name = model.input.name
+        self.output_names = [model.output.name]  # the class scores, whatever the file's output order
         self.fixed = static_batch(model)
         self.batch = self.fixed or 256
         self.threshold = label_threshold(model)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Raw first outputs for a numpy batch of any length."""
+        """Raw class scores (`Model.output`) for a numpy batch of any length."""
         if self.fixed:
-            outs = [self.session.run(None, {self.input_name: chunk})[0][:n]
+            outs = [self.session.run(self.output_names, {self.input_name: chunk})[0][:n]
                     for chunk, n in _fixed_chunks(x, self.fixed)]
         else:
-            outs = [self.session.run(None, {self.input_name: chunk})[0] for chunk in _chunks(x, self.batch)]
+            outs = [self.session.run(self.output_names, {self.input_name: chunk})[0] for chunk in _chunks(x, self.batch)]
         return np.concatenate(outs)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -95,7 +96,7 @@ class JaxPredictor:
         self.batch = 256  # any batch, a file's fixed one included (forward.over_fixed_batch)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Raw first outputs for a numpy batch of any length."""
+        """Raw class scores (`Model.output`) for a numpy batch of any length."""
         return np.concatenate([np.asarray(self.forward.logits(chunk)) for chunk in _chunks(x, self.batch)])
 
     def predict(self, x: np.ndarray) -> np.ndarray:

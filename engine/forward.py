@@ -260,7 +260,7 @@ def _xla_conv_kernels(model: Model, params: Mapping[str, Any]) -> set[str]:
 def label_threshold(model: Model) -> float:
     """For a one-column classifier output (two classes): the value above which it means class 1, 0.5 for a
     Sigmoid's probability and 0 for a raw logit."""
-    producer = model.producer_of().get(model.outputs[0].name)
+    producer = model.producer_of().get(model.output.name)
     return 0.5 if producer is not None and producer.op_type == "Sigmoid" else 0.0
 
 
@@ -282,7 +282,7 @@ class Forward:
         self.params = {name: jnp.asarray(value) for name, value in model.params.items()}
         self.apply = build_apply(model)
         self._jitted = jax.jit(self.apply, static_argnames=("taps",))
-        self.output_name = model.outputs[0].name
+        self.output_name = model.output.name
         self.threshold = label_threshold(model)  # a one-column output's class-1 threshold (output_labels)
         self._own: tuple | None = None  # (params it was built for, own-weights forward, its constants, the rest)
 

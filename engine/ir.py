@@ -49,11 +49,17 @@ class Model:
     value_info: dict[str, TensorInfo] = field(default_factory=dict)
     param_sources: dict[str, str] = field(default_factory=dict)
     producer: str = ""
+    scores_output: str = ""  # name of the class scores' output (default: the first)
 
     @property
     def input(self) -> TensorInfo:
         """The single float input of a classifier."""
         return self.inputs[0]
+
+    @property
+    def output(self) -> TensorInfo:
+        """The output holding the class scores (logits or probabilities; `loader.classifier_output`)."""
+        return next((info for info in self.outputs if info.name == self.scores_output), self.outputs[0])
 
     def producer_of(self) -> dict[str, Node]:
         """Map each tensor name to the node that produces it."""

@@ -143,15 +143,40 @@ def _split_params(nodes, tensors: dict[str, np.ndarray], dynamic: set[str]):
     return params, constants
 
 
-def load_model(path: str | Path) -> Model:
-    """Load and validate an ONNX classifier: opset 9-21, supported ops only, at least one float input."""
+def load_model(path: str | Path, output: str | None = None) -> Model:
+    """Load and validate an ONNX classifier: opset 9-21, supported ops only, at least one float input.
+
+    `output`: the graph output holding the class scores (logits or probabilities); default: the first
+    float output (`classifier_output`)."""
     path = Path(path)
     proto = read_model_proto(path)
-    return model_from_proto(proto, path)
+    return model_from_proto(proto, path, output=output)
 
 
-def model_from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
-    """Build the IR from an in-memory ModelProto (external data already loaded)."""
+def classifier_output(outputs: list[TensorInfo], wanted: str | None, where: str) -> str:
+    """The name of the output holding the class scores.
+
+    Exports often carry more than the scores: a predicted label (ArgMax, int64) before the probabilities,
+    or features beside the logits. The scores are `wanted` if named, else the first float output; the
+    written file keeps its outputs and their order either way (surgery rewrites initializers only)."""
+    listing = ", ".join(f"{info.name} ({info.dtype})" for info in outputs)
+    if wanted is not None:
+        chosen = [info for info in outputs if info.name == wanted]
+        if not chosen:
+            raise BadInputError(f"{where} has no output {wanted!r}; its outputs: {listing}")
+        if not np.issubdtype(chosen[0].dtype, np.floating):
+            raise BadInputError(f"output {wanted!r} of {where} is {chosen[0].dtype}, not class scores; "
+                                f"name a float output (its outputs: {listing})")
+    else:
+        chosen = [info for info in outputs if np.issubdtype(info.dtype, np.floating)][:1]
+        if not chosen:
+            raise BadInputError(f"{where} has no float output to read class scores from (its outputs: {listing})")
+    return chosen[0].name
+
+
+def model_from_proto(proto: onnx.ModelProto, path: Path | None = None, output: str | None = None) -> Model:
+    """Build the IR from an in-memory ModelProto (external data already loaded); `output` as in
+    `load_model`."""
     where = str(path) if path else "the model"
     opset = default_opset(proto)
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -190,6 +215,7 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
 
     inputs = [_tensor_info(v) for v in graph.input if v.name not in tensors]
     outputs = [_tensor_info(v) for v in inferred.graph.output]
+    scores_output = classifier_output(outputs, output, where)
     if not inputs or not any(np.issubdtype(info.dtype, np.floating) for info in inputs):
         raise BadInputError(f"{where} has no float input: a classifier takes a float tensor "
                             f"(inputs: {[(i.name, str(i.dtype)) for i in inputs]})")
@@ -199,4 +225,4 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
     return Model(path=path, opset=opset, nodes=ordered, params=params, constants=constants, inputs=inputs,
                  outputs=outputs, value_info=value_info,
                  param_sources={name: sources[name] for name in params},
-                 producer=f"{proto.producer_name} {proto.producer_version}".strip())
+                 producer=f"{proto.producer_name} {proto.producer_version}".strip(), scores_output=scores_output)

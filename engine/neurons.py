@@ -92,6 +92,7 @@ def summary(model: Model) -> dict:
         "opset": model.opset,
         "inputs": [{"name": i.name, "shape": list(i.shape or []), "dtype": str(i.dtype)} for i in model.inputs],
         "outputs": [{"name": o.name, "shape": list(o.shape or []), "dtype": str(o.dtype)} for o in model.outputs],
+        "scores_output": model.output.name,
         "nodes": len(model.nodes),
         "layers": [layer.as_dict() for layer in layers],
         "channel_neurons": sum(layer.channels for layer in layers),

@@ -387,7 +387,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
            progress: bool = True, finetune_epochs: int = 30, finetune_candidates: int = FINETUNE_CANDIDATES,
            reuse: LocateResult | None = None,
            observe: Callable[[dict, Mapping[str, Any]], None] | None = None,
-           restore: RestoreResult | None = None) -> RepairResult:
+           restore: RestoreResult | None = None, output: str | None = None) -> RepairResult:
     """Locate, fix, export and evaluate; write `out` only when accepted (or `force`) and verified.
 
     `method`: "finetune" (the default: on the repair benchmark's held-out data it meets the goal, ASR <= 2 %
@@ -403,6 +403,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     `finetune_candidates`: the most candidate sets fine-tuning trains per size (`_finetune_scopes`,
     `_finetune_rounds`; 1 trains the search's set alone, the fastest, at the cost measured in
     docs/fine-tuning-pick.md).
+    `output`: the graph output holding the class scores (default: the first float one; `load_model`).
     `observe`: called with each fine-tuned candidate's entry of `details["finetune_tried"]` and its
     parameters, after the residual check; what it adds to the entry goes into the report (the repair
     benchmark scores every candidate on held-out data, where the report keeps only the chosen one).
@@ -416,7 +417,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     model_path = Path(model_path)
     if out is not None:
         check_output_path(Path(out), inputs=(model_path,))
-    model = reuse.model if reuse is not None else load_model(model_path)
+    model = reuse.model if reuse is not None else load_model(model_path, output=output)
     case = data if isinstance(data, Case) else load_case(data, model)
     forward = reuse.forward if reuse is not None else Forward(model)
     seconds["load"] = time.perf_counter() - start
@@ -549,7 +550,8 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
         if len(x_check) % batch:
             x_check = np.resize(x_check, (batch, *x_check.shape[1:]))
         expected = np.asarray(forward.logits(x_check, params=repaired))
-        details["parity_max_abs_diff"] = verify_repaired(proto, x_check, expected, batch=batch)
+        details["parity_max_abs_diff"] = verify_repaired(proto, x_check, expected, batch=batch,
+                                                             output=model.output.name)
         if accepted or force:
             write_bytes_atomic(Path(out), proto.SerializeToString())
             written = True

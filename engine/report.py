@@ -37,6 +37,7 @@ def inspect_tables(info: dict, console) -> None:
         "file": info["path"], "producer": info["producer"], "opset": info["opset"], "nodes": info["nodes"],
         "inputs": ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in info["inputs"]),
         "outputs": ", ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in info["outputs"]),
+        "class scores": info["scores_output"],
         "parameters": info["parameters"], "channel neurons": info["channel_neurons"],
         "weight neurons": info["weight_neurons"],
         "batch": "free" if not info["batch"]["fixed"] else

@@ -85,8 +85,10 @@ def _check_same_graph(original: onnx.ModelProto, repaired: onnx.ModelProto, chan
 
 
 def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np.ndarray,
-                    atol: float = 1e-4, batch: int = 64) -> float:
-    """onnx.checker, onnxruntime load and run, and output parity with the JAX forward; returns max |diff|."""
+                    atol: float = 1e-4, batch: int = 64, output: str | None = None) -> float:
+    """onnx.checker, onnxruntime load and run, and output parity with the JAX forward; returns max |diff|.
+
+    `output`: the graph output `expected` holds (the class scores, `Model.output`); default the first."""
     from .runtime import ort_session
 
     try:
@@ -97,7 +99,8 @@ def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np
     try:
         session = ort_session(data)
         name = session.get_inputs()[0].name
-        got = np.concatenate([session.run(None, {name: x_check[i:i + batch]})[0]
+        wanted = None if output is None else [output]
+        got = np.concatenate([session.run(wanted, {name: x_check[i:i + batch]})[0]
                               for i in range(0, len(x_check), batch)])
     except Exception as exc:
         raise RepairRejectedError(f"onnxruntime cannot run the repaired model: {exc}") from exc

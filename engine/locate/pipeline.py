@@ -73,6 +73,7 @@ class LocateResult:
         report = {
             "status": self.status,
             "model": str(self.model.path) if self.model.path else None,
+            "scores_output": self.model.output.name,
             "granularity": self.granularity,
             "clean_accuracy": self.base_accuracy,
             "pairs": self.pairs.summary() if self.pairs else None,
@@ -109,7 +110,7 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
            discount: bool = True, factor: float = 0.0, restore_steps: int = 500, seed: int = 0,
            progress: bool = True, forward: Forward | None = None,
            reuse: LocateResult | None = None, full_curve: bool = False,
-           restore: RestoreResult | None = None) -> LocateResult:
+           restore: RestoreResult | None = None, output: str | None = None) -> LocateResult:
     """Locate the error-inducing neurons of `model` for `case`.
 
     Without x_error the trigger is first restored from x_clean (`restore.py`); with no anomalous class the
@@ -122,11 +123,12 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
     the search; the clean set is most of the evaluated inputs).
     `restore`: a trigger restoration done earlier on this model and x_clean (restoring costs minutes to an
     hour on a CPU ResNet); used instead of restoring again when the case has no x_error.
+    `output`: for a model given as a path, the graph output holding the class scores (`load_model`).
     """
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     if not isinstance(model, Model):
-        model = load_model(model)
+        model = load_model(model, output=output)
     if not isinstance(case, Case):
         case = load_case(case, model)
     forward = forward or Forward(model)

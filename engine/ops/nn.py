@@ -489,7 +489,8 @@ def _arg(fn_name: str):
             out = x.shape[axis] - 1 - getattr(m, fn_name)(flipped, axis=axis)
         else:
             out = getattr(m, fn_name)(x, axis=axis)
-        out = out.astype(np.int64)
+        if m is np:  # static shape arithmetic; traced indices keep JAX's default int (int32 without x64)
+            out = out.astype(np.int64)
         return m.expand_dims(out, axis) if attrs.get("keepdims", 1) else out
 
     return handler
