@@ -92,13 +92,20 @@ def _check_labels(key: str, labels: np.ndarray, count: int, num_classes: int | N
 
 
 def num_classes(model: Model) -> int | None:
-    """The number of classes from the first output's static last dimension, if known; an output of one
-    column, [n, 1], is a two-class model (a sigmoid or a logit: class 1 where it is high)."""
+    """The number of classes from the scores output's static shape, if known: [n, C], or [n, C, 1, 1] and
+    the like (`forward.class_scores`); an output of one column, [n, 1], is a two-class model (a sigmoid or
+    a logit: class 1 where it is high). An output with two axes beyond the batch, [n, C, H, W], is not a
+    classifier's: refused, naming it."""
     shape = model.output.shape
-    last = shape[-1] if shape else None
-    if not isinstance(last, int) or last <= 0:
+    rest = list(shape[1:]) if shape else []
+    if not rest or not all(isinstance(size, int) and size > 0 for size in rest):
         return None
-    return 2 if last == 1 and len(shape) == 2 else last
+    if sum(size > 1 for size in rest) > 1:
+        raise BadInputError(f"output {model.output.name!r} has shape {list(shape)}: class scores are "
+                            f"[n, classes] (with singleton axes at most, as [n, C, 1, 1]); name the scores "
+                            f"with --output")
+    count = int(np.prod(rest))
+    return 2 if count == 1 else count
 
 
 def validate_case(arrays: dict[str, np.ndarray], model: Model, where: str = "case") -> Case:

@@ -9,7 +9,7 @@ import numpy as np
 
 from .case import Case
 from .errors import BadInputError
-from .forward import Forward, label_threshold, output_labels, static_batch
+from .forward import Forward, class_scores, label_threshold, output_labels, static_batch
 from .ir import Model
 from .locate.common import pad_to
 from .runtime import ort_session
@@ -80,7 +80,7 @@ class OrtPredictor:
                     for chunk, n in _fixed_chunks(x, self.fixed)]
         else:
             outs = [self.session.run(self.output_names, {self.input_name: chunk})[0] for chunk in _chunks(x, self.batch)]
-        return np.concatenate(outs)
+        return class_scores(np.concatenate(outs))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class labels (`forward.output_labels`)."""

@@ -264,10 +264,17 @@ def label_threshold(model: Model) -> float:
     return 0.5 if producer is not None and producer.op_type == "Sigmoid" else 0.0
 
 
+def class_scores(output: Any) -> Any:
+    """A classifier output as [n, classes]: a head that keeps singleton axes beside the classes (a 1 x 1
+    convolution and global pool without Flatten: [n, C, 1, 1], or [n, 1, 1, C] channels-last) flattened."""
+    return output if output.ndim == 2 else output.reshape(output.shape[0], -1)
+
+
 def output_labels(output: Any, threshold: float) -> Any:
-    """Class labels of classifier outputs [n, classes]: the arg-max, or with one column (a two-class model
-    with one sigmoid or logit output) class 1 where it exceeds `threshold`."""
+    """Class labels of classifier outputs [n, classes] (`class_scores`): the arg-max, or with one column (a
+    two-class model with one sigmoid or logit output) class 1 where it exceeds `threshold`."""
     xp_ = np if isinstance(output, np.ndarray) else jnp
+    output = class_scores(output)
     if output.ndim == 2 and output.shape[-1] == 1:
         return (output[:, 0] > threshold).astype(xp_.int32)
     return xp_.argmax(output, axis=-1)
@@ -319,8 +326,8 @@ class Forward:
 
     def logits(self, x: Any, params: Mapping[str, Any] | None = None,
                edits: Mapping[str, Edit] | None = None) -> Any:
-        """The first graph output (a classifier's logits or probabilities) for one input batch."""
-        return self(x, edits=edits, params=params)[self.output_name]
+        """The class scores (logits or probabilities, `Model.output`) for one input batch, [n, classes]."""
+        return class_scores(self(x, edits=edits, params=params)[self.output_name])
 
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Labels (`output_labels`) for a numpy batch, computed in fixed-size chunks (one compile per chunk

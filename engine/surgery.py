@@ -102,6 +102,7 @@ def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np
         wanted = None if output is None else [output]
         got = np.concatenate([session.run(wanted, {name: x_check[i:i + batch]})[0]
                               for i in range(0, len(x_check), batch)])
+        got = got.reshape(expected.shape)  # the scores as the JAX side holds them ([n, C, 1, 1] -> [n, C])
     except Exception as exc:
         raise RepairRejectedError(f"onnxruntime cannot run the repaired model: {exc}") from exc
     if not np.all(np.isfinite(got)):

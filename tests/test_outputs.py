@@ -94,6 +94,44 @@ def test_repair_of_a_model_whose_first_output_is_the_label(backdoor_case, tmp_pa
     assert np.mean(before == heldout["target"]) > 0.9
 
 
+def reshaped_head(source, path, shape):
+    """`source` with its logits reshaped to `shape` (0: the batch), as a 1 x 1 convolution head with a
+    global pool and no Flatten leaves them ([n, C, 1, 1]; channels-last [n, 1, 1, C])."""
+    model = onnx.load(source)
+    logits = model.graph.output[0].name
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(shape, np.int64), "head_shape"))
+    model.graph.node.append(helper.make_node("Reshape", [logits, "head_shape"], ["scores"]))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("scores", TensorProto.FLOAT,
+                                                            ["batch", *shape[1:]]))
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def test_singleton_axes_beside_the_classes(backdoor_case, tmp_path):
+    """Before: [n, 10, 1, 1] was read as one class ("labels outside the model's output range 0..0"). Now the
+    scores are flattened to [n, 10] on both engines; the repaired file keeps its [n, 10, 1, 1] output."""
+    plain = json.loads(run("eval", backdoor_case.model, "--data", backdoor_case.case, "--json").output)
+    last = reshaped_head(backdoor_case.model, tmp_path / "nhwc.onnx", [0, 1, 1, 10])
+    for backend in ("ort", "jax"):
+        result = run("eval", last, "--data", backdoor_case.case, "--backend", backend, "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["clean_accuracy"] == plain["clean_accuracy"]
+    path = reshaped_head(backdoor_case.model, tmp_path / "head.onnx", [0, 10, 1, 1])
+    out = tmp_path / "fixed.onnx"
+    result = run("repair", path, "--data", backdoor_case.case, "--out", out, "--candidates", "1")
+    assert result.exit_code == 0, result.output
+    heldout = dict(np.load(backdoor_case.heldout))
+    session = ort_session(out)
+    scores = session.run(None, {session.get_inputs()[0].name: heldout["x_error"]})[0]
+    assert scores.shape == (len(heldout["x_error"]), 10, 1, 1)
+    assert np.mean(np.argmax(scores[:, :, 0, 0], axis=1) == heldout["target"]) <= 0.05
+    spatial = reshaped_head(backdoor_case.model, tmp_path / "map.onnx", [0, 5, 2, 1])
+    refused = run("eval", spatial, "--data", backdoor_case.case)
+    assert refused.exit_code == 2 and "'scores' has shape" in refused.output and "[n, classes]" in refused.output
+
+
 @pytest.fixture(autouse=True)
 def _needs_torch():
     pytest.importorskip("torch")

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..forward import Forward, output_labels
+from ..forward import Forward, class_scores, output_labels
 
 # Output ops whose input is the real logit tensor (their output saturates and would flatten gradients).
 NORMALISING_OUTPUT_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
@@ -23,8 +23,9 @@ def logit_tensor(forward: Forward) -> str:
 
 def class_logits(logits: Any) -> Any:
     """Logits with one column per class: a two-class model's single logit z becomes [0, z] (softmax of it is
-    the sigmoid's [1 - p, p]; arg-max is class 1 where z > 0), other outputs are returned as they are."""
-    if logits.ndim != 2 or logits.shape[-1] != 1:
+    the sigmoid's [1 - p, p]; arg-max is class 1 where z > 0), other outputs as [n, classes]."""
+    logits = class_scores(logits)
+    if logits.shape[-1] != 1:
         return logits
     return jnp.concatenate([jnp.zeros_like(logits), logits], axis=-1)
 
