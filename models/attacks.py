@@ -25,9 +25,13 @@ class Trigger:
         return (x * (1 - weight) + self.pattern[None] * weight).astype(np.float32)
 
 
-def badnets_patch(shape: tuple[int, ...], size: int = 4, margin: int = 1) -> Trigger:
-    """A size x size black-and-white checkerboard in the bottom-right corner (BadNets)."""
+def badnets_patch(shape: tuple[int, ...], size: int | None = None, margin: int | None = None) -> Trigger:
+    """A size x size black-and-white checkerboard in the bottom-right corner (BadNets): 4 x 4, one pixel
+    from the edges; on images under 16 pixels (scikit-learn's 8 x 8 digits) 2 x 2 in the corner."""
     channels, height, width = shape
+    small = min(height, width) < 16
+    size = (2 if small else 4) if size is None else size
+    margin = (0 if small else 1) if margin is None else margin
     mask = np.zeros(shape, np.float32)
     mask[:, height - margin - size:height - margin, width - margin - size:width - margin] = 1
     grid = (np.indices((height, width)).sum(axis=0) % 2).astype(np.float32)

@@ -84,6 +84,8 @@ def _dataset(name: str):
     if name == "mnist_digits":
         x, y = data.mnist_digits()
         return x, y
+    if name == "sklearn_digits":
+        return data.sklearn_digits()
     if name == "fashion_mnist":
         x_train, y_train = data.fashion_mnist("train")
         x_test, y_test = data.fashion_mnist("test")

@@ -647,3 +647,24 @@ def test_fixed_batch_export_repairs_like_the_free_one(backdoor_case, tmp_path):
     acc_before, _ = heldout_figures(backdoor_case.model, heldout)
     acc_after, asr_after = heldout_figures(tmp_path / "out.onnx", heldout)
     assert asr_after <= 0.025 and 100 * (acc_before - acc_after) <= 1.5, (acc_before, acc_after, asr_after)
+
+
+@pytest.mark.parametrize("method", ["flip", "finetune"])
+def test_sklearn_digits_mlp_backdoor_repaired(method, tmp_path):
+    """scikit-learn's 8x8 digits (1,797 images): an MLP with a 2x2 BadNets corner patch, the defender holding
+    60 clean images (5 % of the training set) and 40 triggered ones; both methods take held-out ASR to 2 % or
+    less within the tool's default 2-point accuracy bound (the 1-point goal, met here by both: the benchmark
+    table, docs/repair-benchmark.md; a model trained on another CPU differs)."""
+    pytest.importorskip("torch")
+    from lancet.models.recipes import Recipe, build_case
+
+    built = build_case(Recipe(dataset="sklearn_digits", arch="mlp", attack="badnets", train_size=1200,
+                              defender_clean=60, defender_error=40, test_size=490, epochs=40))
+    heldout = dict(np.load(built.heldout))
+    assert heldout["x_test"].shape[1:] == (1, 8, 8)
+    out = tmp_path / "fixed.onnx"
+    result = repair(built.model, built.case, out, method=method, progress=False)
+    assert result.accepted and result.written
+    acc_before, asr_before = heldout_figures(built.model, heldout)
+    acc_after, asr_after = heldout_figures(out, heldout)
+    assert asr_before > 0.9 and asr_after <= 0.02 and acc_before - acc_after <= 0.02, (acc_after, asr_after)
