@@ -266,8 +266,12 @@ def label_threshold(model: Model) -> float:
 
 def class_scores(output: Any) -> Any:
     """A classifier output as [n, classes]: a head that keeps singleton axes beside the classes (a 1 x 1
-    convolution and global pool without Flatten: [n, C, 1, 1], or [n, 1, 1, C] channels-last) flattened."""
-    return output if output.ndim == 2 else output.reshape(output.shape[0], -1)
+    convolution and global pool without Flatten: [n, C, 1, 1], or [n, 1, 1, C] channels-last) flattened.
+    An output with more than one axis beyond the batch (a feature map; no classifier's, `case.num_classes`)
+    is returned as it is."""
+    if output.ndim == 2 or sum(size > 1 for size in output.shape[1:]) > 1:
+        return output
+    return output.reshape(output.shape[0], -1)
 
 
 def output_labels(output: Any, threshold: float) -> Any:
