@@ -13,7 +13,9 @@ from .errors import BadInputError, UnsupportedOpError
 from .ir import Model, Node, TensorInfo
 from .ops import REGISTRY
 
-MIN_OPSET, MAX_OPSET = 9, 21
+# Opsets 22-25 (torch 2.13's exporter writes up to 25) only widen the tensor types the supported ops take
+# (bfloat16, float4, float8e8m0, 2-bit integers): their float semantics are those of 21.
+MIN_OPSET, MAX_OPSET = 9, 25
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Ops whose output is known from shapes alone, whatever their input holds.
 SHAPE_ONLY_OPS = {"Shape", "Size"}
@@ -144,7 +146,7 @@ def _split_params(nodes, tensors: dict[str, np.ndarray], dynamic: set[str]):
 
 
 def load_model(path: str | Path, output: str | None = None) -> Model:
-    """Load and validate an ONNX classifier: opset 9-21, supported ops only, at least one float input.
+    """Load and validate an ONNX classifier: opset 9-25, supported ops only, at least one float input.
 
     `output`: the graph output holding the class scores (logits or probabilities); default: the first
     float output (`classifier_output`)."""

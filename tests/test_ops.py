@@ -1,6 +1,6 @@
 """Single-node and small graphs built with onnx.helper, run by the JAX engine and by onnxruntime.
 
-Covers the attribute forms that changed across opsets 9-21 and the geometry of conv/pool ops.
+Covers the attribute forms that changed across opsets 9-21 (22-25 changed only tensor types) and the geometry of conv/pool ops.
 """
 from __future__ import annotations
 

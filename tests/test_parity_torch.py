@@ -51,12 +51,14 @@ def test_jax_matches_onnxruntime(arch, channels, size, opset, keep_bn, export_di
             assert max_diff(got, expected) <= 1e-4
 
 
+@pytest.mark.parametrize("opset", [None, 25], ids=["default-opset", "opset25"])
 @pytest.mark.parametrize("arch,channels,size", [("lenet5", 1, 28), ("resnet18", 3, 32), ("vit", 3, 32)])
-def test_default_torch_export_with_its_fixed_batch_runs_on_any_batch(arch, channels, size, export_dir, real_inputs,
-                                                                      torch_threads):
+def test_default_torch_export_with_its_fixed_batch_runs_on_any_batch(arch, channels, size, opset, export_dir,
+                                                                      real_inputs, torch_threads):
     """`torch.onnx.export(net, (x,), path)` as a user calls it: torch 2.13's default (dynamo) exporter fixes
     the batch at the example's (4) and writes it into Reshape shapes. The engine runs it on 31 inputs (not a
-    multiple of 4) equal to PyTorch; onnxruntime, fed groups of 4 (the last padded), agrees."""
+    multiple of 4) equal to PyTorch; onnxruntime, fed groups of 4 (the last padded), agrees. Also at opset
+    25, the newest that exporter writes (opsets 22-25 only widened tensor types)."""
     import warnings
 
     from lancet.evaluate import OrtPredictor
@@ -65,11 +67,13 @@ def test_default_torch_export_with_its_fixed_batch_runs_on_any_batch(arch, chann
 
     torch = torch_threads
     net = build(arch, channels, size, seed=1).eval()
-    path = export_dir / f"default-{arch}.onnx"
+    path = export_dir / f"default-{arch}-{opset}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros(4, channels, size, size),), str(path))
+        torch.onnx.export(net, (torch.zeros(4, channels, size, size),), str(path),
+                          **({} if opset is None else {"opset_version": opset}))
     model = load_model(path)
+    assert opset is None or model.opset == opset
     assert static_batch(model) == 4 and hard_codes_batch(model)
     x = real_inputs[(channels, size)][:31]
     with torch.no_grad():
