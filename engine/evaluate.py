@@ -69,6 +69,7 @@ class OrtPredictor:
         self.session = ort_session(path)
         self.input_name = model.input.name
         self.output_names = [model.output.name]  # the class scores, whatever the file's output order
+        self.input_dtype = model.input.dtype  # a float16 model is fed float16 (the case holds float32)
         self.fixed = static_batch(model)
         self.batch = self.fixed or 256
         self.threshold = label_threshold(model)
@@ -76,11 +77,13 @@ class OrtPredictor:
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw class scores (`Model.output`) for a numpy batch of any length."""
         if self.fixed:
-            outs = [self.session.run(self.output_names, {self.input_name: chunk})[0][:n]
-                    for chunk, n in _fixed_chunks(x, self.fixed)]
+            outs = [self._run(chunk)[:n] for chunk, n in _fixed_chunks(x, self.fixed)]
         else:
-            outs = [self.session.run(self.output_names, {self.input_name: chunk})[0] for chunk in _chunks(x, self.batch)]
-        return class_scores(np.concatenate(outs))
+            outs = [self._run(chunk) for chunk in _chunks(x, self.batch)]
+        return class_scores(np.concatenate(outs).astype(np.float32))
+
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        return self.session.run(self.output_names, {self.input_name: chunk.astype(self.input_dtype)})[0]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class labels (`forward.output_labels`)."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -50,11 +50,26 @@ class Model:
     param_sources: dict[str, str] = field(default_factory=dict)
     producer: str = ""
     scores_output: str = ""  # name of the class scores' output (default: the first)
+    # Parameters the file stores in another float type (float16, float64): `params` holds them as float32,
+    # the precision the engine computes in; written back in their own type (`stored`).
+    param_dtypes: dict[str, np.dtype] = field(default_factory=dict)
 
     @property
     def input(self) -> TensorInfo:
         """The single float input of a classifier."""
         return self.inputs[0]
+
+    def stored(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """`values` of parameters as the file will hold them (rounded to a float16 parameter's type), as
+        float32: what a repaired file computes with."""
+        return {name: np.asarray(np.asarray(value).astype(self.param_dtypes[name]), np.float32)
+                if name in self.param_dtypes else np.asarray(value) for name, value in values.items()}
+
+    @property
+    def half_precision(self) -> bool:
+        """Whether the file computes in float16 anywhere (float16 parameters, input or output)."""
+        infos = [*self.inputs, *self.outputs]
+        return any(np.dtype(d) == np.float16 for d in [*self.param_dtypes.values(), *(i.dtype for i in infos)])
 
     @property
     def output(self) -> TensorInfo:

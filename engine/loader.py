@@ -223,8 +223,11 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None, output: s
                             f"(inputs: {[(i.name, str(i.dtype)) for i in inputs]})")
     ordered = _topological(kept, set(tensors) | {i.name for i in inputs})
     params, constants = _split_params(ordered, tensors, _dynamic_tensors(ordered, inputs))
+    param_dtypes = {name: value.dtype for name, value in params.items() if value.dtype != np.float32}
+    params = {name: value.astype(np.float32) for name, value in params.items()}  # computed in float32
     value_info = {v.name: _tensor_info(v) for v in list(inferred.graph.value_info) + list(graph.output)}
     return Model(path=path, opset=opset, nodes=ordered, params=params, constants=constants, inputs=inputs,
                  outputs=outputs, value_info=value_info,
                  param_sources={name: sources[name] for name in params},
-                 producer=f"{proto.producer_name} {proto.producer_version}".strip(), scores_output=scores_output)
+                 producer=f"{proto.producer_name} {proto.producer_version}".strip(), scores_output=scores_output,
+                 param_dtypes=param_dtypes)

@@ -8,6 +8,7 @@ for dense layers; a *weight neuron* is (initializer, flat index).
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -93,6 +94,8 @@ def summary(model: Model) -> dict:
         "inputs": [{"name": i.name, "shape": list(i.shape or []), "dtype": str(i.dtype)} for i in model.inputs],
         "outputs": [{"name": o.name, "shape": list(o.shape or []), "dtype": str(o.dtype)} for o in model.outputs],
         "scores_output": model.output.name,
+        # parameters per type the file stores them in (the engine computes every float type in float32)
+        "parameter_dtypes": dict(Counter(str(model.param_dtypes.get(name, "float32")) for name in model.params)),
         "nodes": len(model.nodes),
         "layers": [layer.as_dict() for layer in layers],
         "channel_neurons": sum(layer.channels for layer in layers),

@@ -38,6 +38,8 @@ def inspect_tables(info: dict, console) -> None:
         "inputs": ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in info["inputs"]),
         "outputs": ", ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in info["outputs"]),
         "class scores": info["scores_output"],
+        "parameter types": ", ".join(f"{count} {dtype}" for dtype, count in info["parameter_dtypes"].items())
+        + (" (computed in float32)" if set(info["parameter_dtypes"]) - {"float32"} else ""),
         "parameters": info["parameters"], "channel neurons": info["channel_neurons"],
         "weight neurons": info["weight_neurons"],
         "batch": "free" if not info["batch"]["fixed"] else

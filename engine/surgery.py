@@ -18,6 +18,7 @@ from .errors import RepairRejectedError
 from .loader import read_model_proto
 
 METADATA_PREFIX = "lancet."
+ORT_FLOAT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
 
 
 def _structure(graph: onnx.GraphProto) -> dict:
@@ -98,10 +99,11 @@ def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np
     data = repaired.SerializeToString()
     try:
         session = ort_session(data)
-        name = session.get_inputs()[0].name
+        graph_input = session.get_inputs()[0]
+        dtype = ORT_FLOAT_TYPES.get(graph_input.type, np.float32)  # a float16 model is fed float16
         wanted = None if output is None else [output]
-        got = np.concatenate([session.run(wanted, {name: x_check[i:i + batch]})[0]
-                              for i in range(0, len(x_check), batch)])
+        got = np.concatenate([session.run(wanted, {graph_input.name: x_check[i:i + batch].astype(dtype)})[0]
+                              for i in range(0, len(x_check), batch)]).astype(np.float32)
         got = got.reshape(expected.shape)  # the scores as the JAX side holds them ([n, C, 1, 1] -> [n, C])
     except Exception as exc:
         raise RepairRejectedError(f"onnxruntime cannot run the repaired model: {exc}") from exc

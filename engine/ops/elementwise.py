@@ -1,6 +1,8 @@
 """Element-wise ONNX ops: arithmetic, comparisons, logic and activations."""
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,16 +191,24 @@ def where(inputs, attrs, ctx):
     return xp(cond, a, b).where(cond, a, b)
 
 
+def _computed(dtype) -> Any:
+    """The type a traced tensor of `dtype` is computed in: every float type in float32 (a float16 model's
+    Casts, as mixed-precision exports write them, stay in the engine's precision; JAX has no float64
+    without x64), other types as they are."""
+    kind = np.dtype(dtype)
+    return np.float32 if np.issubdtype(kind, np.floating) or kind.name == "bfloat16" else dtype
+
+
 @register("Cast")
 def cast(inputs, attrs, ctx):
     from onnx.helper import tensor_dtype_to_np_dtype
 
     x = inputs[0]
     dtype = tensor_dtype_to_np_dtype(attrs["to"])
-    return np.asarray(x).astype(dtype) if xp(x) is np else x.astype(dtype)
+    return np.asarray(x).astype(dtype) if xp(x) is np else x.astype(_computed(dtype))
 
 
 @register("CastLike")
 def cast_like(inputs, attrs, ctx):
     x, like = inputs
-    return np.asarray(x).astype(like.dtype) if xp(x) is np else x.astype(like.dtype)
+    return np.asarray(x).astype(like.dtype) if xp(x) is np else x.astype(_computed(like.dtype))
