@@ -335,3 +335,38 @@ def test_one_channel_per_group_conv_gradients_match_xla(group, stride):
         want = jax.vjp(ref, x, ws)[1](ct)
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+SHAPED_CASES = {
+    # name: (opset, input shape, nodes, initializers)
+    "mish": (18, (2, 3, 5, 6), [helper.make_node("Mish", ["x"], ["y"])], {}),
+    "celu": (12, (2, 3, 5, 6), [helper.make_node("Celu", ["x"], ["y"], alpha=0.7)], {}),
+    "thresholded-relu": (10, (2, 3, 5, 6), [helper.make_node("ThresholdedRelu", ["x"], ["y"], alpha=0.3)], {}),
+    "shrink": (9, (2, 3, 5, 6), [helper.make_node("Shrink", ["x"], ["y"], lambd=0.4, bias=0.1)], {}),
+    "lrn-odd": (13, (2, 6, 5, 6), [helper.make_node("LRN", ["x"], ["y"], size=3, alpha=0.5, beta=0.6, bias=2.0)], {}),
+    "lrn-5": (13, (2, 6, 5, 6), [helper.make_node("LRN", ["x"], ["y"], size=5)], {}),  # onnxruntime: odd only
+    "depth-to-space-dcr": (13, (2, 8, 3, 4), [helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=2)], {}),
+    "depth-to-space-crd": (13, (2, 8, 3, 4),
+                           [helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=2, mode="CRD")], {}),
+    "space-to-depth": (13, (2, 3, 4, 6), [helper.make_node("SpaceToDepth", ["x"], ["y"], blocksize=2)], {}),
+    "gathernd": (13, (2, 3, 5, 6), [helper.make_node("GatherND", ["x", "i"], ["y"])],
+                 {"i": np.array([[1, 2], [0, -1], [1, 0]], np.int64)}),
+    "gathernd-batch": (13, (2, 3, 5, 6), [helper.make_node("GatherND", ["x", "i"], ["y"], batch_dims=1)],
+                       {"i": np.array([[[2, 4], [0, -1]], [[1, 1], [2, 0]]], np.int64)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPED_CASES))
+def test_more_ops_match_onnxruntime(name):
+    """Ops PyTorch's exporters write for common modules (Mish, CELU, PixelShuffle, AdaptiveAvgPool2d to a size
+    that does not divide the input: GatherND) and older graphs' LRN, under jit, and differentiable."""
+    import jax
+    import jax.numpy as jnp
+
+    opset, shape, nodes, consts = SHAPED_CASES[name]
+    model = make(nodes, [("x", shape)], opset, initializers=list(consts.items()))
+    onnx.checker.check_model(model)
+    compare(model, {"x": rand(*shape)})
+    forward = Forward(model_from_proto(model))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(forward.apply(forward.params, x)["y"] ** 2)))(jnp.asarray(rand(*shape)))
+    assert np.all(np.isfinite(np.asarray(grad)))

@@ -80,3 +80,44 @@ def test_default_torch_export_with_its_fixed_batch_runs_on_any_batch(arch, chann
         expected = net(torch.from_numpy(x)).numpy()
     assert max_diff(Forward(model).logits(x), expected) < 1e-4
     assert max_diff(OrtPredictor(model, path).logits(x), expected) < 1e-4
+
+
+MODULES = {  # modules whose export writes ops beyond the zoo's (Mish, Celu, DepthToSpace, GatherND)
+    "mish": lambda nn: nn.Mish(),
+    "celu": lambda nn: nn.CELU(0.8),
+    "pixel-shuffle": lambda nn: nn.Sequential(nn.PixelShuffle(2), nn.Conv2d(2, 8, 1)),
+    "adaptive-avg-7": lambda nn: nn.AdaptiveAvgPool2d(7),  # 16 -> 7: dynamo writes GatherND
+    "group-norm-silu": lambda nn: nn.Sequential(nn.GroupNorm(2, 8), nn.SiLU()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_exported_modules_match(name, torch_threads):
+    """A small classifier around each module, exported by torch 2.13's default (dynamo) exporter with a free
+    batch: the engine equals onnxruntime and PyTorch."""
+    import io
+    import warnings
+
+    import onnx
+
+    from lancet.loader import model_from_proto
+
+    torch = torch_threads
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), MODULES[name](nn), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10)).eval()
+    x = torch.randn(5, 3, 16, 16)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(net, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                    verbose=False)
+        program.save(buffer)
+    proto = onnx.load_from_string(buffer.getvalue())
+    with torch.no_grad():
+        expected = net(x).numpy()
+    session = ort_session(proto.SerializeToString())
+    got_ort = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    got = Forward(model_from_proto(proto)).logits(x.numpy()[:3])
+    assert max_diff(got_ort, expected) < 1e-4 and max_diff(got, expected[:3]) < 1e-4

@@ -137,6 +137,32 @@ def softplus(inputs, attrs, ctx):
     return jax.nn.softplus(inputs[0])
 
 
+@register("Mish")
+def mish(inputs, attrs, ctx):
+    x = inputs[0]
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
+@register("Celu")
+def celu(inputs, attrs, ctx):
+    x = inputs[0]
+    alpha = attrs.get("alpha", 1.0)
+    return jnp.maximum(x, 0) + jnp.minimum(0, alpha * jnp.expm1(jnp.minimum(x, 0) / alpha))
+
+
+@register("ThresholdedRelu")
+def thresholded_relu(inputs, attrs, ctx):
+    x = inputs[0]
+    return jnp.where(x > attrs.get("alpha", 1.0), x, 0)
+
+
+@register("Shrink")
+def shrink(inputs, attrs, ctx):
+    x = inputs[0]
+    lambd, bias = attrs.get("lambd", 0.5), attrs.get("bias", 0.0)
+    return jnp.where(x < -lambd, x + bias, jnp.where(x > lambd, x - bias, 0))
+
+
 @register("Softsign")
 def softsign(inputs, attrs, ctx):
     x = inputs[0]

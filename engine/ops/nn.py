@@ -296,6 +296,20 @@ def instance_norm(inputs, attrs, ctx):
     return (x - mean) * lax.rsqrt(var + attrs.get("epsilon", 1e-5)) * scale.reshape(shape) + bias.reshape(shape)
 
 
+@register("LRN")
+def local_response_norm(inputs, attrs, ctx):
+    """y = x / (bias + alpha / size * sum of x^2 over `size` neighbouring channels) ** beta (the window
+    reaching (size - 1) // 2 channels back and the rest forward, cut at the edges)."""
+    x = inputs[0]
+    size = int(attrs["size"])
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    squares = jnp.pad(x * x, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
+    window = (1, size) + (1,) * (x.ndim - 2)
+    total = lax.reduce_window(squares, 0.0, lax.add, window, (1,) * x.ndim, "VALID")
+    scale = attrs.get("bias", 1.0) + attrs.get("alpha", 1e-4) / size * total
+    return x / scale ** attrs.get("beta", 0.75)
+
+
 @register("LayerNormalization")
 def layer_norm(inputs, attrs, ctx):
     x, scale = inputs[0], inputs[1]

@@ -125,6 +125,46 @@ def gather_elements(inputs, attrs, ctx):
     return m.take_along_axis(x, indices, axis=axis)
 
 
+@register("GatherND")
+def gather_nd(inputs, attrs, ctx):
+    """x[indices] with the last axis of `indices` indexing x's leading axes after `batch_dims` shared batch
+    axes (negative indices count from the end)."""
+    x, indices = inputs
+    batch_dims = int(attrs.get("batch_dims", 0))
+    m = xp(x, indices)
+    depth = np.shape(indices)[-1]
+    bounds = np.asarray(np.shape(x)[batch_dims:batch_dims + depth])
+    indices = m.where(indices < 0, indices + bounds, indices)
+    batch_shape = np.shape(x)[:batch_dims]
+    rows = int(np.prod(batch_shape, dtype=np.int64))
+    flat_x = x.reshape(rows, *np.shape(x)[batch_dims:])
+    flat_i = indices.reshape(rows, -1, depth)
+    row = m.arange(rows).reshape(rows, 1)
+    out = flat_x[(row, *(flat_i[..., d] for d in range(depth)))]  # [rows, indices per row, *slice]
+    return out.reshape(*batch_shape, *np.shape(indices)[batch_dims:-1], *np.shape(x)[batch_dims + depth:])
+
+
+@register("DepthToSpace")
+def depth_to_space(inputs, attrs, ctx):
+    x = inputs[0]
+    block = int(attrs["blocksize"])
+    n, c, h, w = np.shape(x)
+    if attrs.get("mode", "DCR") == "CRD":
+        parts = x.reshape(n, c // block**2, block, block, h, w).transpose(0, 1, 4, 2, 5, 3)
+    else:
+        parts = x.reshape(n, block, block, c // block**2, h, w).transpose(0, 3, 4, 1, 5, 2)
+    return parts.reshape(n, c // block**2, h * block, w * block)
+
+
+@register("SpaceToDepth")
+def space_to_depth(inputs, attrs, ctx):
+    x = inputs[0]
+    block = int(attrs["blocksize"])
+    n, c, h, w = np.shape(x)
+    parts = x.reshape(n, c, h // block, block, w // block, block).transpose(0, 3, 5, 1, 2, 4)
+    return parts.reshape(n, c * block**2, h // block, w // block)
+
+
 @register("Slice", static_inputs=(1, 2, 3, 4))
 def slice_(inputs, attrs, ctx):
     x = inputs[0]
