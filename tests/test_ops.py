@@ -370,3 +370,36 @@ def test_more_ops_match_onnxruntime(name):
     forward = Forward(model_from_proto(model))
     grad = jax.jit(jax.grad(lambda x: jnp.sum(forward.apply(forward.params, x)["y"] ** 2)))(jnp.asarray(rand(*shape)))
     assert np.all(np.isfinite(np.asarray(grad)))
+
+
+RESIZE_GRID = [(mode, coordinates, rule, spec)
+               for mode in ("nearest", "linear")
+               for coordinates in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
+                                   "tf_half_pixel_for_nn")
+               for rule in (("round_prefer_floor", "round_prefer_ceil", "floor", "ceil") if mode == "nearest"
+                            else ("round_prefer_floor",))
+               for spec in (("scales", (1, 1, 0.5, 0.6)), ("sizes", (2, 3, 7, 4)))
+               if not (mode == "linear" and coordinates == "tf_half_pixel_for_nn")]
+
+
+@pytest.mark.parametrize("mode, coordinates, rule, spec", RESIZE_GRID,
+                         ids=[f"{m}-{c}-{r}-{s[0]}" for m, c, r, s in RESIZE_GRID])
+def test_resize_matches_onnxruntime(mode, coordinates, rule, spec):
+    """Resize's nearest and linear modes under every coordinate transformation and rounding rule, down by
+    scales (0.6 of 6 columns: onnxruntime's float32 arithmetic picks the pixel) and up to sizes."""
+    kind, values = spec
+    inputs = ["x", "roi", "scales"] if kind == "scales" else ["x", "roi", "", "sizes"]
+    consts = {"roi": np.zeros(0, np.float32),
+              kind: np.array(values, np.float32 if kind == "scales" else np.int64)}
+    node = helper.make_node("Resize", inputs, ["y"], mode=mode, coordinate_transformation_mode=coordinates,
+                            nearest_mode=rule)
+    compare(make([node], [("x", (2, 3, 5, 6))], 13, initializers=list(consts.items())), {"x": rand(2, 3, 5, 6)})
+
+
+@pytest.mark.parametrize("op, opset", [("Resize", 10), ("Upsample", 9)])
+def test_old_resize_forms_match_onnxruntime(op, opset):
+    for mode in ("nearest", "linear"):
+        node = helper.make_node(op, ["x", "scales"], ["y"], mode=mode)
+        model = make([node], [("x", (2, 3, 5, 6))], opset,
+                     initializers=[("scales", np.array([1, 1, 2.0, 1.5], np.float32))])
+        compare(model, {"x": rand(2, 3, 5, 6)})

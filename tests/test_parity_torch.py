@@ -88,6 +88,8 @@ MODULES = {  # modules whose export writes ops beyond the zoo's (Mish, Celu, Dep
     "pixel-shuffle": lambda nn: nn.Sequential(nn.PixelShuffle(2), nn.Conv2d(2, 8, 1)),
     "adaptive-avg-7": lambda nn: nn.AdaptiveAvgPool2d(7),  # 16 -> 7: dynamo writes GatherND
     "group-norm-silu": lambda nn: nn.Sequential(nn.GroupNorm(2, 8), nn.SiLU()),
+    "upsample-nearest": lambda nn: nn.Upsample(scale_factor=2),  # Resize
+    "upsample-bilinear": lambda nn: nn.Upsample(scale_factor=1.5, mode="bilinear"),
 }
 
 

@@ -1,0 +1,114 @@
+"""Resize (opset 10+) and Upsample (opset 7-9): nearest and linear interpolation, separable per axis.
+
+Every output coordinate's source position is computed once from static shapes (numpy); the data is then
+gathered along each resized axis (nearest) or blended from its two neighbours (linear), which JAX
+differentiates. Cubic interpolation, antialiasing and `keep_aspect_ratio_policy` other than 'stretch' are
+refused with the node's name.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .registry import OpContext, register, static_array, xp
+
+MODES = ("nearest", "linear")
+
+
+def _unsupported(ctx: OpContext, what: str):
+    from ..errors import BadInputError
+
+    return BadInputError(f"node {ctx.node_name!r} (Resize): {what} is not supported (nearest and linear are)")
+
+
+def _source_positions(out_len: int, in_len: int, scale: float, mode: str) -> np.ndarray:
+    """Where each output coordinate samples the input (`coordinate_transformation_mode`), in float32 as
+    onnxruntime computes it (1.5 / 0.6 is 2.5 in float32, just under it in float64: another nearest pixel)."""
+    index = np.arange(out_len, dtype=np.float32)
+    scale = np.float32(scale)
+    if mode == "half_pixel":
+        return (index + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (index + 0.5) / scale - 0.5 if out_len > 1 else np.zeros(out_len, np.float32)
+    if mode == "align_corners":
+        return index * np.float32(in_len - 1) / np.float32(out_len - 1) if out_len > 1 else np.zeros(out_len, np.float32)
+    if mode == "asymmetric":
+        return index / scale
+    if mode == "tf_half_pixel_for_nn":
+        return (index + 0.5) / scale
+    raise ValueError(f"coordinate_transformation_mode {mode!r}")
+
+
+def _nearest(position: np.ndarray, rule: str) -> np.ndarray:
+    if rule == "round_prefer_floor":
+        return np.where(position - np.floor(position) == 0.5, np.floor(position), np.round(position))
+    if rule == "round_prefer_ceil":
+        return np.floor(position + 0.5)
+    if rule == "floor":
+        return np.floor(position)
+    if rule == "ceil":
+        return np.ceil(position)
+    raise ValueError(f"nearest_mode {rule!r}")
+
+
+def _resize_axis(x, axis: int, out_len: int, scale: float, mode: str, coordinates: str, rule: str):
+    in_len = np.shape(x)[axis]
+    m = xp(x)
+    position = _source_positions(out_len, in_len, scale, coordinates)
+    if mode == "nearest":
+        index = np.clip(_nearest(position, rule), 0, in_len - 1).astype(np.int64)
+        return m.take(x, index, axis=axis)
+    position = np.clip(position, 0, in_len - 1)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, in_len - 1)
+    weight = (position - low).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(np.ndim(x))])
+    return m.take(x, low, axis=axis) * (1 - weight) + m.take(x, high, axis=axis) * weight
+
+
+def resize(x, scales: list[float], sizes: list[int], mode: str, coordinates: str, rule: str, ctx: OpContext):
+    """`x` resized to `sizes` (with `scales` as the coordinate scale per axis)."""
+    if mode not in MODES:
+        raise _unsupported(ctx, f"mode {mode!r}")
+    for axis, (out_len, scale) in enumerate(zip(sizes, scales)):
+        if out_len != np.shape(x)[axis] or scale != 1.0:
+            x = _resize_axis(x, axis, out_len, scale, mode, coordinates, rule)
+    return x
+
+
+@register("Resize", static_inputs=(1, 2, 3))
+def resize_op(inputs, attrs, ctx):
+    x = inputs[0]
+    rank = np.ndim(x)
+    mode = attrs.get("mode", "nearest")
+    if ctx.opset < 11:  # Resize-10: (X, scales), asymmetric coordinates, nearest rounds down
+        scales = [float(s) for s in static_array(inputs[1], "scales", ctx).reshape(-1)]
+        sizes = [int(np.floor(n * s)) for n, s in zip(np.shape(x), scales)]
+        return resize(x, scales, sizes, mode, "asymmetric", "floor", ctx)
+    if attrs.get("antialias", 0):
+        raise _unsupported(ctx, "antialias")
+    if attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise _unsupported(ctx, f"keep_aspect_ratio_policy {attrs['keep_aspect_ratio_policy']!r}")
+    axes = [a % rank for a in attrs.get("axes", range(rank))]
+    shape = list(np.shape(x))
+    given_scales = inputs[2] if len(inputs) > 2 and inputs[2] is not None and np.size(inputs[2]) else None
+    given_sizes = inputs[3] if len(inputs) > 3 and inputs[3] is not None and np.size(inputs[3]) else None
+    scales, sizes = [1.0] * rank, list(shape)
+    if given_sizes is not None:
+        for axis, size in zip(axes, static_array(given_sizes, "sizes", ctx).reshape(-1)):
+            sizes[axis], scales[axis] = int(size), int(size) / shape[axis]
+    elif given_scales is not None:
+        for axis, scale in zip(axes, static_array(given_scales, "scales", ctx).reshape(-1)):
+            scales[axis], sizes[axis] = float(scale), int(np.floor(shape[axis] * float(scale)))
+    coordinates = attrs.get("coordinate_transformation_mode", "half_pixel")
+    if coordinates == "tf_crop_and_resize":
+        raise _unsupported(ctx, "coordinate_transformation_mode 'tf_crop_and_resize'")
+    return resize(x, scales, sizes, mode, coordinates, attrs.get("nearest_mode", "round_prefer_floor"), ctx)
+
+
+@register("Upsample", static_inputs=(1,))
+def upsample(inputs, attrs, ctx):
+    """Upsample (opsets 7-9): scales as an attribute (7-8) or an input (9); asymmetric coordinates."""
+    x = inputs[0]
+    scales = attrs.get("scales") if ctx.opset < 9 else static_array(inputs[1], "scales", ctx).reshape(-1)
+    scales = [float(s) for s in scales]
+    sizes = [int(np.floor(n * s)) for n, s in zip(np.shape(x), scales)]
+    return resize(x, scales, sizes, attrs.get("mode", "nearest"), "asymmetric", "floor", ctx)
