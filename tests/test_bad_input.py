@@ -85,8 +85,8 @@ def test_missing_external_data(tmp_path):
 
 
 def test_unsupported_ops_listed_together(tmp_path):
-    nodes = [helper.make_node("LRN", ["x4"], ["l"], size=3, name="norm_a"),
-             helper.make_node("LRN", ["l"], ["l2"], size=3, name="norm_b"),
+    nodes = [helper.make_node("LpNormalization", ["x4"], ["l"], axis=1, name="norm_a"),
+             helper.make_node("LpNormalization", ["l"], ["l2"], axis=1, name="norm_b"),
              helper.make_node("Hardmax", ["l2"], ["h"], name="hard"),
              helper.make_node("Flatten", ["h"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x4", TensorProto.FLOAT, ["N", 1, 2, 2])],
@@ -95,7 +95,7 @@ def test_unsupported_ops_listed_together(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     path = save(model, tmp_path / "unsupported.onnx")
-    assert_clean_failure(*run_cli("inspect", path), "LRN", "norm_a", "norm_b", "Hardmax", "hard")
+    assert_clean_failure(*run_cli("inspect", path), "LpNormalization", "norm_a", "norm_b", "Hardmax", "hard")
 
 
 def test_real_process_exit_code(tmp_path):
