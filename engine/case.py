@@ -65,9 +65,15 @@ def input_shape(model: Model) -> tuple[int | None, ...]:
     return tuple(d if isinstance(d, int) and d > 0 else None for d in shape[1:])
 
 
-def _check_images(key: str, array: np.ndarray, expected: tuple[int | None, ...], where: str) -> np.ndarray:
+def _check_images(key: str, array: np.ndarray, expected: tuple[int | None, ...], where: str,
+                  pixels: np.dtype | None = None) -> np.ndarray:
+    """`array` as float32 after the checks; `pixels`: the integer type of a model that takes integer
+    pixels (uint8, ...), whose arrays may come in that type or as float32 holding its values."""
+    if pixels is not None and array.dtype == pixels:
+        array = array.astype(np.float32)
     if array.dtype != np.float32:
-        raise BadInputError(f"{where}: {key!r} has dtype {array.dtype}; the model input needs float32")
+        needs = "float32" if pixels is None else f"{pixels} or float32 holding {pixels} values"
+        raise BadInputError(f"{where}: {key!r} has dtype {array.dtype}; the model input needs {needs}")
     if array.ndim == 0 or array.shape[0] == 0:
         raise BadInputError(f"{where}: {key!r} is empty")
     if expected and (array.ndim != len(expected) + 1
@@ -77,6 +83,12 @@ def _check_images(key: str, array: np.ndarray, expected: tuple[int | None, ...],
                             f"{', '.join(map(str, shown))}]")
     if not np.all(np.isfinite(array)):
         raise BadInputError(f"{where}: {key!r} holds NaN or infinite values")
+    if pixels is not None:
+        info = np.iinfo(pixels)
+        if np.any(array != np.rint(array)) or array.min() < info.min or array.max() > info.max:
+            raise BadInputError(f"{where}: {key!r} holds values that are not {pixels} pixels (integers in "
+                                f"{info.min}..{info.max}; found {array.min():g}..{array.max():g}): the model "
+                                f"takes {pixels} images, not scaled ones")
     return array
 
 
@@ -122,14 +134,15 @@ def validate_case(arrays: dict[str, np.ndarray], model: Model, where: str = "cas
         raise BadInputError(f"{where}: 'x_companion' given without 'x_error'")
     expected = input_shape(model)
     classes = num_classes(model)
-    x_clean = _check_images("x_clean", arrays["x_clean"], expected, where)
+    pixels = model.input.dtype if np.issubdtype(model.input.dtype, np.integer) else None
+    x_clean = _check_images("x_clean", arrays["x_clean"], expected, where, pixels)
     y_clean = _check_labels("y_clean", arrays["y_clean"], len(x_clean), classes, where)
     case = Case(x_clean, y_clean)
     if "x_error" in arrays:
-        case.x_error = _check_images("x_error", arrays["x_error"], expected, where)
+        case.x_error = _check_images("x_error", arrays["x_error"], expected, where, pixels)
         case.y_error = _check_labels("y_error", arrays["y_error"], len(case.x_error), classes, where)
     if "x_companion" in arrays:
-        companion = _check_images("x_companion", arrays["x_companion"], expected, where)
+        companion = _check_images("x_companion", arrays["x_companion"], expected, where, pixels)
         if companion.shape != case.x_error.shape:
             raise BadInputError(f"{where}: 'x_companion' has shape {companion.shape}; it must match "
                                 f"'x_error' {case.x_error.shape}")

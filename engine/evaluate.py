@@ -12,7 +12,7 @@ from .errors import BadInputError
 from .forward import Forward, class_scores, label_threshold, output_labels, static_batch
 from .ir import Model
 from .locate.common import pad_to
-from .runtime import ort_session
+from .runtime import as_input_type, ort_session
 
 
 def class_accuracy(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -69,7 +69,7 @@ class OrtPredictor:
         self.session = ort_session(path)
         self.input_name = model.input.name
         self.output_names = [model.output.name]  # the class scores, whatever the file's output order
-        self.input_dtype = model.input.dtype  # a float16 model is fed float16 (the case holds float32)
+        self.input_dtype = model.input.dtype  # float16 or integer pixels in the file; the case holds float32
         self.fixed = static_batch(model)
         self.batch = self.fixed or 256
         self.threshold = label_threshold(model)
@@ -83,7 +83,7 @@ class OrtPredictor:
         return class_scores(np.concatenate(outs).astype(np.float32))
 
     def _run(self, chunk: np.ndarray) -> np.ndarray:
-        return self.session.run(self.output_names, {self.input_name: chunk.astype(self.input_dtype)})[0]
+        return self.session.run(self.output_names, {self.input_name: as_input_type(chunk, self.input_dtype)})[0]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class labels (`forward.output_labels`)."""

@@ -182,8 +182,8 @@ def hard_codes_batch(model: Model) -> bool:
         names = tuple(dict.fromkeys(name for node in model.nodes for name in node.outputs if name))
         params = {name: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for name, v in model.params.items()}
 
-        def traced(n: int) -> dict:
-            inputs = {info.name: jax.ShapeDtypeStruct((n, *info.shape[1:]), info.dtype) for info in model.inputs}
+        def traced(n: int) -> dict:  # inputs as the engine feeds them: float32 (integer pixels too)
+            inputs = {info.name: jax.ShapeDtypeStruct((n, *info.shape[1:]), np.float32) for info in model.inputs}
             return jax.eval_shape(lambda p, x: apply(p, x, taps=names), params, inputs)
 
         try:

@@ -16,6 +16,9 @@ from .ops import REGISTRY
 # Opsets 22-25 (torch 2.13's exporter writes up to 25) only widen the tensor types the supported ops take
 # (bfloat16, float4, float8e8m0, 2-bit integers): their float semantics are those of 21.
 MIN_OPSET, MAX_OPSET = 9, 25
+# Integer inputs taken as pixels (a deployed model that Casts uint8 images itself); the engine feeds them
+# as float32 holding the same integers, onnxruntime as the file's type. Wider integers are ids, not pixels.
+IMAGE_INT_TYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16))
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Ops whose output is known from shapes alone, whatever their input holds.
 SHAPE_ONLY_OPS = {"Shape", "Size"}
@@ -218,9 +221,10 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None, output: s
     inputs = [_tensor_info(v) for v in graph.input if v.name not in tensors]
     outputs = [_tensor_info(v) for v in inferred.graph.output]
     scores_output = classifier_output(outputs, output, where)
-    if not inputs or not any(np.issubdtype(info.dtype, np.floating) for info in inputs):
-        raise BadInputError(f"{where} has no float input: a classifier takes a float tensor "
-                            f"(inputs: {[(i.name, str(i.dtype)) for i in inputs]})")
+    if not inputs or not any(np.issubdtype(info.dtype, np.floating) or info.dtype in IMAGE_INT_TYPES
+                             for info in inputs):
+        raise BadInputError(f"{where} has no float or 8/16-bit integer image input: a classifier takes a "
+                            f"float tensor or pixels (inputs: {[(i.name, str(i.dtype)) for i in inputs]})")
     ordered = _topological(kept, set(tensors) | {i.name for i in inputs})
     params, constants = _split_params(ordered, tensors, _dynamic_tensors(ordered, inputs))
     param_dtypes = {name: value.dtype for name, value in params.items() if value.dtype != np.float32}

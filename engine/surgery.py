@@ -18,7 +18,6 @@ from .errors import RepairRejectedError
 from .loader import read_model_proto
 
 METADATA_PREFIX = "lancet."
-ORT_FLOAT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
 
 
 def _structure(graph: onnx.GraphProto) -> dict:
@@ -90,7 +89,7 @@ def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np
     """onnx.checker, onnxruntime load and run, and output parity with the JAX forward; returns max |diff|.
 
     `output`: the graph output `expected` holds (the class scores, `Model.output`); default the first."""
-    from .runtime import ort_session
+    from .runtime import ORT_INPUT_TYPES, as_input_type, ort_session
 
     try:
         onnx.checker.check_model(repaired)
@@ -100,9 +99,9 @@ def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np
     try:
         session = ort_session(data)
         graph_input = session.get_inputs()[0]
-        dtype = ORT_FLOAT_TYPES.get(graph_input.type, np.float32)  # a float16 model is fed float16
+        dtype = ORT_INPUT_TYPES.get(graph_input.type, np.float32)  # float16, or integer pixels
         wanted = None if output is None else [output]
-        got = np.concatenate([session.run(wanted, {graph_input.name: x_check[i:i + batch].astype(dtype)})[0]
+        got = np.concatenate([session.run(wanted, {graph_input.name: as_input_type(x_check[i:i + batch], dtype)})[0]
                               for i in range(0, len(x_check), batch)]).astype(np.float32)
         got = got.reshape(expected.shape)  # the scores as the JAX side holds them ([n, C, 1, 1] -> [n, C])
     except Exception as exc:

@@ -70,7 +70,7 @@ def test_opset_out_of_range(tmp_path, opset):
 def test_no_float_input(tmp_path):
     nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT), helper.make_node("Gemm", ["xf", "w"], ["y"])]
     path = save(tiny_model(input_type=TensorProto.INT64, nodes=nodes), tmp_path / "ints.onnx")
-    assert_clean_failure(*run_cli("inspect", path), "no float input")
+    assert_clean_failure(*run_cli("inspect", path), "no float or 8/16-bit integer image input", "int64")
 
 
 def test_missing_external_data(tmp_path):
