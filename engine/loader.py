@@ -78,8 +78,11 @@ def _tensor_info(value_info: onnx.ValueInfoProto) -> TensorInfo:
 def _attributes(node: onnx.NodeProto) -> dict:
     attrs = {}
     for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH and node.op_type == "If":
+            attrs[attr.name] = _branch(attr.g)
+            continue
         if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-            attrs[attr.name] = None  # control flow: reported as unsupported by the registry check
+            attrs[attr.name] = None  # other control flow (Loop, Scan): reported as unsupported
             continue
         value = get_attribute_value(attr)
         if isinstance(value, onnx.TensorProto):
@@ -90,6 +93,31 @@ def _attributes(node: onnx.NodeProto) -> dict:
             value = [v.decode() for v in value]
         attrs[attr.name] = value
     return attrs
+
+
+def _node(proto: onnx.NodeProto, index: int) -> Node:
+    """The IR node of `proto`. An If node also lists, after its condition, the outer tensors its branches
+    read (ONNX leaves them implicit), so that ordering, the data-dependence analysis and cached prefixes
+    see them; its handler runs the branch the condition picks on them (ops/control.py)."""
+    node = Node(proto.name or f"{proto.op_type}_{index}", proto.op_type, list(proto.input), list(proto.output),
+                _attributes(proto), proto.domain)
+    if node.op_type == "If":
+        outer = list(dict.fromkeys(name for key in ("then_branch", "else_branch")
+                                   for name in (node.attrs.get(key) or {}).get("outer", [])))
+        node.inputs = node.inputs[:1] + outer
+        node.attrs["outer"] = outer
+    return node
+
+
+def _branch(graph: onnx.GraphProto) -> dict:
+    """An If branch: its nodes in order, its initializers, its output names and the outer tensors it reads."""
+    nodes = [_node(proto, index) for index, proto in enumerate(graph.node)]
+    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    produced = set(initializers) | {name for node in nodes for name in node.outputs}
+    outer = [name for node in nodes for name in node.inputs if name and name not in produced]
+    outer += [o.name for o in graph.output if o.name not in produced]  # an output passed straight through
+    return {"nodes": nodes, "initializers": initializers, "outputs": [o.name for o in graph.output],
+            "outer": list(dict.fromkeys(outer))}
 
 
 def _topological(nodes: list[Node], available: set[str]) -> list[Node]:
@@ -113,10 +141,14 @@ def _topological(nodes: list[Node], available: set[str]) -> list[Node]:
 def check_supported(nodes: list[Node]) -> None:
     """Raise one error naming every op type (and its nodes) the engine cannot run, before any compute."""
     unsupported: dict[str, list[str]] = {}
-    for node in nodes:
+    pending = list(nodes)
+    while pending:
+        node = pending.pop(0)
         if node.domain not in DEFAULT_DOMAINS or node.op_type not in REGISTRY:
             key = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
             unsupported.setdefault(key, []).append(node.name)
+        if node.op_type == "If":  # the branches' ops too
+            pending += [inner for key in ("then_branch", "else_branch") for inner in node.attrs[key]["nodes"]]
     if unsupported:
         raise UnsupportedOpError(unsupported)
 
@@ -202,9 +234,7 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None, output: s
     sources = {name: "initializer" for name in tensors}
     nodes: list[Node] = []
     for index, node_proto in enumerate(graph.node):
-        node = Node(node_proto.name or f"{node_proto.op_type}_{index}", node_proto.op_type,
-                    list(node_proto.input), list(node_proto.output), _attributes(node_proto), node_proto.domain)
-        nodes.append(node)
+        nodes.append(_node(node_proto, index))
     check_supported(nodes)
 
     kept: list[Node] = []

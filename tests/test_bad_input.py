@@ -149,3 +149,27 @@ def test_node_that_cannot_run_is_named(tmp_path):
     np.savez(case, x_clean=np.zeros((6, 4), np.float32), y_clean=np.zeros(6, np.int64))
     assert_clean_failure(*run_cli("eval", path, "--data", case, "--backend", "jax"),
                          "node 'head' (Gemm)", "(6, 4), (5, 3)")
+
+
+def test_if_on_the_data_is_refused(tmp_path):
+    """An If whose condition depends on the input's values cannot be one jitted graph: exit 2 naming it."""
+    then_graph = helper.make_graph([helper.make_node("Identity", ["x4"], ["t"])], "then", [],
+                                   [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    else_graph = helper.make_graph([helper.make_node("Neg", ["x4"], ["e"])], "else", [],
+                                   [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("ReduceSum", ["x4"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["picked"], then_branch=then_graph, else_branch=else_graph,
+                              name="sign_switch"),
+             helper.make_node("Flatten", ["picked"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x4", TensorProto.FLOAT, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                              initializer=[numpy_helper.from_array(np.ones((4, 3), np.float32), "w"),
+                                           numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = save(model, tmp_path / "data_if.onnx")
+    case = tmp_path / "case.npz"
+    np.savez(case, x_clean=np.ones((2, 1, 2, 2), np.float32), y_clean=np.zeros(2, np.int64))
+    assert_clean_failure(*run_cli("eval", path, "--data", case, "--backend", "jax"), "sign_switch",
+                         "If condition", "depends on the input data")

@@ -123,3 +123,34 @@ def test_exported_modules_match(name, torch_threads):
     got_ort = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     got = Forward(model_from_proto(proto)).logits(x.numpy()[:3])
     assert max_diff(got_ort, expected) < 1e-4 and max_diff(got, expected[:3]) < 1e-4
+
+
+def test_torchscript_if_on_shapes_runs_inline(torch_threads):
+    """TorchScript exports LocalResponseNorm with an If on the input's rank: the condition folds from shapes,
+    the branch it picks runs inline (its outer tensors listed as the If's inputs), equal to PyTorch."""
+    import io
+    import warnings
+
+    import onnx
+
+    from lancet.loader import model_from_proto
+
+    torch = torch_threads
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LocalResponseNorm(3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10)).eval()
+    x = torch.randn(5, 3, 8, 8)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x[:2],), buffer, dynamo=False, opset_version=17, input_names=["input"],
+                          dynamic_axes={"input": {0: "batch"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    assert "If" in {node.op_type for node in proto.graph.node}
+    model = model_from_proto(proto)
+    branch_reads = next(node for node in model.nodes if node.op_type == "If").inputs[1:]
+    assert branch_reads  # the outer tensors the branches read
+    with torch.no_grad():
+        expected = net(x).numpy()
+    assert max_diff(Forward(model).logits(x.numpy()), expected) < 1e-5
