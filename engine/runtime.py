@@ -47,11 +47,6 @@ def ort_run(session: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, inputs)
 
 
-ORT_INPUT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64,
-                   "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(uint16)": np.uint16,
-                   "tensor(int16)": np.int16}
-
-
 def as_input_type(x: np.ndarray, dtype: Any) -> np.ndarray:
     """`x` (float32, as the engine holds inputs) in a graph input's type: float16 for a half-precision
     file; rounded and clipped to the type's range for integer pixels (a restored trigger is not integral)."""
@@ -59,4 +54,4 @@ def as_input_type(x: np.ndarray, dtype: Any) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         return np.clip(np.rint(x), info.min, info.max).astype(dtype)
-    return x.astype(dtype)
+    return x.astype(dtype, copy=False)

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import RepairRejectedError
+from .ir import Model
 from .loader import read_model_proto
 
 METADATA_PREFIX = "lancet."
@@ -84,26 +85,20 @@ def _check_same_graph(original: onnx.ModelProto, repaired: onnx.ModelProto, chan
             raise RepairRejectedError(f"graph surgery changed initializer {name!r}, which is not repaired")
 
 
-def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np.ndarray,
-                    atol: float = 1e-4, batch: int = 64, output: str | None = None) -> float:
+def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np.ndarray, model: Model,
+                    atol: float = 1e-4) -> float:
     """onnx.checker, onnxruntime load and run, and output parity with the JAX forward; returns max |diff|.
 
-    `output`: the graph output `expected` holds (the class scores, `Model.output`); default the first."""
-    from .runtime import ORT_INPUT_TYPES, as_input_type, ort_session
+    onnxruntime runs as everywhere else (`evaluate.OrtPredictor` for `model`, the IR of the original file):
+    fed in the file's input type and batch, read from its class-scores output as [n, classes] float32."""
+    from .evaluate import OrtPredictor
 
     try:
         onnx.checker.check_model(repaired)
     except Exception as exc:
         raise RepairRejectedError(f"the repaired model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    data = repaired.SerializeToString()
     try:
-        session = ort_session(data)
-        graph_input = session.get_inputs()[0]
-        dtype = ORT_INPUT_TYPES.get(graph_input.type, np.float32)  # float16, or integer pixels
-        wanted = None if output is None else [output]
-        got = np.concatenate([session.run(wanted, {graph_input.name: as_input_type(x_check[i:i + batch], dtype)})[0]
-                              for i in range(0, len(x_check), batch)]).astype(np.float32)
-        got = got.reshape(expected.shape)  # the scores as the JAX side holds them ([n, C, 1, 1] -> [n, C])
+        got = OrtPredictor(model, repaired.SerializeToString()).logits(x_check)
     except Exception as exc:
         raise RepairRejectedError(f"onnxruntime cannot run the repaired model: {exc}") from exc
     if not np.all(np.isfinite(got)):

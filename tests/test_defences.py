@@ -67,7 +67,7 @@ def test_fine_pruning_zeroes_pruned_channels_and_exports(setup, backdoor_case, t
     proto = replace_parameters(backdoor_case.model, result.changed, {"method": "fine_pruning"})
     params = {**forward.params, **{k: jnp.asarray(v) for k, v in result.changed.items()}}
     x = case.x_clean[:64]
-    assert verify_repaired(proto, x, np.asarray(forward.logits(x, params=params)), batch=64) <= 1e-4
+    assert verify_repaired(proto, x, np.asarray(forward.logits(x, params=params)), forward.model) <= 1e-4
     path = tmp_path / "fp.onnx"
     path.write_bytes(proto.SerializeToString())
     predictor = OrtPredictor(load_model(path), path)

@@ -350,7 +350,7 @@ def test_nan_repair_is_never_written(backdoor_case, tmp_path):
     proto = replace_parameters(backdoor_case.model, {name: broken})
     x = np.load(backdoor_case.case)["x_clean"][:8]
     with pytest.raises(RepairRejectedError, match="NaN"):
-        verify_repaired(proto, x, np.zeros((8, 10), np.float32))
+        verify_repaired(proto, x, np.zeros((8, 10), np.float32), load_model(backdoor_case.model))
 
 
 def test_output_path_faults(backdoor_case, tmp_path):
