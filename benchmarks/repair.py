@@ -66,6 +66,8 @@ ROWS = {
                                  defender_clean=60, defender_error=40, test_size=490, epochs=40),
                             "MLP (64-128-64) on scikit-learn's 8x8 digits, BadNets 2x2 corner patch, all-to-one"),
     "fashion-mlp-blended": (dict(FASHION, arch="mlp", attack="blended"), "MLP (784-128-64), Blended, all-to-one"),
+    "fashion-lstm-badnets": (dict(FASHION, arch="lstm", attack="badnets"),
+                             "LSTM reading the rows (64 units) + 2 dense layers, BadNets, all-to-one"),
     "fashion-mlp_deep-badnets": (dict(FASHION, arch="mlp_deep", attack="badnets"),
                                  "MLP (784-256-128-64), BadNets, all-to-one"),
 }

@@ -209,7 +209,23 @@ def vit_small(in_channels: int = 3, image_size: int = 32, num_classes: int = 10)
     return ViT(in_channels, image_size, num_classes)
 
 
+class RowLSTM(nn.Module):
+    """Reads the image row by row (channels side by side) with an LSTM; its last hidden state goes through a
+    ReLU dense layer to the classes. Exports as an ONNX LSTM node."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, hidden: int = 64):
+        super().__init__()
+        self.recurrent = nn.LSTM(in_channels * image_size, hidden, batch_first=True)
+        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.permute(0, 2, 1, 3).flatten(2)  # [batch, rows, channels * columns]
+        out, _ = self.recurrent(rows)
+        return self.head(out[:, -1])
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "lstm": RowLSTM,
     "mlp": mlp, "mlp_deep": mlp_deep, "lenet5": lenet5, "vgg11": vgg11, "resnet18": resnet18,
     "mobilenetv2": mobilenetv2_small, "densenet": densenet_small, "vit": vit_small,
 }

@@ -373,26 +373,35 @@ def test_more_ops_match_onnxruntime(name):
 
 
 RESIZE_GRID = [(mode, coordinates, rule, spec)
-               for mode in ("nearest", "linear")
+               for mode in ("nearest", "linear", "cubic")
                for coordinates in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
                                    "tf_half_pixel_for_nn")
                for rule in (("round_prefer_floor", "round_prefer_ceil", "floor", "ceil") if mode == "nearest"
                             else ("round_prefer_floor",))
                for spec in (("scales", (1, 1, 0.5, 0.6)), ("sizes", (2, 3, 7, 4)))
-               if not (mode == "linear" and coordinates == "tf_half_pixel_for_nn")]
+               if not (mode != "nearest" and coordinates == "tf_half_pixel_for_nn")]
 
 
 @pytest.mark.parametrize("mode, coordinates, rule, spec", RESIZE_GRID,
                          ids=[f"{m}-{c}-{r}-{s[0]}" for m, c, r, s in RESIZE_GRID])
 def test_resize_matches_onnxruntime(mode, coordinates, rule, spec):
-    """Resize's nearest and linear modes under every coordinate transformation and rounding rule, down by
-    scales (0.6 of 6 columns: onnxruntime's float32 arithmetic picks the pixel) and up to sizes."""
+    """Resize's nearest, linear and cubic modes under every coordinate transformation and rounding rule, down
+    by scales (0.6 of 6 columns: onnxruntime's float32 arithmetic picks the pixel) and up to sizes."""
     kind, values = spec
     inputs = ["x", "roi", "scales"] if kind == "scales" else ["x", "roi", "", "sizes"]
     consts = {"roi": np.zeros(0, np.float32),
               kind: np.array(values, np.float32 if kind == "scales" else np.int64)}
     node = helper.make_node("Resize", inputs, ["y"], mode=mode, coordinate_transformation_mode=coordinates,
                             nearest_mode=rule)
+    compare(make([node], [("x", (2, 3, 5, 6))], 13, initializers=list(consts.items())), {"x": rand(2, 3, 5, 6)})
+
+
+@pytest.mark.parametrize("coefficient, exclude_outside", [(-0.5, 0), (-0.75, 1), (-0.5, 1)])
+def test_cubic_resize_options_match_onnxruntime(coefficient, exclude_outside):
+    """Cubic with TensorFlow's coefficient (-0.5) and with the neighbours past the edge dropped."""
+    consts = {"roi": np.zeros(0, np.float32), "sizes": np.array([2, 3, 9, 4], np.int64)}
+    node = helper.make_node("Resize", ["x", "roi", "", "sizes"], ["y"], mode="cubic", cubic_coeff_a=coefficient,
+                            exclude_outside=exclude_outside)
     compare(make([node], [("x", (2, 3, 5, 6))], 13, initializers=list(consts.items())), {"x": rand(2, 3, 5, 6)})
 
 

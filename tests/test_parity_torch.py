@@ -82,7 +82,7 @@ def test_default_torch_export_with_its_fixed_batch_runs_on_any_batch(arch, chann
     assert max_diff(OrtPredictor(model, path).logits(x), expected) < 1e-4
 
 
-MODULES = {  # modules whose export writes ops beyond the zoo's (Mish, Celu, DepthToSpace, GatherND)
+MODULES = {  # modules whose export writes ops beyond the zoo's (Mish, Celu, DepthToSpace, GatherND, Resize)
     "mish": lambda nn: nn.Mish(),
     "celu": lambda nn: nn.CELU(0.8),
     "pixel-shuffle": lambda nn: nn.Sequential(nn.PixelShuffle(2), nn.Conv2d(2, 8, 1)),
@@ -90,6 +90,7 @@ MODULES = {  # modules whose export writes ops beyond the zoo's (Mish, Celu, Dep
     "group-norm-silu": lambda nn: nn.Sequential(nn.GroupNorm(2, 8), nn.SiLU()),
     "upsample-nearest": lambda nn: nn.Upsample(scale_factor=2),  # Resize
     "upsample-bilinear": lambda nn: nn.Upsample(scale_factor=1.5, mode="bilinear"),
+    "upsample-bicubic": lambda nn: nn.Upsample(size=(11, 21), mode="bicubic"),  # Resize cubic, a = -0.75
 }
 
 

@@ -1,9 +1,10 @@
-"""Resize (opset 10+) and Upsample (opset 7-9): nearest and linear interpolation, separable per axis.
+"""Resize (opset 10+) and Upsample (opset 7-9): nearest, linear and cubic interpolation, separable per axis.
 
 Every output coordinate's source position is computed once from static shapes (numpy); the data is then
-gathered along each resized axis (nearest) or blended from its two neighbours (linear), which JAX
-differentiates. Cubic interpolation, antialiasing and `keep_aspect_ratio_policy` other than 'stretch' are
-refused with the node's name.
+gathered along each resized axis (nearest) or blended from its two (linear) or four (cubic) neighbours,
+which JAX differentiates. Cubic uses `cubic_coeff_a` (PyTorch writes -0.75, TensorFlow -0.5); neighbours
+past the edge repeat the edge pixel, or with `exclude_outside` drop out and the rest are renormalised.
+Antialiasing and `keep_aspect_ratio_policy` other than 'stretch' are refused with the node's name.
 """
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import numpy as np
 
 from .registry import OpContext, register, static_array, xp
 
-MODES = ("nearest", "linear")
+MODES = ("nearest", "linear", "cubic")
 
 
 def _unsupported(ctx: OpContext, what: str):
     from ..errors import BadInputError
 
-    return BadInputError(f"node {ctx.node_name!r} (Resize): {what} is not supported (nearest and linear are)")
+    return BadInputError(f"node {ctx.node_name!r} (Resize): {what} is not supported (nearest, linear and cubic "
+                         "without antialias are)")
 
 
 def _source_positions(out_len: int, in_len: int, scale: float, mode: str) -> np.ndarray:
@@ -50,10 +52,31 @@ def _nearest(position: np.ndarray, rule: str) -> np.ndarray:
     raise ValueError(f"nearest_mode {rule!r}")
 
 
-def _resize_axis(x, axis: int, out_len: int, scale: float, mode: str, coordinates: str, rule: str):
+def _cubic_weights(position: np.ndarray, in_len: int, a: float, exclude_outside: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The four source indices (edge-clamped) and weights of each output coordinate, [out, 4] each."""
+    base = np.floor(position)
+    offsets = np.arange(-1, 3, dtype=np.float32)
+    distance = np.abs(position[:, None] - (base[:, None] + offsets)).astype(np.float32)
+    a = np.float32(a)
+    near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
+    far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
+    weights = np.where(distance <= 1, near, np.where(distance < 2, far, 0)).astype(np.float32)
+    index = base[:, None].astype(np.int64) + np.arange(-1, 3)
+    if exclude_outside:
+        weights = np.where((index >= 0) & (index < in_len), weights, 0)
+        weights = (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+    return np.clip(index, 0, in_len - 1), weights
+
+
+def _resize_axis(x, axis: int, out_len: int, scale: float, mode: str, coordinates: str, rule: str,
+                 cubic: tuple[float, bool] = (-0.75, False)):
     in_len = np.shape(x)[axis]
     m = xp(x)
     position = _source_positions(out_len, in_len, scale, coordinates)
+    if mode == "cubic":
+        index, weights = _cubic_weights(position, in_len, *cubic)
+        shape = [-1 if a == axis else 1 for a in range(np.ndim(x))]
+        return sum(m.take(x, index[:, k], axis=axis) * weights[:, k].reshape(shape) for k in range(4))
     if mode == "nearest":
         index = np.clip(_nearest(position, rule), 0, in_len - 1).astype(np.int64)
         return m.take(x, index, axis=axis)
@@ -64,13 +87,15 @@ def _resize_axis(x, axis: int, out_len: int, scale: float, mode: str, coordinate
     return m.take(x, low, axis=axis) * (1 - weight) + m.take(x, high, axis=axis) * weight
 
 
-def resize(x, scales: list[float], sizes: list[int], mode: str, coordinates: str, rule: str, ctx: OpContext):
-    """`x` resized to `sizes` (with `scales` as the coordinate scale per axis)."""
+def resize(x, scales: list[float], sizes: list[int], mode: str, coordinates: str, rule: str, ctx: OpContext,
+           cubic: tuple[float, bool] = (-0.75, False)):
+    """`x` resized to `sizes` (with `scales` as the coordinate scale per axis); `cubic`: the cubic mode's
+    (coefficient a, exclude_outside)."""
     if mode not in MODES:
         raise _unsupported(ctx, f"mode {mode!r}")
     for axis, (out_len, scale) in enumerate(zip(sizes, scales)):
         if out_len != np.shape(x)[axis] or scale != 1.0:
-            x = _resize_axis(x, axis, out_len, scale, mode, coordinates, rule)
+            x = _resize_axis(x, axis, out_len, scale, mode, coordinates, rule, cubic)
     return x
 
 
@@ -101,7 +126,8 @@ def resize_op(inputs, attrs, ctx):
     coordinates = attrs.get("coordinate_transformation_mode", "half_pixel")
     if coordinates == "tf_crop_and_resize":
         raise _unsupported(ctx, "coordinate_transformation_mode 'tf_crop_and_resize'")
-    return resize(x, scales, sizes, mode, coordinates, attrs.get("nearest_mode", "round_prefer_floor"), ctx)
+    return resize(x, scales, sizes, mode, coordinates, attrs.get("nearest_mode", "round_prefer_floor"), ctx,
+                  (float(attrs.get("cubic_coeff_a", -0.75)), bool(attrs.get("exclude_outside", 0))))
 
 
 @register("Upsample", static_inputs=(1,))

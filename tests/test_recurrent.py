@@ -1,0 +1,176 @@
+"""LSTM, GRU and RNN: hand-built nodes with every option against onnxruntime, and exports of recurrent
+classifiers (PyTorch, Keras) against their framework."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lancet import Forward
+from lancet.loader import model_from_proto
+from lancet.runtime import ort_session
+
+from .conftest import max_diff
+
+STEPS, BATCH, FEATURES, HIDDEN = 6, 3, 5, 4
+
+
+def _rand(*shape, seed):
+    return np.random.default_rng(seed).normal(scale=0.6, size=shape).astype(np.float32)
+
+
+def _node_model(op: str, attrs: dict, layout: int = 0, lengths=None, initial=False, peepholes=False):
+    """One recurrent node over a graph input `x`, its weights as initializers, every output a graph output."""
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    directions = 2 if attrs.get("direction") == "bidirectional" else 1
+    consts = {"W": _rand(directions, gates * HIDDEN, FEATURES, seed=1),
+              "R": _rand(directions, gates * HIDDEN, HIDDEN, seed=2),
+              "B": _rand(directions, 2 * gates * HIDDEN, seed=3)}
+    names = ["x", "W", "R", "B", "", "", "", ""]
+    if lengths is not None:
+        consts["lens"], names[4] = np.asarray(lengths, np.int32), "lens"
+    state_shape = (BATCH, directions, HIDDEN) if layout else (directions, BATCH, HIDDEN)
+    if initial:
+        states = [_rand(directions, BATCH, HIDDEN, seed=4), _rand(directions, BATCH, HIDDEN, seed=5)]
+        if layout:
+            states = [np.ascontiguousarray(np.swapaxes(v, 0, 1)) for v in states]
+        consts["h0"], names[5] = states[0], "h0"
+        if op == "LSTM":
+            consts["c0"], names[6] = states[1], "c0"
+    if peepholes:
+        consts["P"], names[7] = _rand(directions, 3 * HIDDEN, seed=6), "P"
+    while names[-1] == "":
+        names.pop()
+    outputs = ["y", "y_h", "y_c"] if op == "LSTM" else ["y", "y_h"]
+    node = helper.make_node(op, names, outputs, hidden_size=HIDDEN, layout=layout, **attrs)
+    x_shape = [BATCH, STEPS, FEATURES] if layout else [STEPS, BATCH, FEATURES]
+    y_shape = [BATCH, STEPS, directions, HIDDEN] if layout else [STEPS, directions, BATCH, HIDDEN]
+    shapes = [y_shape, state_shape, state_shape]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, s) for o, s in zip(outputs, shapes)],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model, x_shape
+
+
+NODE_CASES = {
+    "lstm": ("LSTM", {}, {}),
+    "lstm-reverse-batch-first-states": ("LSTM", {"direction": "reverse"}, {"layout": 1, "initial": True}),
+    "lstm-bidirectional-lengths": ("LSTM", {"direction": "bidirectional"}, {"lengths": [6, 2, 4], "initial": True}),
+    "lstm-peepholes-clip": ("LSTM", {"clip": 0.7}, {"peepholes": True, "initial": True}),
+    "lstm-input-forget": ("LSTM", {"input_forget": 1}, {}),
+    "lstm-activations": ("LSTM", {"activations": ["HardSigmoid", "LeakyRelu", "ScaledTanh"],
+                                  "activation_alpha": [0.3, 0.05, 1.5], "activation_beta": [0.4, 0.8]}, {}),
+    "gru": ("GRU", {}, {}),
+    "gru-linear-before-reset": ("GRU", {"linear_before_reset": 1}, {"initial": True}),
+    "gru-bidirectional-lengths-batch-first": ("GRU", {"direction": "bidirectional", "linear_before_reset": 1},
+                                              {"lengths": [3, 6, 1], "layout": 1}),
+    "rnn": ("RNN", {}, {}),
+    "rnn-reverse-relu": ("RNN", {"direction": "reverse", "activations": ["Relu"]}, {"initial": True}),
+    "rnn-bidirectional-affine": ("RNN", {"direction": "bidirectional", "activations": ["Affine", "Tanh"],
+                                         "activation_alpha": [0.5], "activation_beta": [0.1]}, {"lengths": [2, 6, 5]}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NODE_CASES))
+def test_recurrent_node_matches_onnxruntime(name):
+    """Every output (Y, Y_h and Y_c) under jit, with directions, layouts, initial states, per-sequence
+    lengths (steps past a sequence's end leave its state alone and give zero outputs), peepholes, clip,
+    coupled gates and parameterised activations; its gradient is finite. onnxruntime has no batch-first
+    (layout 1) kernels: such a node is compared with onnxruntime on its layout-0 twin, axes swapped."""
+    import jax
+    import jax.numpy as jnp
+
+    op, attrs, options = NODE_CASES[name]
+    model, x_shape = _node_model(op, attrs, **options)
+    x = _rand(*x_shape, seed=0)
+    if options.get("layout"):
+        twin, _ = _node_model(op, attrs, **{**options, "layout": 0})
+        expected = ort_session(twin.SerializeToString()).run(None, {"x": np.swapaxes(x, 0, 1)})
+        expected = [np.transpose(expected[0], (2, 0, 1, 3))] + [np.swapaxes(v, 0, 1) for v in expected[1:]]
+    else:
+        expected = ort_session(model.SerializeToString()).run(None, {"x": x})
+    forward = Forward(model_from_proto(model))
+    got = forward({"x": x})
+    for output, ref in zip(model.graph.output, expected):
+        assert np.asarray(got[output.name]).shape == ref.shape, output.name
+        assert max_diff(got[output.name], ref) <= 1e-5, output.name
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(forward.apply(p, jnp.asarray(x))["y"] ** 2)))(forward.params)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grad.values())
+    assert np.abs(np.asarray(grad["R"])).max() > 0
+
+
+TORCH_CASES = {
+    "lstm-2-layers-bidirectional": ("LSTM", {"num_layers": 2, "bidirectional": True}),
+    "lstm-batch-first": ("LSTM", {"batch_first": True}),
+    "gru-bidirectional": ("GRU", {"bidirectional": True, "batch_first": True}),
+    "rnn-relu-2-layers": ("RNN", {"nonlinearity": "relu", "num_layers": 2}),
+}
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("name", sorted(TORCH_CASES))
+def test_torch_recurrent_classifier_matches(name, dynamo, torch_threads, digits):
+    """A classifier reading the image's rows as a sequence (nn.LSTM / nn.GRU / nn.RNN, then a Linear on
+    the last step), exported by both of torch 2.13's exporters with a free batch: equal to PyTorch."""
+    import io
+    import warnings
+
+    torch = torch_threads
+    nn = torch.nn
+    kind, options = TORCH_CASES[name]
+
+    class RowReader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.recurrent = getattr(nn, kind)(28, 16, **options)
+            self.head = nn.Linear(16 * (2 if options.get("bidirectional") else 1), 10)
+            self.batch_first = options.get("batch_first", False)
+
+        def forward(self, x):
+            rows = x[:, 0] if self.batch_first else x[:, 0].transpose(0, 1)
+            out, _ = self.recurrent(rows)
+            return self.head(out[:, -1] if self.batch_first else out[-1])
+
+    torch.manual_seed(0)
+    net = RowReader().eval()
+    x = torch.from_numpy(digits[0][:7])
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(net, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              verbose=False).save(buffer)
+        else:
+            torch.onnx.export(net, (x[:2],), buffer, dynamo=False, opset_version=17, input_names=["input"],
+                              dynamic_axes={"input": {0: "batch"}})
+    with torch.no_grad():
+        expected = net(x).numpy()
+    model = model_from_proto(onnx.load_from_string(buffer.getvalue()))
+    assert {kind, "RNN"} & {node.op_type for node in model.nodes} or dynamo  # dynamo unrolls nn.RNN
+    assert max_diff(Forward(model).logits(x.numpy()), expected) < 1e-5
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["lstm", "bidirectional-lstm"])
+def test_keras_lstm_export_matches(bidirectional, export_dir, digits):
+    """tf2onnx turns a Keras LSTM into an ONNX LSTM node (Bidirectional: one node, both directions)."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    import keras
+
+    from lancet.converters.keras_export import export_keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    lstm = keras.layers.LSTM(12)
+    features = (keras.layers.Bidirectional(lstm) if bidirectional else lstm)(keras.layers.Reshape((28, 28))(inputs))
+    net = keras.Model(inputs, keras.layers.Dense(10)(features))
+    x = np.transpose(digits[0][:9], (0, 2, 3, 1))
+    path = export_keras(net, x[:2], export_dir / f"keras-lstm-{bidirectional}.onnx")
+    model = model_from_proto(onnx.load(path))
+    assert "LSTM" in {node.op_type for node in model.nodes}
+    assert max_diff(Forward(model).logits(x), np.asarray(net(x, training=False))) < 1e-5
