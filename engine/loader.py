@@ -22,6 +22,7 @@ IMAGE_INT_TYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.i
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Ops whose output is known from shapes alone, whatever their input holds.
 SHAPE_ONLY_OPS = {"Shape", "Size"}
+SUBGRAPH_OPS = {"If": ("then_branch", "else_branch"), "Loop": ("body",)}  # op -> its graph attributes
 
 
 def read_model_proto(path: str | Path, load_external: bool = True) -> onnx.ModelProto:
@@ -78,11 +79,11 @@ def _tensor_info(value_info: onnx.ValueInfoProto) -> TensorInfo:
 def _attributes(node: onnx.NodeProto) -> dict:
     attrs = {}
     for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH and node.op_type == "If":
+        if attr.type == onnx.AttributeProto.GRAPH and node.op_type in SUBGRAPH_OPS:
             attrs[attr.name] = _branch(attr.g)
             continue
         if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-            attrs[attr.name] = None  # other control flow (Loop, Scan): reported as unsupported
+            attrs[attr.name] = None  # other control flow (Scan): reported as unsupported
             continue
         value = get_attribute_value(attr)
         if isinstance(value, onnx.TensorProto):
@@ -96,28 +97,30 @@ def _attributes(node: onnx.NodeProto) -> dict:
 
 
 def _node(proto: onnx.NodeProto, index: int) -> Node:
-    """The IR node of `proto`. An If node also lists, after its condition, the outer tensors its branches
-    read (ONNX leaves them implicit), so that ordering, the data-dependence analysis and cached prefixes
-    see them; its handler runs the branch the condition picks on them (ops/control.py)."""
+    """The IR node of `proto`. An If or Loop node also lists, after its own inputs (an If: its condition),
+    the outer tensors its subgraphs read (ONNX leaves them implicit), so that ordering, the data-dependence
+    analysis and cached prefixes see them; its handler binds them by name (ops/control.py)."""
     node = Node(proto.name or f"{proto.op_type}_{index}", proto.op_type, list(proto.input), list(proto.output),
                 _attributes(proto), proto.domain)
-    if node.op_type == "If":
-        outer = list(dict.fromkeys(name for key in ("then_branch", "else_branch")
+    if node.op_type in SUBGRAPH_OPS:
+        outer = list(dict.fromkeys(name for key in SUBGRAPH_OPS[node.op_type]
                                    for name in (node.attrs.get(key) or {}).get("outer", [])))
-        node.inputs = node.inputs[:1] + outer
+        node.inputs = (node.inputs[:1] if node.op_type == "If" else node.inputs) + outer
         node.attrs["outer"] = outer
     return node
 
 
 def _branch(graph: onnx.GraphProto) -> dict:
-    """An If branch: its nodes in order, its initializers, its output names and the outer tensors it reads."""
+    """A subgraph (If branch, Loop body): its formal inputs, nodes in order, initializers, output names and
+    the outer tensors it reads."""
     nodes = [_node(proto, index) for index, proto in enumerate(graph.node)]
     initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    produced = set(initializers) | {name for node in nodes for name in node.outputs}
+    inputs = [i.name for i in graph.input]
+    produced = set(initializers) | set(inputs) | {name for node in nodes for name in node.outputs}
     outer = [name for node in nodes for name in node.inputs if name and name not in produced]
     outer += [o.name for o in graph.output if o.name not in produced]  # an output passed straight through
-    return {"nodes": nodes, "initializers": initializers, "outputs": [o.name for o in graph.output],
-            "outer": list(dict.fromkeys(outer))}
+    return {"inputs": inputs, "nodes": nodes, "initializers": initializers,
+            "outputs": [o.name for o in graph.output], "outer": list(dict.fromkeys(outer))}
 
 
 def _topological(nodes: list[Node], available: set[str]) -> list[Node]:
@@ -147,8 +150,8 @@ def check_supported(nodes: list[Node]) -> None:
         if node.domain not in DEFAULT_DOMAINS or node.op_type not in REGISTRY:
             key = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
             unsupported.setdefault(key, []).append(node.name)
-        if node.op_type == "If":  # the branches' ops too
-            pending += [inner for key in ("then_branch", "else_branch") for inner in node.attrs[key]["nodes"]]
+        if node.op_type in SUBGRAPH_OPS:  # the subgraphs' ops too
+            pending += [inner for key in SUBGRAPH_OPS[node.op_type] for inner in node.attrs[key]["nodes"]]
     if unsupported:
         raise UnsupportedOpError(unsupported)
 

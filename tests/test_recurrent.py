@@ -174,3 +174,85 @@ def test_keras_lstm_export_matches(bidirectional, export_dir, digits):
     model = model_from_proto(onnx.load(path))
     assert "LSTM" in {node.op_type for node in model.nodes}
     assert max_diff(Forward(model).logits(x), np.asarray(net(x, training=False))) < 1e-5
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("layer", ["GRU", "SimpleRNN"])
+def test_keras_recurrent_loop_export_matches(layer, export_dir, digits):
+    """tf2onnx writes Keras's GRU and SimpleRNN as a Loop over the time steps (trip count and condition from
+    shapes and counters): the engine unrolls it, equal to Keras and onnxruntime."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    import keras
+
+    from lancet.converters.keras_export import export_keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    features = getattr(keras.layers, layer)(12)(keras.layers.Reshape((28, 28))(inputs))
+    net = keras.Model(inputs, keras.layers.Dense(10)(features))
+    x = np.transpose(digits[0][:9], (0, 2, 3, 1))
+    path = export_keras(net, x[:2], export_dir / f"keras-{layer}.onnx")
+    model = model_from_proto(onnx.load(path))
+    assert "Loop" in {node.op_type for node in model.nodes}
+    forward = Forward(model)
+    assert max_diff(forward.logits(x), np.asarray(net(x, training=False))) < 1e-5
+    assert max_diff(forward.logits(x), ort_session(path).run(None, {model.input.name: x})[0]) < 1e-5
+
+
+def _loop_model(condition_from_data: bool):
+    """y = x * w, accumulated over a Loop of trip count 5 whose body also stops after iteration 2 (its
+    condition: i < 2), with a scan output per iteration; or with a condition read from the data."""
+    f, i64, b = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+    body_nodes = [helper.make_node("Mul", ["acc_in", "w"], ["acc_out"]),
+                  helper.make_node("Add", ["acc_out", "x"], ["step_out"])]
+    if condition_from_data:
+        body_nodes.append(helper.make_node("ReduceSum", ["acc_out"], ["total"], keepdims=0))
+        body_nodes.append(helper.make_node("Less", ["total", "limit"], ["cond_out"]))
+    else:
+        body_nodes.append(helper.make_node("Less", ["i", "two"], ["cond_out"]))
+    body = helper.make_graph(
+        body_nodes, "body",
+        [helper.make_tensor_value_info("i", i64, []), helper.make_tensor_value_info("cond_in", b, []),
+         helper.make_tensor_value_info("acc_in", f, ["N", 3])],
+        [helper.make_tensor_value_info("cond_out", b, []), helper.make_tensor_value_info("acc_out", f, ["N", 3]),
+         helper.make_tensor_value_info("step_out", f, ["N", 3])],
+        initializer=[numpy_helper.from_array(np.array(2, np.int64), "two"),
+                     numpy_helper.from_array(np.array(50.0, np.float32), "limit")])
+    nodes = [helper.make_node("Loop", ["trips", "go", "x"], ["acc", "steps"], body=body, name="the_loop"),
+             helper.make_node("ReduceSum", ["steps", "axis0"], ["stepsum"], keepdims=0),
+             helper.make_node("Add", ["acc", "stepsum"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, ["N", 3])],
+                              [helper.make_tensor_value_info("y", f, ["N", 3])],
+                              initializer=[numpy_helper.from_array(np.array(5, np.int64), "trips"),
+                                           numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+                                           numpy_helper.from_array(np.array(True), "go"),
+                                           numpy_helper.from_array(np.array([1.5, -0.5, 2.0], np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_loop_unrolled_ends_where_its_condition_does():
+    """Trip count 5, condition i < 2: three iterations (onnxruntime's count), carried value and stacked scan
+    output equal to onnxruntime's; the outer tensors the body reads (x, w) arrive by name; w gets a gradient."""
+    import jax
+    import jax.numpy as jnp
+
+    model = _loop_model(condition_from_data=False)
+    x = _rand(4, 3, seed=0)
+    expected = ort_session(model.SerializeToString()).run(None, {"x": x})[0]
+    forward = Forward(model_from_proto(model))
+    assert max_diff(forward({"x": x})["y"], expected) <= 1e-5
+    grad = jax.grad(lambda p: jnp.sum(forward.apply(p, jnp.asarray(x))["y"]))(forward.params)
+    assert np.abs(np.asarray(grad["w"])).max() > 0
+
+
+def test_loop_on_the_data_is_refused(tmp_path):
+    from .test_bad_input import assert_clean_failure, run_cli, save
+
+    path = save(_loop_model(condition_from_data=True), tmp_path / "data-loop.onnx")
+    np.savez(tmp_path / "case.npz", x_clean=_rand(6, 3, seed=1), y_clean=np.array([0, 1, 2, 0, 1, 2]))
+    assert_clean_failure(*run_cli("eval", path, "--data", str(tmp_path / "case.npz"), "--backend", "jax"),
+                         "the_loop", "Loop", "condition depends on the input data")

@@ -1,24 +1,78 @@
-"""If with a condition known at trace time: the branch it picks runs inline.
+"""Control flow whose path is known at trace time: If on a shape-derived condition, Loop with a static trip.
 
 Exporters write such Ifs around shape checks (TorchScript's LocalResponseNorm tests the input's rank); the
 condition then folds to a constant from shapes alone and jit sees one straight-line graph. A condition
-that depends on the input data is refused, naming the node. The loader lists the outer tensors the
-branches read after the condition (`loader._node`), so they arrive here as inputs.
+that depends on the input data is refused, naming the node.
+
+tf2onnx writes a Keras recurrent layer it has no rewrite for (GRU, SimpleRNN) as a Loop over the time
+steps, with a trip count and a continue-condition computed from shapes and counters. Such a Loop is
+unrolled: the body runs once per iteration with the iteration number as a constant, so its condition
+folds and the loop ends exactly where onnxruntime's does; carried values flow from one copy to the next
+and scan outputs are stacked. A trip count or condition that depends on the data is refused, naming the
+node. The loader lists the outer tensors the subgraphs read (`loader._node`), so they arrive here as
+inputs after the node's own.
 """
 from __future__ import annotations
 
-from .registry import REGISTRY, OpContext, register, static_array
+from typing import Any
+
+import numpy as np
+
+from .registry import REGISTRY, OpContext, is_static, register, static_array
+
+MAX_UNROLLED_ITERATIONS = 10_000  # a Loop on a condition alone that never folds to false is refused past this
+
+
+def _run_graph(graph: dict, env: dict[str, Any], ctx: OpContext) -> list[Any]:
+    """Run a subgraph's nodes on `env` (outer tensors and bound formal inputs); its outputs in order."""
+    env = {**env, **graph["initializers"]}
+    for node in graph["nodes"]:
+        args = [env[name] if name else None for name in node.inputs]
+        result = REGISTRY[node.op_type].fn(args, node.attrs, OpContext(ctx.opset, node.name, len(node.outputs)))
+        env.update(zip(node.outputs, result if isinstance(result, (tuple, list)) else (result,)))
+    return [env[name] for name in graph["outputs"]]
 
 
 @register("If", static_inputs=(0,))
 def if_(inputs, attrs, ctx):
     condition = static_array(inputs[0], "the If condition", ctx)
     branch = attrs["then_branch" if bool(condition.reshape(-1)[0]) else "else_branch"]
-    env = dict(zip(attrs["outer"], inputs[1:]))
-    env.update(branch["initializers"])
-    for node in branch["nodes"]:
-        args = [env[name] if name else None for name in node.inputs]
-        result = REGISTRY[node.op_type].fn(args, node.attrs, OpContext(ctx.opset, node.name, len(node.outputs)))
-        env.update(zip(node.outputs, result if isinstance(result, (tuple, list)) else (result,)))
-    values = [env[name] for name in branch["outputs"]]
+    values = _run_graph(branch, dict(zip(attrs["outer"], inputs[1:])), ctx)
     return values[0] if len(values) == 1 else tuple(values)
+
+
+@register("Loop", static_inputs=(0, 1))
+def loop(inputs, attrs, ctx):
+    from ..errors import BadInputError
+
+    import jax.numpy as jnp
+
+    body = attrs["body"]
+    own = len(inputs) - len(attrs["outer"])
+    outer = dict(zip(attrs["outer"], inputs[own:]))
+    trips = None if inputs[0] is None else int(static_array(inputs[0], "the Loop trip count", ctx).reshape(-1)[0])
+    keep_going = True if own < 2 or inputs[1] is None else bool(
+        static_array(inputs[1], "the Loop's initial condition", ctx).reshape(-1)[0])
+    carried = list(inputs[2:own])
+    scanned: list[list[Any]] = []
+    iteration = 0
+    while keep_going and (trips is None or iteration < trips):
+        if trips is None and iteration >= MAX_UNROLLED_ITERATIONS:
+            raise BadInputError(f"node {ctx.node_name!r} (Loop): no trip count and its condition still holds "
+                                f"after {MAX_UNROLLED_ITERATIONS} iterations")
+        formal = [np.array(iteration, np.int64), np.array(keep_going)] + carried
+        values = _run_graph(body, {**outer, **dict(zip(body["inputs"], formal))}, ctx)
+        if not is_static(values[0]):
+            raise BadInputError(f"node {ctx.node_name!r} (Loop): its continue-condition depends on the input "
+                                "data; the engine runs Loops whose iterations are known from shapes and counters")
+        keep_going = bool(np.asarray(values[0]).reshape(-1)[0])
+        carried = values[1:1 + len(carried)]
+        scanned.append(values[1 + len(carried):])
+        iteration += 1
+    if not scanned and len(body["outputs"]) > 1 + len(carried):
+        raise BadInputError(f"node {ctx.node_name!r} (Loop): runs no iteration, so its scan outputs have no "
+                            "known shape")
+    stacked = [(np.stack if all(is_static(v) for v in column) else jnp.stack)(list(column))
+               for column in zip(*scanned)] if scanned else []
+    results = carried + stacked
+    return results[0] if len(results) == 1 else tuple(results)
