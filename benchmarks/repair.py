@@ -67,7 +67,8 @@ ROWS = {
                             "MLP (64-128-64) on scikit-learn's 8x8 digits, BadNets 2x2 corner patch, all-to-one"),
     "fashion-mlp-blended": (dict(FASHION, arch="mlp", attack="blended"), "MLP (784-128-64), Blended, all-to-one"),
     "fashion-lstm-badnets": (dict(FASHION, arch="lstm", attack="badnets"),
-                             "LSTM reading the rows (64 units) + 2 dense layers, BadNets, all-to-one"),
+                             "LSTM reading the rows (64 units) + 2 dense layers, BadNets, all-to-one; every method changes "
+                             "the dense layers only (the LSTM's weights are not yet candidates)"),
     "fashion-mlp_deep-badnets": (dict(FASHION, arch="mlp_deep", attack="badnets"),
                                  "MLP (784-256-128-64), BadNets, all-to-one"),
 }
