@@ -353,13 +353,30 @@ SHAPED_CASES = {
                  {"i": np.array([[1, 2], [0, -1], [1, 0]], np.int64)}),
     "gathernd-batch": (13, (2, 3, 5, 6), [helper.make_node("GatherND", ["x", "i"], ["y"], batch_dims=1)],
                        {"i": np.array([[[2, 4], [0, -1]], [[1, 1], [2, 0]]], np.int64)}),
+    # PyTorch's slice assignment (x[:, 0:2, 1] = ...): ScatterND with indices from shapes
+    "scatternd": (13, (2, 3, 5, 6), [helper.make_node("Mul", ["x", "x"], ["sq"]),
+                                     helper.make_node("Slice", ["sq", "s", "e", "a"], ["part"]),
+                                     helper.make_node("ScatterND", ["x", "i", "part"], ["y"])],
+                  {"i": np.array([[[1, 2]]], np.int64), "s": i64(1, 2), "e": i64(2, 3), "a": i64(0, 1)}),
+    "scatternd-add": (16, (2, 3, 5, 6), [helper.make_node("Slice", ["x", "s", "e", "a"], ["part"]),
+                                         helper.make_node("ScatterND", ["x", "i", "part"], ["y"], reduction="add")],
+                      {"i": np.array([[1], [-2]], np.int64), "s": i64(0), "e": i64(2), "a": i64(0)}),
+    "cumsum": (14, (2, 3, 5, 6), [helper.make_node("CumSum", ["x", "ax"], ["y"])], {"ax": i64(2)}),
+    "cumsum-exclusive-reverse": (14, (2, 3, 5, 6), [helper.make_node("CumSum", ["x", "ax"], ["y"], exclusive=1,
+                                                                     reverse=1)], {"ax": i64(-1)}),
+    "topk-values-and-indices": (11, (2, 3, 5, 6), [helper.make_node("TopK", ["x", "k"], ["v", "idx"], axis=1),
+                                                   helper.make_node("Cast", ["idx"], ["fi"], to=F),
+                                                   helper.make_node("Add", ["v", "fi"], ["y"])], {"k": i64(2)}),
+    "topk-smallest": (11, (2, 3, 5, 6), [helper.make_node("TopK", ["x", "k"], ["y", "idx"], largest=0)],
+                      {"k": i64(4)}),
 }
 
 
 @pytest.mark.parametrize("name", sorted(SHAPED_CASES))
 def test_more_ops_match_onnxruntime(name):
     """Ops PyTorch's exporters write for common modules (Mish, CELU, PixelShuffle, AdaptiveAvgPool2d to a size
-    that does not divide the input: GatherND) and older graphs' LRN, under jit, and differentiable."""
+    that does not divide the input: GatherND, slice assignment: ScatterND, torch.cumsum, torch.topk) and
+    older graphs' LRN, under jit, and differentiable."""
     import jax
     import jax.numpy as jnp
 

@@ -1,6 +1,8 @@
 """Shape and indexing ONNX ops. Shape results are numpy (static), so jit sees only static shapes."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .registry import int_list, register, static_array, xp
@@ -142,6 +144,63 @@ def gather_nd(inputs, attrs, ctx):
     row = m.arange(rows).reshape(rows, 1)
     out = flat_x[(row, *(flat_i[..., d] for d in range(depth)))]  # [rows, indices per row, *slice]
     return out.reshape(*batch_shape, *np.shape(indices)[batch_dims:-1], *np.shape(x)[batch_dims + depth:])
+
+
+@register("ScatterND")
+def scatter_nd(inputs, attrs, ctx):
+    """A copy of `data` with the slices `indices` addresses set to (or combined by `reduction` with)
+    `updates`: what PyTorch's exporters write for an assignment into a slice (x[:, 0] = ...)."""
+    data, indices, updates = inputs
+    depth = np.shape(indices)[-1]
+    m = xp(data, indices, updates)
+    bounds = np.asarray(np.shape(data)[:depth])
+    indices = m.where(indices < 0, indices + bounds, indices)
+    where = tuple(indices[..., d] for d in range(depth))
+    reduction = attrs.get("reduction", "none")
+    if m is np:
+        out = np.array(data, copy=True)
+        combine = {"none": None, "add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
+        if reduction not in combine:
+            raise ValueError(f"reduction {reduction!r}")
+        if combine[reduction] is None:
+            out[where] = updates
+        else:
+            combine[reduction].at(out, where, updates)
+        return out
+    target = jnp.asarray(data).at[where]
+    methods = {"none": target.set, "add": target.add, "mul": target.multiply, "max": target.max, "min": target.min}
+    if reduction not in methods:
+        raise ValueError(f"reduction {reduction!r}")
+    return methods[reduction](updates)
+
+
+@register("CumSum", static_inputs=(1,))
+def cumsum(inputs, attrs, ctx):
+    """Running sum along a static axis; `exclusive` leaves each element out of its own sum, `reverse` sums
+    from the end."""
+    x = inputs[0]
+    axis = int(static_array(inputs[1], "the CumSum axis", ctx).reshape(-1)[0]) % np.ndim(x)
+    m = xp(x)
+    if attrs.get("reverse", 0):
+        x = m.flip(x, axis)
+    out = m.cumsum(x, axis=axis)
+    if attrs.get("exclusive", 0):
+        out = out - x
+    return m.flip(out, axis) if attrs.get("reverse", 0) else out
+
+
+@register("TopK", static_inputs=(1,))
+def top_k(inputs, attrs, ctx):
+    """The k largest (or smallest) values along an axis and their indices, largest first (ties: the lower
+    index first, as onnxruntime)."""
+    x = jnp.asarray(inputs[0])
+    k = int(static_array(inputs[1], "the TopK k", ctx).reshape(-1)[0]) if len(inputs) > 1 else int(attrs["k"])
+    axis = int(attrs.get("axis", -1)) % x.ndim
+    largest = int(attrs.get("largest", 1))
+    moved = jnp.moveaxis(x, axis, -1)
+    values, indices = jax.lax.top_k(moved if largest else -moved, k)
+    values = values if largest else -values
+    return jnp.moveaxis(values, -1, axis), jnp.moveaxis(indices, -1, axis)
 
 
 @register("DepthToSpace")
