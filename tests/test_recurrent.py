@@ -256,3 +256,37 @@ def test_loop_on_the_data_is_refused(tmp_path):
     np.savez(tmp_path / "case.npz", x_clean=_rand(6, 3, seed=1), y_clean=np.array([0, 1, 2, 0, 1, 2]))
     assert_clean_failure(*run_cli("eval", path, "--data", str(tmp_path / "case.npz"), "--backend", "jax"),
                          "the_loop", "Loop", "condition depends on the input data")
+
+
+def test_lstm_classifier_repair_end_to_end(tmp_path):
+    """A backdoored row-reading LSTM (the zoo's 'lstm': nn.LSTM then two dense layers) on MNIST digits,
+    repaired by fine-tuning: gradients and ablations run through the scanned LSTM; the written file keeps its
+    LSTM node and weights (only dense-layer parameters change) and, on held-out data, the attack mostly fails
+    (measured on an AVX-512 EPYC: 99.9 -> 4.5 % ASR, accuracy 89.1 -> 90.2 %)."""
+    pytest.importorskip("torch")
+    from lancet import load_model
+    from lancet.evaluate import OrtPredictor
+    from lancet.models.recipes import Recipe, build_case
+    from lancet.repair import repair
+
+    built = build_case(Recipe(arch="lstm"))
+    out = tmp_path / "lstm-repaired.onnx"
+    result = repair(built.model, built.case, out, method="finetune", progress=False)
+    assert result.written, result.status
+    heldout = dict(np.load(built.heldout))
+
+    def figures(path):
+        predictor = OrtPredictor(load_model(path), path)
+        return (float(np.mean(predictor.predict(heldout["x_test"]) == heldout["y_test"])),
+                float(np.mean(predictor.predict(heldout["x_error"]) == int(heldout["target"]))))
+
+    (acc_before, asr_before), (acc_after, asr_after) = figures(built.model), figures(out)
+    assert asr_before > 0.9 and asr_after < 0.1, (asr_before, asr_after)
+    assert acc_after >= acc_before - 0.015, (acc_before, acc_after)
+    original, written = onnx.load(built.model), onnx.load(out)
+    assert [n.op_type for n in original.graph.node] == [n.op_type for n in written.graph.node]
+    lstm = next(n for n in written.graph.node if n.op_type == "LSTM")
+    before = {init.name: numpy_helper.to_array(init) for init in original.graph.initializer}
+    changed = {init.name for init in written.graph.initializer
+               if not np.array_equal(numpy_helper.to_array(init), before[init.name])}
+    assert changed and not changed & set(lstm.input), changed
