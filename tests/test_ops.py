@@ -367,6 +367,12 @@ SHAPED_CASES = {
     "topk-values-and-indices": (11, (2, 3, 5, 6), [helper.make_node("TopK", ["x", "k"], ["v", "idx"], axis=1),
                                                    helper.make_node("Cast", ["idx"], ["fi"], to=F),
                                                    helper.make_node("Add", ["v", "fi"], ["y"])], {"k": i64(2)}),
+    "trigonometry": (9, (2, 3, 5, 6), [helper.make_node("Tanh", ["x"], ["t"]),  # into (-1, 1) for the inverses
+                                       *[helper.make_node(op, ["t"], [op]) for op in
+                                         ("Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Atanh")],
+                                       helper.make_node("Cosh", ["x"], ["ch"]), helper.make_node("Acosh", ["ch"], ["ach"]),
+                                       helper.make_node("Sum", ["Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh",
+                                                                "Atanh", "ach"], ["y"])], {}),
     "topk-smallest": (11, (2, 3, 5, 6), [helper.make_node("TopK", ["x", "k"], ["y", "idx"], largest=0)],
                       {"k": i64(4)}),
 }

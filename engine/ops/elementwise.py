@@ -61,7 +61,9 @@ def _unary(fn_name: str):
 for _op, _fn in [("Neg", "negative"), ("Abs", "abs"), ("Sqrt", "sqrt"), ("Exp", "exp"), ("Log", "log"),
                  ("Floor", "floor"), ("Ceil", "ceil"), ("Sign", "sign"), ("Round", "round"),
                  ("Not", "logical_not"), ("Sin", "sin"), ("Cos", "cos"), ("Tanh", "tanh"),
-                 ("IsNaN", "isnan")]:
+                 ("IsNaN", "isnan"), ("Tan", "tan"), ("Asin", "arcsin"), ("Acos", "arccos"), ("Atan", "arctan"),
+                 ("Sinh", "sinh"), ("Cosh", "cosh"), ("Asinh", "arcsinh"), ("Acosh", "arccosh"),
+                 ("Atanh", "arctanh")]:
     register(_op)(_unary(_fn))
 
 
