@@ -428,6 +428,31 @@ def test_cubic_resize_options_match_onnxruntime(coefficient, exclude_outside):
     compare(make([node], [("x", (2, 3, 5, 6))], 13, initializers=list(consts.items())), {"x": rand(2, 3, 5, 6)})
 
 
+GRID_CASES = [(mode, padding, align) for mode in ("bilinear", "nearest") for padding in ("zeros", "border", "reflection")
+              for align in (0, 1)]
+
+
+@pytest.mark.parametrize("mode, padding, align", GRID_CASES, ids=[f"{m}-{p}-{a}" for m, p, a in GRID_CASES])
+def test_grid_sample_matches_onnxruntime(mode, padding, align):
+    """GridSample with grid points inside and up to 60 % past the edges (the padding rule decides those),
+    grid read from the data as a spatial transformer's is; gradients reach the image and the grid."""
+    import jax
+    import jax.numpy as jnp
+
+    node = helper.make_node("GridSample", ["x", "grid"], ["y"], mode=mode, padding_mode=padding, align_corners=align)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", F, [2, 3, 5, 6]),
+                                            helper.make_tensor_value_info("grid", F, [2, 4, 7, 2])],
+                              [helper.make_tensor_value_info("y", F, [2, 3, 4, 7])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+    model.ir_version = 8
+    grid = np.random.default_rng(3).uniform(-1.6, 1.6, size=(2, 4, 7, 2)).astype(np.float32)
+    compare(model, {"x": rand(2, 3, 5, 6), "grid": grid})
+    forward = Forward(model_from_proto(model))
+    grads = jax.grad(lambda x, g: jnp.sum(forward.apply(forward.params, {"x": x, "grid": g})["y"] ** 2), (0, 1))(
+        jnp.asarray(rand(2, 3, 5, 6)), jnp.asarray(grid))
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads) and np.abs(np.asarray(grads[0])).max() > 0
+
+
 @pytest.mark.parametrize("op, opset", [("Resize", 10), ("Upsample", 9)])
 def test_old_resize_forms_match_onnxruntime(op, opset):
     for mode in ("nearest", "linear"):

@@ -126,6 +126,46 @@ def test_exported_modules_match(name, torch_threads):
     assert max_diff(got_ort, expected) < 1e-4 and max_diff(got, expected[:3]) < 1e-4
 
 
+def test_spatial_transformer_matches(torch_threads):
+    """A spatial transformer (a localisation net predicts an affine warp per image; affine_grid, then
+    grid_sample) exported by torch 2.13's default exporter: AffineGrid is written as plain ops, the warp as
+    GridSample; equal to PyTorch."""
+    import io
+    import warnings
+
+    import onnx
+
+    from lancet.loader import model_from_proto
+
+    torch = torch_threads
+    nn, functional = torch.nn, torch.nn.functional
+    torch.manual_seed(0)
+
+    class SpatialTransformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.localise = nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(6))
+            self.classify = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+
+        def forward(self, x):
+            theta = self.localise(x).view(-1, 2, 3) * 0.3 + torch.eye(2, 3)
+            grid = functional.affine_grid(theta, list(x.shape), align_corners=False)
+            return self.classify(functional.grid_sample(x, grid, align_corners=False))
+
+    net = SpatialTransformer()
+    x = torch.rand(5, 1, 16, 16)
+    with torch.no_grad():
+        expected = net(x).numpy()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                          verbose=False).save(buffer)
+    model = model_from_proto(onnx.load_from_string(buffer.getvalue()))
+    assert "GridSample" in {node.op_type for node in model.nodes}
+    assert max_diff(Forward(model).logits(x.numpy()[:3]), expected[:3]) < 1e-5
+
+
 def test_torchscript_if_on_shapes_runs_inline(torch_threads):
     """TorchScript exports LocalResponseNorm with an If on the input's rank: the condition folds from shapes,
     the branch it picks runs inline (its outer tensors listed as the If's inputs), equal to PyTorch."""

@@ -1,4 +1,5 @@
-"""Resize (opset 10+) and Upsample (opset 7-9): nearest, linear and cubic interpolation, separable per axis.
+"""Resize (opset 10+) and Upsample (opset 7-9): nearest, linear and cubic interpolation, separable per axis;
+GridSample: bilinear or nearest sampling at data-dependent points.
 
 Every output coordinate's source position is computed once from static shapes (numpy); the data is then
 gathered along each resized axis (nearest) or blended from its two (linear) or four (cubic) neighbours,
@@ -138,3 +139,57 @@ def upsample(inputs, attrs, ctx):
     scales = [float(s) for s in scales]
     sizes = [int(np.floor(n * s)) for n, s in zip(np.shape(x), scales)]
     return resize(x, scales, sizes, attrs.get("mode", "nearest"), "asymmetric", "floor", ctx)
+
+
+def _grid_coordinate(c, size: int, align_corners: bool, padding: str):
+    """Normalised grid coordinates in [-1, 1] to pixel positions, with the padding mode's rule for those
+    outside (border: clamped; reflection: mirrored at the edges, then clamped; zeros: left as they are)."""
+    import jax.numpy as jnp
+
+    c = (c + 1) / 2 * (size - 1) if align_corners else ((c + 1) * size - 1) / 2
+    if padding == "reflection":
+        low, span = (0.0, size - 1.0) if align_corners else (-0.5, float(size))
+        if span <= 0:
+            return jnp.zeros_like(c)
+        distance = jnp.abs(c - low)
+        extra, flips = jnp.fmod(distance, span), jnp.floor(distance / span)
+        c = jnp.where(jnp.fmod(flips, 2) == 0, low + extra, low + span - extra)
+    if padding in ("border", "reflection"):
+        c = jnp.clip(c, 0, size - 1)
+    return c
+
+
+@register("GridSample")
+def grid_sample(inputs, attrs, ctx):
+    """Sample [N, C, H, W] at the grid's [N, Ho, Wo, (x, y)] points (a spatial transformer's warp):
+    bilinear or nearest (half to even, as onnxruntime), padding zeros, border or reflection."""
+    import jax.numpy as jnp
+
+    x, grid = jnp.asarray(inputs[0]), jnp.asarray(inputs[1])
+    mode = {"linear": "bilinear", "cubic": "bicubic"}.get(attrs.get("mode", "bilinear"), attrs.get("mode", "bilinear"))
+    padding = attrs.get("padding_mode", "zeros")
+    if mode not in ("bilinear", "nearest") or padding not in ("zeros", "border", "reflection") or x.ndim != 4:
+        from ..errors import BadInputError
+
+        raise BadInputError(f"node {ctx.node_name!r} (GridSample): mode {mode!r}, padding {padding!r} on a "
+                            f"{x.ndim}-D input is not supported (bilinear and nearest, zeros/border/reflection, 4-D are)")
+    align = bool(attrs.get("align_corners", 0))
+    n, _, height, width = x.shape
+    px = _grid_coordinate(grid[..., 0], width, align, padding)
+    py = _grid_coordinate(grid[..., 1], height, align, padding)
+    batch = jnp.arange(n).reshape(n, 1, 1)
+
+    def pixels(iy, ix):  # [N, Ho, Wo, C]; zero where the index falls outside
+        inside = (ix >= 0) & (ix < width) & (iy >= 0) & (iy < height)
+        values = x[batch, :, jnp.clip(iy, 0, height - 1), jnp.clip(ix, 0, width - 1)]
+        return jnp.where(inside[..., None], values, 0.0)
+
+    if mode == "nearest":
+        out = pixels(jnp.round(py).astype(jnp.int32), jnp.round(px).astype(jnp.int32))
+    else:
+        x0, y0 = jnp.floor(px), jnp.floor(py)
+        wx, wy = (px - x0)[..., None], (py - y0)[..., None]
+        ix, iy = x0.astype(jnp.int32), y0.astype(jnp.int32)
+        out = ((pixels(iy, ix) * (1 - wx) + pixels(iy, ix + 1) * wx) * (1 - wy)
+               + (pixels(iy + 1, ix) * (1 - wx) + pixels(iy + 1, ix + 1) * wx) * wy)
+    return jnp.moveaxis(out, -1, 1)
