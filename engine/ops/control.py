@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from .registry import REGISTRY, OpContext, is_static, register, static_array
@@ -44,8 +45,6 @@ def if_(inputs, attrs, ctx):
 @register("Loop", static_inputs=(0, 1))
 def loop(inputs, attrs, ctx):
     from ..errors import BadInputError
-
-    import jax.numpy as jnp
 
     body = attrs["body"]
     own = len(inputs) - len(attrs["outer"])
