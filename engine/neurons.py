@@ -101,9 +101,26 @@ def summary(model: Model) -> dict:
         "channel_neurons": sum(layer.channels for layer in layers),
         "weight_neurons": int(sum(model.params[w].size for w in layer_weights)),
         "parameters": int(sum(v.size for v in model.params.values())),
+        "outside_layers": _outside_layers(model, layers),
         "batch": _batch_summary(model),
         "op_coverage": {op: {"count": n, "supported": op in REGISTRY} for op, n in sorted(op_counts.items())},
     }
+
+
+def _outside_layers(model: Model, layers: list[Layer]) -> dict:
+    """The parameters no neuron layer holds (an LSTM's weights, a ViT's position embedding, LayerNorm
+    scales): no repair and no peer defence changes them. Their element count, and per op type reading them
+    the element count it reads."""
+    by_name = {node.name: node for node in model.nodes}
+    inside = {name for layer in layers for name in (layer.weight, layer.bias) if name}
+    inside |= {name for layer in layers if layer.batchnorm for name in by_name[layer.batchnorm].inputs[1:]}
+    outside = [name for name in model.params if name not in inside]
+    consumers = model.consumers_of()
+    read_by: Counter = Counter()
+    for name in outside:
+        for op_type in sorted({node.op_type for node in consumers.get(name, [])}):
+            read_by[op_type] += int(model.params[name].size)
+    return {"parameters": int(sum(model.params[name].size for name in outside)), "read_by": dict(read_by)}
 
 
 def _batch_summary(model: Model) -> dict:

@@ -29,6 +29,13 @@ def key_value_table(title: str, data: dict, console) -> None:
     console.print(table)
 
 
+def _outside_line(outside: dict) -> str:
+    if not outside["parameters"]:
+        return "none"
+    readers = ", ".join(f"{op} {count:,}" for op, count in outside["read_by"].items())
+    return f"{outside['parameters']:,} (read by {readers}): no repair changes them"
+
+
 def inspect_tables(info: dict, console) -> None:
     """`lancet inspect` for people: model facts, the layer table, and op coverage."""
     from rich.table import Table
@@ -42,6 +49,7 @@ def inspect_tables(info: dict, console) -> None:
         + (" (computed in float32)" if set(info["parameter_dtypes"]) - {"float32"} else ""),
         "parameters": info["parameters"], "channel neurons": info["channel_neurons"],
         "weight neurons": info["weight_neurons"],
+        "parameters outside layers": _outside_line(info["outside_layers"]),
         "batch": "free" if not info["batch"]["fixed"] else
         f"fixed at {info['batch']['fixed']}" + (" and written into the graph (runs vmapped over groups of it)"
                                                  if info["batch"]["hard_coded"] else " (runs on any batch)"),

@@ -22,6 +22,7 @@ def test_inspect_json_and_table(backdoor_case):
     assert [layer["channels"] for layer in info["layers"]] == [6, 16, 120, 84, 10]
     assert info["channel_neurons"] == 236
     assert info["parameters"] == sum(layer["parameters"] for layer in info["layers"])
+    assert info["outside_layers"] == {"parameters": 0, "read_by": {}}
     assert all(entry["supported"] for entry in info["op_coverage"].values())
     table = invoke("inspect", backdoor_case.model)
     assert "neuron layers" in table and "Gemm" in table and "op coverage" in table

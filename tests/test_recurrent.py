@@ -290,3 +290,9 @@ def test_lstm_classifier_repair_end_to_end(tmp_path):
     changed = {init.name for init in written.graph.initializer
                if not np.array_equal(numpy_helper.to_array(init), before[init.name])}
     assert changed and not changed & set(lstm.input), changed
+    # `lancet inspect` says so: the LSTM's parameters are outside every neuron layer
+    from lancet.neurons import summary
+
+    recurrent = sum(numpy_helper.to_array(i).size for i in original.graph.initializer if i.name in lstm.input)
+    assert summary(load_model(built.model))["outside_layers"] == {"parameters": recurrent,
+                                                                  "read_by": {"LSTM": recurrent}}
