@@ -65,8 +65,8 @@ def _fixed_chunks(x: np.ndarray, size: int):
 class OrtPredictor:
     """Arg-max predictions through onnxruntime (the reference the JAX engine must match)."""
 
-    def __init__(self, model: Model, path: str | Path | bytes):
-        self.session = ort_session(path)
+    def __init__(self, model: Model, path: str | Path | bytes, optimize: bool = True):
+        self.session = ort_session(path, optimize=optimize)
         self.input_name = model.input.name
         self.output_names = [model.output.name]  # the class scores, whatever the file's output order
         self.input_dtype = model.input.dtype  # float16 or integer pixels in the file; the case holds float32

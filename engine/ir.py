@@ -29,6 +29,41 @@ class Node:
     domain: str = ""
 
 
+@dataclass(frozen=True)
+class QuantizedParam:
+    """A parameter the file stores quantized: `source` (an integer initializer) read by a DequantizeLinear
+    whose output the engine holds as the float parameter, value = (q - zero_point) * scale, the scale and
+    zero point per tensor or along `axis`."""
+
+    source: str
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+    dtype: np.dtype
+
+    def _broadcast(self, value: np.ndarray, ndim: int) -> np.ndarray:
+        if value.ndim == 0 or value.size == 1:
+            return value.reshape(())
+        shape = [1] * ndim
+        shape[self.axis % ndim] = value.size
+        return value.reshape(shape)
+
+    def quantize(self, value: np.ndarray) -> np.ndarray:
+        """Float values as the file's integers: rounded half to even, saturated to the integer type."""
+        value = np.asarray(value, np.float32)
+        scale = self._broadcast(self.scale.astype(np.float32), value.ndim)
+        zero = self._broadcast(self.zero_point.astype(np.float64), value.ndim)
+        info = np.iinfo(self.dtype)
+        return np.clip(np.round(value / scale) + zero, info.min, info.max).astype(self.dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """The file's integers as the float values the graph computes with."""
+        q = np.asarray(q)
+        scale = self._broadcast(self.scale.astype(np.float32), q.ndim)
+        zero = self._broadcast(self.zero_point.astype(np.float32), q.ndim)
+        return ((q.astype(np.float32) - zero) * scale).astype(np.float32)
+
+
 @dataclass
 class Model:
     """A loaded ONNX model.
@@ -53,6 +88,9 @@ class Model:
     # Parameters the file stores in another float type (float16, float64): `params` holds them as float32,
     # the precision the engine computes in; written back in their own type (`stored`).
     param_dtypes: dict[str, np.dtype] = field(default_factory=dict)
+    # Parameters the file stores as integers behind a DequantizeLinear (a QDQ-quantized model's weights and
+    # biases): `params` holds them dequantized under the DequantizeLinear's output name.
+    quantized: dict[str, QuantizedParam] = field(default_factory=dict)
 
     @property
     def input(self) -> TensorInfo:
@@ -60,10 +98,30 @@ class Model:
         return self.inputs[0]
 
     def stored(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """`values` of parameters as the file will hold them (rounded to a float16 parameter's type), as
-        float32: what a repaired file computes with."""
-        return {name: np.asarray(np.asarray(value).astype(self.param_dtypes[name]), np.float32)
-                if name in self.param_dtypes else np.asarray(value) for name, value in values.items()}
+        """`values` of parameters as the file will hold them (rounded to a float16 parameter's type, or to a
+        quantized parameter's integer steps), as float32: what a repaired file computes with."""
+        stored = {}
+        for name, value in values.items():
+            if name in self.quantized:
+                stored[name] = self.quantized[name].dequantize(self.quantized[name].quantize(value))
+            elif name in self.param_dtypes:
+                stored[name] = np.asarray(np.asarray(value).astype(self.param_dtypes[name]), np.float32)
+            else:
+                stored[name] = np.asarray(value)
+        return stored
+
+    def file_values(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """`values` of parameters keyed and typed as the file holds them: a quantized parameter becomes its
+        integer initializer's new integers (graph surgery casts float types itself)."""
+        return {self.quantized[name].source if name in self.quantized else name:
+                self.quantized[name].quantize(value) if name in self.quantized else np.asarray(value)
+                for name, value in values.items()}
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether the file stores parameters as integers (QDQ): its onnxruntime kernels compute in
+        integers, so its outputs match the engine's float emulation to a quantization step, not to 1e-4."""
+        return bool(self.quantized)
 
     @property
     def half_precision(self) -> bool:

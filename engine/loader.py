@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from onnx.helper import get_attribute_value, tensor_dtype_to_np_dtype
 
 from .errors import BadInputError, UnsupportedOpError
-from .ir import Model, Node, TensorInfo
+from .ir import Model, Node, QuantizedParam, TensorInfo
 from .ops import REGISTRY
 
 # Opsets 22-25 (torch 2.13's exporter writes up to 25) only widen the tensor types the supported ops take
@@ -183,6 +183,38 @@ def _split_params(nodes, tensors: dict[str, np.ndarray], dynamic: set[str]):
     return params, constants
 
 
+def _fold_weight_dequantize(nodes: list[Node], tensors: dict[str, np.ndarray], sources: dict[str, str],
+                            opset: int) -> tuple[list[Node], dict[str, QuantizedParam]]:
+    """A QDQ-quantized model stores each weight and bias as integers read by a DequantizeLinear. Such a
+    DequantizeLinear (integer initializer read by it alone, constant scale and zero point, no blocks) is
+    folded: its output becomes a float tensor, (q - zero_point) * scale, so the layer reading it has a
+    float weight like any other; the `QuantizedParam` says how to write a changed value back."""
+    readers: dict[str, int] = {}
+    for node in nodes:
+        for name in node.inputs:
+            readers[name] = readers.get(name, 0) + 1
+    kept, quantized = [], {}
+    for node in nodes:
+        source = node.inputs[0] if node.op_type == "DequantizeLinear" and node.inputs else None
+        slots = [name for name in node.inputs[1:3] if name]
+        foldable = (source in tensors and readers.get(source) == 1 and all(name in tensors for name in slots)
+                    and np.issubdtype(tensors[source].dtype, np.integer) and not node.attrs.get("block_size", 0)
+                    and np.dtype(tensors[source].dtype).itemsize <= 4)
+        if not foldable:
+            kept.append(node)
+            continue
+        q = tensors[source]
+        scale = np.asarray(tensors[node.inputs[1]], np.float32)
+        zero = (np.asarray(tensors[node.inputs[2]]) if len(node.inputs) > 2 and node.inputs[2]
+                else np.zeros((), q.dtype))
+        axis = int(node.attrs.get("axis", 1)) if opset >= 13 else 1
+        param = QuantizedParam(source, scale, zero, axis, np.dtype(q.dtype))
+        tensors[node.outputs[0]] = param.dequantize(q)
+        sources[node.outputs[0]] = "dequantized"
+        quantized[node.outputs[0]] = param
+    return kept, quantized
+
+
 def load_model(path: str | Path, output: str | None = None) -> Model:
     """Load and validate an ONNX classifier: opset 9-25, supported ops only, at least one float input.
 
@@ -251,6 +283,8 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None, output: s
         else:
             kept.append(node)
 
+    kept, quantized = _fold_weight_dequantize(kept, tensors, sources, opset)
+
     inputs = [_tensor_info(v) for v in graph.input if v.name not in tensors]
     outputs = [_tensor_info(v) for v in inferred.graph.output]
     scores_output = classifier_output(outputs, output, where)
@@ -267,4 +301,4 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None, output: s
                  outputs=outputs, value_info=value_info,
                  param_sources={name: sources[name] for name in params},
                  producer=f"{proto.producer_name} {proto.producer_version}".strip(), scores_output=scores_output,
-                 param_dtypes=param_dtypes)
+                 param_dtypes=param_dtypes, quantized={name: q for name, q in quantized.items() if name in params})

@@ -95,7 +95,8 @@ def summary(model: Model) -> dict:
         "outputs": [{"name": o.name, "shape": list(o.shape or []), "dtype": str(o.dtype)} for o in model.outputs],
         "scores_output": model.output.name,
         # parameters per type the file stores them in (the engine computes every float type in float32)
-        "parameter_dtypes": dict(Counter(str(model.param_dtypes.get(name, "float32")) for name in model.params)),
+        "parameter_dtypes": dict(Counter(f"{model.quantized[name].dtype} quantized" if name in model.quantized
+                                         else str(model.param_dtypes.get(name, "float32")) for name in model.params)),
         "nodes": len(model.nodes),
         "layers": [layer.as_dict() for layer in layers],
         "channel_neurons": sum(layer.channels for layer in layers),

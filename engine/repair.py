@@ -549,7 +549,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
         metadata = {"method": method, "granularity": granularity, "ein_count": len(located.eins),
                     "changed_parameters": ",".join(f"{k}:{v}" for k, v in changed_counts.items()),
                     "tool_version": __version__, "seed": seed}
-        proto = replace_parameters(model_path, changed, metadata)
+        proto = replace_parameters(model_path, model.file_values(changed), metadata)
         x_check = case.x_clean[:max(64, static_batch(model) or 0)]  # a fixed batch's group is padded
         expected = np.asarray(forward.logits(x_check, params=repaired))
         details["parity_max_abs_diff"] = verify_repaired(

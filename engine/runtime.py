@@ -27,11 +27,15 @@ def import_onnxruntime() -> Any:
     return onnxruntime
 
 
-def ort_session(model: str | Path | bytes, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session for a model path or serialized bytes; errors name the model."""
+def ort_session(model: str | Path | bytes, threads: int | None = None, optimize: bool = True) -> Any:
+    """An onnxruntime CPU session for a model path or serialized bytes; errors name the model.
+    `optimize=False` turns graph optimisations off: a quantized (QDQ) model then runs its Quantize and
+    Dequantize nodes as written, in float, instead of fused integer kernels (the reference semantics)."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
     try:

@@ -47,7 +47,7 @@ def replace_parameters(source: str | Path, changed: Mapping[str, np.ndarray],
     original = read_model_proto(source)
     graph = gs.import_onnx(original)
     tensors = graph.tensors()
-    for name, value in changed.items():
+    for name, value in changed.items():  # keyed and typed as the file holds them (`Model.file_values`)
         tensor = tensors.get(name)
         if isinstance(tensor, gs.Constant):
             if tuple(tensor.shape) != tuple(value.shape):
@@ -90,7 +90,10 @@ def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np
     """onnx.checker, onnxruntime load and run, and output parity with the JAX forward; returns max |diff|.
 
     onnxruntime runs as everywhere else (`evaluate.OrtPredictor` for `model`, the IR of the original file):
-    fed in the file's input type and batch, read from its class-scores output as [n, classes] float32."""
+    fed in the file's input type and batch, read from its class-scores output as [n, classes] float32. A
+    quantized model must run as deployed (optimised: fused integer kernels, whose requantization rounds a
+    few activations a step away from the float emulation) and match the engine as written (graph
+    optimisations off: its Quantize/Dequantize nodes in float, as the engine computes them)."""
     from .evaluate import OrtPredictor
 
     try:
@@ -98,10 +101,12 @@ def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np
     except Exception as exc:
         raise RepairRejectedError(f"the repaired model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     try:
-        got = OrtPredictor(model, repaired.SerializeToString()).logits(x_check)
+        deployed = OrtPredictor(model, repaired.SerializeToString()).logits(x_check)
+        got = (OrtPredictor(model, repaired.SerializeToString(), optimize=False).logits(x_check)
+               if model.is_quantized else deployed)
     except Exception as exc:
         raise RepairRejectedError(f"onnxruntime cannot run the repaired model: {exc}") from exc
-    if not np.all(np.isfinite(got)):
+    if not (np.all(np.isfinite(got)) and np.all(np.isfinite(deployed))):
         raise RepairRejectedError("the repaired model produces NaN or infinite outputs; nothing written")
     diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
     scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
