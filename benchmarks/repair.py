@@ -66,6 +66,9 @@ ROWS = {
                                  defender_clean=60, defender_error=40, test_size=490, epochs=40),
                             "MLP (64-128-64) on scikit-learn's 8x8 digits, BadNets 2x2 corner patch, all-to-one"),
     "fashion-mlp-blended": (dict(FASHION, arch="mlp", attack="blended"), "MLP (784-128-64), Blended, all-to-one"),
+    "fashion-lenet5-badnets-qdq": (dict(FASHION, arch="lenet5", attack="badnets", quantize="qdq"),
+                                   "LeNet-5 quantized for int8 deployment (onnxruntime QDQ, per channel), BadNets, "
+                                   "all-to-one; every method judged on its weights rounded to int8"),
     "fashion-lstm-badnets": (dict(FASHION, arch="lstm", attack="badnets"),
                              "LSTM reading the rows (64 units) + 2 dense layers, BadNets, all-to-one; every method changes "
                              "the dense layers only (the LSTM's weights are not yet candidates)"),
@@ -263,8 +266,9 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
                     outcome = DefenceResult(method, f"n/a: {exc}", {}, time.perf_counter() - start, {})
                 if method in CLEAN_DATA_ONLY:
                     row.outcomes[method] = outcome
-            params = {**row.forward.params, **{k: jnp.asarray(v) for k, v in outcome.changed.items()}}
-            record.update(status=outcome.status, changed=_changed_count(row.model, outcome.changed),
+            stored = row.model.stored(outcome.changed)  # as a written file would hold them (float16, int8)
+            params = {**row.forward.params, **{k: jnp.asarray(v) for k, v in stored.items()}}
+            record.update(status=outcome.status, changed=_changed_count(row.model, stored),
                           details={k: v for k, v in outcome.details.items() if k != "prune_curve"})
             seconds = time.perf_counter() - start
             if method == "nc_unlearning":

@@ -44,15 +44,18 @@ class Recipe:
     lr: float = 3e-3
     seed: int = 0
     opset: int = 17
+    quantize: str = "none"  # 'qdq': the trained model is then quantized for int8 deployment (converters.quantize)
 
     def key(self) -> str:
         """A short stable hash of the recipe (and the recipe code version)."""
-        text = json.dumps({**asdict(self), "version": RECIPE_VERSION}, sort_keys=True)
+        fields = {k: v for k, v in asdict(self).items() if not (k == "quantize" and v == "none")}  # keys as before
+        text = json.dumps({**fields, "version": RECIPE_VERSION}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-{self.arch}-{self.attack}-{self.key()}"
+        quantized = "" if self.quantize == "none" else f"-{self.quantize}"
+        return f"{self.dataset}-{self.arch}-{self.attack}{quantized}-{self.key()}"
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,12 @@ def _build_case_locked(recipe: Recipe, force: bool) -> BuiltCase:
     try:
         train_and_export = _keras_model if is_keras(recipe) else _torch_model
         train_and_export(recipe, x_train, y_train, x[test_idx[:4]], tmp / "model.onnx")
+        if recipe.quantize == "qdq":  # calibrated on training images, as the model's owner would
+            from lancet.converters.quantize import quantize_qdq
+
+            quantize_qdq(tmp / "model.onnx", tmp / "model.onnx", x[train_idx[:256]])
+        elif recipe.quantize != "none":
+            raise ValueError(f"unknown quantize {recipe.quantize!r} (none, qdq)")
         _write_case_files(tmp, recipe, x, y, defender_idx, test_idx, trigger)
         if folder.exists():
             shutil.rmtree(folder)

@@ -17,23 +17,13 @@ from .conftest import max_diff
 
 @pytest.fixture(scope="module", params=[False, True], ids=["per-tensor", "per-channel"])
 def quantized_lenet(request, backdoor_case, tmp_path_factory):
-    """The test LeNet-5 (BadNets on MNIST digits) quantized statically by onnxruntime: uint8 activations,
-    int8 weights, calibrated on 128 of the defender's clean images."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    x_clean = np.load(backdoor_case.case)["x_clean"]
-
-    class Calibration(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"input": x_clean[i:i + 32]} for i in range(0, 128, 32)])
-
-        def get_next(self):
-            return next(self.batches, None)
+    """The test LeNet-5 (BadNets on MNIST digits) quantized statically by onnxruntime (converters.quantize):
+    uint8 activations, int8 weights, calibrated on 128 of the defender's clean images."""
+    from lancet.converters.quantize import quantize_qdq
 
     path = tmp_path_factory.mktemp("quantized") / f"lenet-qdq-{request.param}.onnx"
-    quantize_static(str(backdoor_case.model), str(path), Calibration(), quant_format=QuantFormat.QDQ,
-                    per_channel=request.param, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return path
+    return quantize_qdq(backdoor_case.model, path, np.load(backdoor_case.case)["x_clean"][:128],
+                        per_channel=request.param)
 
 
 def test_quantized_model_runs_as_onnxruntime_does(quantized_lenet, backdoor_case):
@@ -113,3 +103,19 @@ def test_quantize_dequantize_ops_match_onnxruntime(zero_type, axis):
     assert max_diff(forward({"x": x})["y"], expected) <= 1e-6
     grad = jax.grad(lambda v: jnp.sum(forward.apply(forward.params, v)["y"]))(jnp.asarray(x))
     assert np.abs(np.asarray(grad)).max() > 0  # straight through, not round's zero gradient
+
+
+def test_recipe_builds_a_quantized_model():
+    """Recipe(quantize='qdq') trains the float model and quantizes it (calibrated on training images), under
+    its own cache name; the recipes without it keep their cache keys."""
+    pytest.importorskip("torch")
+    from lancet.models.recipes import Recipe, build_case
+
+    assert Recipe().key() == Recipe(quantize="none").key() != Recipe(quantize="qdq").key()
+    built = build_case(Recipe(quantize="qdq"))
+    assert "-qdq-" in built.model.parent.name
+    model = load_model(built.model)
+    assert model.is_quantized and {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.nodes}
+    heldout = np.load(built.heldout)
+    labels = OrtPredictor(model, built.model).predict(heldout["x_test"])
+    assert np.mean(labels == heldout["y_test"]) > 0.9
