@@ -7,6 +7,7 @@ agree with the float model's on the calibration images (at least `min_agreement`
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -36,6 +37,9 @@ def quantize_qdq(source: str | Path, path: str | Path, calibration: np.ndarray, 
 
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer advises its pre-processing on the root logger each call
     try:
         quantize_static(str(source), tmp, Batches(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
@@ -51,6 +55,7 @@ def quantize_qdq(source: str | Path, path: str | Path, calibration: np.ndarray, 
     except Exception as exc:
         raise ConversionError(f"quantizing {source} to {path} failed: {exc}") from exc
     finally:
+        root.setLevel(level)
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
