@@ -70,8 +70,8 @@ ROWS = {
                                    "LeNet-5 quantized for int8 deployment (onnxruntime QDQ, per channel), BadNets, "
                                    "all-to-one; every method judged on its weights rounded to int8"),
     "fashion-lstm-badnets": (dict(FASHION, arch="lstm", attack="badnets"),
-                             "LSTM reading the rows (64 units) + 2 dense layers, BadNets, all-to-one; every method changes "
-                             "the dense layers only (the LSTM's weights are not yet candidates)"),
+                             "LSTM reading the rows (64 units) + 2 dense layers, BadNets, all-to-one; the LSTM's input "
+                             "and recurrent weights are weight-neuron candidates and plain fine-tuning / NC train them too"),
     "fashion-mlp_deep-badnets": (dict(FASHION, arch="mlp_deep", attack="badnets"),
                                  "MLP (784-256-128-64), BadNets, all-to-one"),
 }

@@ -5,6 +5,11 @@ that completes it (the op's own bias input, an `Add` of a parameter right after 
 BatchNormalization right after a convolution). Its *tensor* is the output of that chain (pre-activation).
 A *channel neuron* is (layer tensor, channel), the channel on axis 1 for convolutions and on the last axis
 for dense layers; a *weight neuron* is (initializer, flat index).
+
+A recurrent node (LSTM, GRU, RNN) gives two *recurrent layers*, its input weights W and its recurrent weights
+R (with the biases B beside W): weight neurons only. Its output is not a per-step feature map with channels
+that an edit or a sign flip could act on alone (each step feeds the next), so channel granularity, the EI
+feature taps and the channel-pruning peers leave them out (`find_layers(recurrent=False)`).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import numpy as np
 from .ir import Model, Node
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class Layer:
     batchnorm: str | None  # the following BatchNormalization node, if any
     weight_shape: tuple[int, ...]
     parameters: int      # weight + bias (+ BatchNorm scale and shift) element count
+    recurrent: bool = False  # a recurrent node's W or R (weight neurons only; `name` is '<node>:W' / ':R')
 
     def as_dict(self) -> dict:
         """JSON-ready form."""
@@ -48,11 +55,32 @@ def _weight_channels(node: Node, weight: np.ndarray) -> int:
     return int(weight.shape[-1])
 
 
-def find_layers(model: Model) -> list[Layer]:
-    """All neuron layers of the model, in graph order."""
+def _recurrent_layers(model: Model, node: Node) -> list[Layer]:
+    """A recurrent node's W and R as weight-neuron layers (those of them that are parameters)."""
+    layers = []
+    hidden = int(model.params[node.inputs[2]].shape[-1]) if node.inputs[2] in model.params else 0
+    bias = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] in model.params else None
+    for slot, role in ((1, "W"), (2, "R")):
+        weight = node.inputs[slot]
+        if weight not in model.params:
+            continue
+        shape = tuple(int(d) for d in model.params[weight].shape)
+        layer_bias = bias if role == "W" else None
+        count = model.params[weight].size + (model.params[layer_bias].size if layer_bias else 0)
+        layers.append(Layer(f"{node.name}:{role}", node.name, node.op_type, hidden * shape[0], -1, weight,
+                            layer_bias, None, shape, int(count), recurrent=True))
+    return layers
+
+
+def find_layers(model: Model, recurrent: bool = False) -> list[Layer]:
+    """All neuron layers of the model, in graph order; with `recurrent`, the recurrent nodes' W and R too
+    (weight granularity)."""
     consumers = model.consumers_of()
     layers = []
     for node in model.nodes:
+        if recurrent and node.op_type in RECURRENT_OPS and len(node.inputs) > 2:
+            layers += _recurrent_layers(model, node)
+            continue
         if node.op_type not in LAYER_OPS or len(node.inputs) < 2 or node.inputs[1] not in model.params:
             continue
         weight = model.params[node.inputs[1]]
@@ -82,7 +110,7 @@ def summary(model: Model) -> dict:
     """What `lancet inspect` reports: inputs, outputs, layers, neuron and parameter counts, op coverage."""
     from .ops import REGISTRY
 
-    layers = find_layers(model)
+    layers = find_layers(model, recurrent=True)
     op_counts: dict[str, int] = {}
     for node in model.nodes:
         op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
@@ -99,7 +127,7 @@ def summary(model: Model) -> dict:
                                          else str(model.param_dtypes.get(name, "float32")) for name in model.params)),
         "nodes": len(model.nodes),
         "layers": [layer.as_dict() for layer in layers],
-        "channel_neurons": sum(layer.channels for layer in layers),
+        "channel_neurons": sum(layer.channels for layer in layers if not layer.recurrent),
         "weight_neurons": int(sum(model.params[w].size for w in layer_weights)),
         "parameters": int(sum(v.size for v in model.params.values())),
         "outside_layers": _outside_layers(model, layers),
@@ -109,8 +137,8 @@ def summary(model: Model) -> dict:
 
 
 def _outside_layers(model: Model, layers: list[Layer]) -> dict:
-    """The parameters no neuron layer holds (an LSTM's weights, a ViT's position embedding, LayerNorm
-    scales): no repair and no peer defence changes them. Their element count, and per op type reading them
+    """The parameters no neuron layer holds (a ViT's position embedding, LayerNorm scales, the weights of
+    a Loop-unrolled Keras GRU): no repair and no peer defence changes them. Their element count, and per op type reading them
     the element count it reads."""
     by_name = {node.name: node for node in model.nodes}
     inside = {name for layer in layers for name in (layer.weight, layer.bias) if name}

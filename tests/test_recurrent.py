@@ -260,19 +260,24 @@ def test_loop_on_the_data_is_refused(tmp_path):
 
 def test_lstm_classifier_repair_end_to_end(tmp_path):
     """A backdoored row-reading LSTM (the zoo's 'lstm': nn.LSTM then two dense layers) on MNIST digits,
-    repaired by fine-tuning: gradients and ablations run through the scanned LSTM; the written file keeps its
-    LSTM node and weights (only dense-layer parameters change) and, on held-out data, the attack mostly fails
-    (measured on an AVX-512 EPYC: 99.9 -> 4.5 % ASR, accuracy 89.1 -> 90.2 %)."""
+    repaired by fine-tuning: the LSTM's input and recurrent weights are weight-neuron candidates beside the
+    dense layers (gradients and ablations run through the scan); the written file keeps its node list and,
+    on held-out data, the attack fails (measured on an AVX-512 EPYC: 99.9 -> 0.3 % ASR, accuracy 89.1 ->
+    89.3 %, the set in the LSTM's input weights; with the dense layers only, before recurrent layers were
+    candidates: 4.5 %)."""
     pytest.importorskip("torch")
     from lancet import load_model
     from lancet.evaluate import OrtPredictor
     from lancet.models.recipes import Recipe, build_case
+    from lancet.neurons import summary
     from lancet.repair import repair
 
     built = build_case(Recipe(arch="lstm"))
     out = tmp_path / "lstm-repaired.onnx"
     result = repair(built.model, built.case, out, method="finetune", progress=False)
     assert result.written, result.status
+    assert {layer.name for layer in result.locate_result.scores.layers if layer.recurrent} == \
+        {"/recurrent/LSTM:W", "/recurrent/LSTM:R"}
     heldout = dict(np.load(built.heldout))
 
     def figures(path):
@@ -281,18 +286,48 @@ def test_lstm_classifier_repair_end_to_end(tmp_path):
                 float(np.mean(predictor.predict(heldout["x_error"]) == int(heldout["target"]))))
 
     (acc_before, asr_before), (acc_after, asr_after) = figures(built.model), figures(out)
-    assert asr_before > 0.9 and asr_after < 0.1, (asr_before, asr_after)
+    assert asr_before > 0.9 and asr_after <= 0.025, (asr_before, asr_after)
     assert acc_after >= acc_before - 0.015, (acc_before, acc_after)
     original, written = onnx.load(built.model), onnx.load(out)
-    assert [n.op_type for n in original.graph.node] == [n.op_type for n in written.graph.node]
-    lstm = next(n for n in written.graph.node if n.op_type == "LSTM")
+    assert [(n.op_type, list(n.input)) for n in original.graph.node] == \
+        [(n.op_type, list(n.input)) for n in written.graph.node]
     before = {init.name: numpy_helper.to_array(init) for init in original.graph.initializer}
     changed = {init.name for init in written.graph.initializer
                if not np.array_equal(numpy_helper.to_array(init), before[init.name])}
-    assert changed and not changed & set(lstm.input), changed
-    # `lancet inspect` says so: the LSTM's parameters are outside every neuron layer
-    from lancet.neurons import summary
+    assert changed and changed == {name for name, count in result.changed_parameters.items() if count}
+    # `lancet inspect` lists the LSTM's W and R among the layers: nothing is left outside them
+    info = summary(load_model(built.model))
+    assert [layer["op_type"] for layer in info["layers"]] == ["LSTM", "LSTM", "Gemm", "Gemm"]
+    assert info["outside_layers"] == {"parameters": 0, "read_by": {}}
 
-    recurrent = sum(numpy_helper.to_array(i).size for i in original.graph.initializer if i.name in lstm.input)
-    assert summary(load_model(built.model))["outside_layers"] == {"parameters": recurrent,
-                                                                  "read_by": {"LSTM": recurrent}}
+
+def test_ablation_of_recurrent_weights_matches_a_plain_forward():
+    """The ablation search evaluates a scope from the first node it changes, reusing the prefix; at an LSTM
+    the live input is time-major ([steps, batch, features]), which the prefix cache cannot split by batch:
+    the scope runs whole. Its clean accuracy per k equals a plain forward with those weights zeroed (with
+    the prefix split along the wrong axis it did not, and the repair picked another scope)."""
+    pytest.importorskip("torch")
+    from lancet import load_model
+    from lancet.case import load_case
+    from lancet.locate import build_pairs, score_neurons
+    from lancet.locate.ablation import Ablator
+    from lancet.locate.common import predict_labels
+    from lancet.models.recipes import Recipe, build_case
+    from lancet.neurons import find_layers
+
+    built = build_case(Recipe(arch="lstm"))
+    model = load_model(built.model)
+    forward = Forward(model)
+    case = load_case(built.case, model)
+    pairs = build_pairs(forward, case)
+    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, find_layers(model, recurrent=True))
+    ablator = Ablator(forward, scores, pairs, case.x_clean, case.y_clean)
+    weight = next(layer.weight for layer in scores.layers if layer.name.endswith(":W"))
+    ranks, _ = ablator.ranks(weight)
+    ks = [16, 128]
+    _, accuracy = ablator.evaluate(ranks, ks, weight, parts=("clean",))
+    for k, got in zip(ks, accuracy):
+        params = dict(forward.params)
+        params[weight] = np.where(np.asarray(ranks[weight]) < k, 0.0, np.asarray(params[weight]))
+        expected = np.mean(predict_labels(forward, case.x_clean, params=params) == case.y_clean)
+        assert abs(got - expected) < 1e-9, (k, got, expected)

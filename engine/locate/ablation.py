@@ -135,7 +135,10 @@ class Ablator:
         if key not in self._prefix:
             live = live_tensors(self.forward.model, start)
             size = self.size
-            batched = self._batched(live, size)
+            batched, elsewhere = self._batched(live, size)
+            if elsewhere:  # a time-major recurrent input: the batch is not its leading axis; run whole
+                self._too_big.add(key)
+                return x
             parts: dict[str, list[np.ndarray]] = {name: [] for name in batched}
             shared: dict[str, np.ndarray] = {}
             for begin, stop in chunks(len(x), size):
@@ -157,18 +160,22 @@ class Ablator:
             self._shared[start] = shared
         return self._prefix[key]
 
-    def _batched(self, live: list[str], size: int) -> set[str]:
+    def _batched(self, live: list[str], size: int) -> tuple[set[str], bool]:
         """The live tensors that carry the batch axis: their leading size follows the batch's (a ViT's
-        position table or a shape computation does not, and is passed whole to every batch). Shapes only:
-        `jax.eval_shape` traces the prefix for batches of `size` and 1 without compiling or running it."""
+        position table or a shape computation does not, and is passed whole to every batch); and whether
+        any other live tensor's shape follows the batch on another axis (an LSTM's time-major input), which
+        the cache cannot split. Shapes only: `jax.eval_shape` traces the prefix for batches of `size` and 1
+        without compiling or running it."""
         def shapes(batch: int) -> dict:
             x = jax.ShapeDtypeStruct((batch, *self.x.shape[1:]), self.x.dtype)
             return jax.eval_shape(lambda params, x: self.forward.apply(params, x, taps=tuple(live)),
                                   self.forward.params, x)
 
         wide, narrow = shapes(size), shapes(1 if size > 1 else 2)
-        return {name for name in live if wide[name].ndim and wide[name].shape[0] == size
-                and narrow[name].shape[0] != size}
+        batched = {name for name in live if wide[name].ndim and wide[name].shape[0] == size
+                   and narrow[name].shape[0] != size}
+        elsewhere = any(wide[name].shape != narrow[name].shape for name in live if name not in batched)
+        return batched, elsewhere
 
     @property
     def sequential_k(self) -> bool:
