@@ -2,6 +2,8 @@
 
     python benchmarks/forward.py [--out benchmarks/results/forward.json] [--width 64] [--zoo] [--models NAME ...]
 
+`--models lstm` times the zoo's row-reading LSTM (not in the default set).
+
 Goal (issue 2): the JAX forward no slower than 1.5x onnxruntime. The ratio is the median over `--rounds`
 alternating rounds (each a best-of of both engines over at least 0.2 s, 5-200 calls), printed with its
 spread; each model runs in its own process. The gradients onnxruntime does not have are timed too, as
@@ -26,6 +28,7 @@ from common import best_of, environment, write_json  # noqa: E402
 
 
 ZOO_EXTRA = ("mobilenetv2", "densenet", "vit")
+OTHER = ("lstm",)  # by --models only: the zoo's row-reading LSTM (an ONNX LSTM node, a lax.scan here)
 MIN_SPAN_SECONDS = 0.2  # each best-of covers at least this long (5-200 calls)
 
 
@@ -70,8 +73,8 @@ def measure_one(name: str, width: int, rounds: int) -> dict:
         if name == "resnet18":
             return measure(f"resnet18-w{width}", resnet18(3, 32, 10, width=width).eval(), (3, 32, 32), 64,
                            Path(tmp), rounds)
-        if name == "lenet5":
-            return measure("lenet5", build("lenet5", 1, 28), (1, 28, 28), 256, Path(tmp), rounds)
+        if name in ("lenet5", "lstm"):
+            return measure(name, build(name, 1, 28), (1, 28, 28), 256, Path(tmp), rounds)
         return measure("vgg11-w16" if name == "vgg11" else name, build(name, 3, 32), (3, 32, 32), 64, Path(tmp),
                        rounds)
 
@@ -102,7 +105,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="alternating JAX / onnxruntime timing rounds")
     parser.add_argument("--zoo", action="store_true",
                         help="also the zoo's MobileNetV2-small, DenseNet-small and ViT (3 x 32 x 32, 64 inputs)")
-    parser.add_argument("--models", nargs="+", choices=("resnet18", "lenet5", "vgg11", *ZOO_EXTRA),
+    parser.add_argument("--models", nargs="+", choices=("resnet18", "lenet5", "vgg11", *ZOO_EXTRA, *OTHER),
                         help="only these models (default: ResNet-18, LeNet-5, VGG-11, and the zoo's with --zoo)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one model, its row as JSON on stdout
     args = parser.parse_args()
