@@ -540,7 +540,9 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     accepted = not reasons
 
     tick = time.perf_counter()
-    changed_counts = {name: int(np.sum(np.asarray(value) != np.asarray(model.params[name])))
+    # keyed by the file's initializers (a quantized weight's integer initializer, not its DequantizeLinear)
+    changed_counts = {model.quantized[name].source if name in model.quantized else name:
+                      int(np.sum(np.asarray(value) != np.asarray(model.params[name])))
                       for name, value in changed.items()}
     written = False
     if out is not None:
