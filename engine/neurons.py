@@ -7,7 +7,7 @@ A *channel neuron* is (layer tensor, channel), the channel on axis 1 for convolu
 for dense layers; a *weight neuron* is (initializer, flat index).
 
 A recurrent node (LSTM, GRU, RNN) gives two *recurrent layers*, its input weights W and its recurrent weights
-R (with the biases B beside W): weight neurons only. Its output is not a per-step feature map with channels
+R (with the biases B beside W), and a Loop one per weight matrix its body reads: weight neurons only. Its output is not a per-step feature map with channels
 that an edit or a sign flip could act on alone (each step feeds the next), so channel granularity, the EI
 feature taps and the channel-pruning peers leave them out (`find_layers(recurrent=False)`).
 """
@@ -72,14 +72,31 @@ def _recurrent_layers(model: Model, node: Node) -> list[Layer]:
     return layers
 
 
+def _loop_layers(model: Model, node: Node) -> list[Layer]:
+    """The weight matrices a Loop's body reads (tf2onnx passes a Keras GRU's kernel, recurrent kernel and
+    bias into its Loop): each a weight-neuron layer."""
+    layers = []
+    for name in dict.fromkeys(node.inputs):
+        value = model.params.get(name)
+        if value is None or value.ndim < 2:
+            continue
+        shape = tuple(int(d) for d in value.shape)
+        layers.append(Layer(f"{node.name}:{name}", node.name, node.op_type, shape[-1], -1, name, None, None,
+                            shape, int(value.size), recurrent=True))
+    return layers
+
+
 def find_layers(model: Model, recurrent: bool = False) -> list[Layer]:
-    """All neuron layers of the model, in graph order; with `recurrent`, the recurrent nodes' W and R too
-    (weight granularity)."""
+    """All neuron layers of the model, in graph order; with `recurrent`, the recurrent nodes' W and R and
+    the weight matrices a Loop reads too (weight granularity)."""
     consumers = model.consumers_of()
     layers = []
     for node in model.nodes:
         if recurrent and node.op_type in RECURRENT_OPS and len(node.inputs) > 2:
             layers += _recurrent_layers(model, node)
+            continue
+        if recurrent and node.op_type == "Loop":
+            layers += _loop_layers(model, node)
             continue
         if node.op_type not in LAYER_OPS or len(node.inputs) < 2 or node.inputs[1] not in model.params:
             continue
@@ -137,8 +154,8 @@ def summary(model: Model) -> dict:
 
 
 def _outside_layers(model: Model, layers: list[Layer]) -> dict:
-    """The parameters no neuron layer holds (a ViT's position embedding, LayerNorm scales, the weights of
-    a Loop-unrolled Keras GRU): no repair and no peer defence changes them. Their element count, and per op type reading them
+    """The parameters no neuron layer holds (a ViT's position embedding, LayerNorm scales, a Loop's 1-D
+    biases): no repair and no peer defence changes them. Their element count, and per op type reading them
     the element count it reads."""
     by_name = {node.name: node for node in model.nodes}
     inside = {name for layer in layers for name in (layer.weight, layer.bias) if name}

@@ -331,3 +331,51 @@ def test_ablation_of_recurrent_weights_matches_a_plain_forward():
         params[weight] = np.where(np.asarray(ranks[weight]) < k, 0.0, np.asarray(params[weight]))
         expected = np.mean(predict_labels(forward, case.x_clean, params=params) == case.y_clean)
         assert abs(got - expected) < 1e-9, (k, got, expected)
+
+
+@pytest.mark.tf
+def test_keras_gru_loop_weights_are_scored_and_ablated_through_the_loop(export_dir, digits):
+    """A Keras GRU exported as a Loop: the kernel and recurrent kernel it reads are weight-neuron layers,
+    their scores come from gradients through the unrolled Loop, and ablating a Loop scope's top weights
+    (a time-major input again, so the scope runs whole) equals a plain forward with them zeroed."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    import keras
+
+    from lancet.case import validate_case
+    from lancet.converters.keras_export import export_keras
+    from lancet.locate import build_pairs, score_neurons
+    from lancet.locate.ablation import Ablator
+    from lancet.locate.common import predict_labels
+    from lancet.neurons import find_layers
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    net = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GRU(12)(keras.layers.Reshape((28, 28))(inputs))))
+    x = np.transpose(digits[0][:200], (0, 2, 3, 1))
+    model = model_from_proto(onnx.load(export_keras(net, x[:2], export_dir / "keras-gru-scores.onnx")))
+    forward = Forward(model)
+    loop_layers = [layer for layer in find_layers(model, recurrent=True) if layer.op_type == "Loop"]
+    assert sorted(layer.weight_shape for layer in loop_layers) == [(2, 36), (12, 36), (28, 36)]
+    # an untrained net's mistakes as "errors", each paired with an input it labels as the error's right label
+    labels = predict_labels(forward, x)
+    error, companion = [], []
+    for i in range(len(x)):
+        j = next((j for j in range(len(x)) if labels[j] != labels[i]), None)
+        if j is not None and len(error) < 24:
+            error.append(i)
+            companion.append(j)
+    case = validate_case({"x_clean": x[100:], "y_clean": labels[100:], "x_error": x[error],
+                          "y_error": labels[companion], "x_companion": x[companion]}, model)
+    pairs = build_pairs(forward, case)
+    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, find_layers(model, recurrent=True))
+    kernel = next(layer.weight for layer in loop_layers if layer.weight_shape == (28, 36))
+    assert np.isfinite(scores.scores[kernel]).any()
+    ablator = Ablator(forward, scores, pairs, case.x_clean, case.y_clean)
+    ranks, _ = ablator.ranks(kernel)
+    _, accuracy = ablator.evaluate(ranks, [8, 64], kernel, parts=("clean",))
+    for k, got in zip([8, 64], accuracy):
+        params = dict(forward.params)
+        params[kernel] = np.where(np.asarray(ranks[kernel]) < k, 0.0, np.asarray(params[kernel]))
+        expected = np.mean(predict_labels(forward, case.x_clean, params=params) == case.y_clean)
+        assert abs(got - expected) < 1e-9, (k, got, expected)
