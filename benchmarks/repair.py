@@ -66,6 +66,9 @@ ROWS = {
                                  defender_clean=60, defender_error=40, test_size=490, epochs=40),
                             "MLP (64-128-64) on scikit-learn's 8x8 digits, BadNets 2x2 corner patch, all-to-one"),
     "fashion-mlp-blended": (dict(FASHION, arch="mlp", attack="blended"), "MLP (784-128-64), Blended, all-to-one"),
+    "fashion-keras_gru-badnets": (dict(FASHION, arch="keras_gru", attack="badnets"),
+                                  "Keras GRU reading the rows (64 units, a Loop after tf2onnx) + 2 dense layers, "
+                                  "BadNets, all-to-one"),
     "fashion-lenet5-badnets-qdq": (dict(FASHION, arch="lenet5", attack="badnets", quantize="qdq"),
                                    "LeNet-5 quantized for int8 deployment (onnxruntime QDQ, per channel), BadNets, "
                                    "all-to-one; every method judged on its weights rounded to int8"),

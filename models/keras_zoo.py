@@ -36,4 +36,18 @@ def keras_separable(image_size: int = 28, in_channels: int = 1, num_classes: int
     return keras.Model(inputs, outputs, name="keras_separable")
 
 
-KERAS_ARCHITECTURES = {"keras_cnn_bn": keras_cnn_bn, "keras_separable": keras_separable}
+def keras_gru(image_size: int = 28, in_channels: int = 1, num_classes: int = 10, seed: int = 0):
+    """A Keras GRU reading the image row by row (channels side by side), then a ReLU dense layer: tf2onnx
+    writes the GRU as a Loop over the rows."""
+    import keras  # noqa: PLC0415
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((image_size, image_size, in_channels))
+    x = keras.layers.Reshape((image_size, image_size * in_channels))(inputs)
+    x = keras.layers.GRU(64)(x)
+    x = keras.layers.Dense(64, activation="relu")(x)
+    outputs = keras.layers.Dense(num_classes)(x)
+    return keras.Model(inputs, outputs, name="keras_gru")
+
+
+KERAS_ARCHITECTURES = {"keras_cnn_bn": keras_cnn_bn, "keras_separable": keras_separable, "keras_gru": keras_gru}

@@ -12,7 +12,7 @@ from .conftest import max_diff
 pytestmark = pytest.mark.tf
 
 
-@pytest.mark.parametrize("name", ["keras_cnn_bn", "keras_separable"])
+@pytest.mark.parametrize("name", ["keras_cnn_bn", "keras_separable", "keras_gru"])
 def test_keras_export_matches(name, export_dir, digits):
     pytest.importorskip("tensorflow")
     pytest.importorskip("tf2onnx")
