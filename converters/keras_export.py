@@ -5,14 +5,12 @@ keras_tensor); converting a `tf.function` wrapping the model with `from_function
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from . import ConversionError
+from . import written_atomically
 from .check import check_export
 
 
@@ -25,20 +23,10 @@ def export_keras(model, example: np.ndarray, path: str | Path, *, opset: int = 1
     example = np.ascontiguousarray(example, dtype=np.float32)
     spec = [tf.TensorSpec((None, *example.shape[1:]), tf.float32, name="input")]
     function = tf.function(lambda x: model(x, training=False))
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
+    with written_atomically(path, f"tf2onnx export of Keras model {model.name!r} to {path}") as tmp:
         expected = np.asarray(model(example, training=False))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tf2onnx.convert.from_function(function, input_signature=spec, opset=opset, output_path=tmp)
-        check_export(Path(tmp), example, expected, atol, "Keras")
-        os.replace(tmp, path)
-    except ConversionError:
-        raise
-    except Exception as exc:
-        raise ConversionError(f"tf2onnx export of Keras model {model.name!r} to {path} failed: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            tf2onnx.convert.from_function(function, input_signature=spec, opset=opset, output_path=str(tmp))
+        check_export(tmp, example, expected, atol, "Keras")
     return path

@@ -8,15 +8,13 @@ agree with the float model's on the calibration images (at least `min_agreement`
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from lancet.runtime import ort_session
 
-from . import ConversionError
+from . import ConversionError, written_atomically
 
 
 def quantize_qdq(source: str | Path, path: str | Path, calibration: np.ndarray, *, per_channel: bool = True,
@@ -35,27 +33,19 @@ def quantize_qdq(source: str | Path, path: str | Path, calibration: np.ndarray, 
         def get_next(self):
             return next(self.items, None)
 
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer advises its pre-processing on the root logger each call
     try:
-        quantize_static(str(source), tmp, Batches(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        float_labels = ort_session(source).run(None, {input_name: calibration})[0].argmax(1)
-        quantized_labels = ort_session(Path(tmp)).run(None, {input_name: calibration})[0].argmax(1)
-        agreement = float(np.mean(float_labels == quantized_labels))
-        if agreement < min_agreement:
-            raise ConversionError(f"quantized {source} agrees with the float model on {agreement:.1%} of the "
-                                  f"calibration images (< {min_agreement:.0%})")
-        os.replace(tmp, path)
-    except ConversionError:
-        raise
-    except Exception as exc:
-        raise ConversionError(f"quantizing {source} to {path} failed: {exc}") from exc
+        with written_atomically(path, f"quantizing {source} to {path}") as tmp:
+            quantize_static(str(source), str(tmp), Batches(), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            float_labels = ort_session(source).run(None, {input_name: calibration})[0].argmax(1)
+            quantized_labels = ort_session(tmp).run(None, {input_name: calibration})[0].argmax(1)
+            agreement = float(np.mean(float_labels == quantized_labels))
+            if agreement < min_agreement:
+                raise ConversionError(f"quantized {source} agrees with the float model on {agreement:.1%} of "
+                                      f"the calibration images (< {min_agreement:.0%})")
     finally:
         root.setLevel(level)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -1,15 +1,13 @@
 """PyTorch -> ONNX with a dynamic batch axis, checked against PyTorch's own output."""
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import ConversionError
+from . import written_atomically
 from .check import check_export
 
 
@@ -23,25 +21,15 @@ def export_torch(model: torch.nn.Module, example: np.ndarray, path: str | Path, 
     path = Path(path)
     model = model.eval()
     x = torch.from_numpy(np.ascontiguousarray(example, dtype=np.float32))
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
+    with written_atomically(path, f"torch.onnx.export of {type(model).__name__} to {path}") as tmp:
         with torch.no_grad():
             expected = model(x).numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (x,), tmp, dynamo=False, opset_version=opset, input_names=["input"],
+                model, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["input"],
                 output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                 do_constant_folding=not keep_batchnorm,
                 training=torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL)
-        check_export(Path(tmp), x.numpy(), expected, atol, "PyTorch")
-        os.replace(tmp, path)
-    except ConversionError:
-        raise
-    except Exception as exc:
-        raise ConversionError(f"torch.onnx.export of {type(model).__name__} to {path} failed: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        check_export(tmp, x.numpy(), expected, atol, "PyTorch")
     return path
