@@ -55,6 +55,9 @@ def test_quantized_model_repaired_in_its_integers(quantized_lenet, backdoor_case
     result = repair(quantized_lenet, backdoor_case.case, out, method=method, progress=False)
     assert result.written, result.reasons
     assert result.details["parity_max_abs_diff"] <= 1e-4
+    model = load_model(quantized_lenet)
+    if method == "flip":  # weight neurons name the integer initializer that stores them
+        assert all(ein["stored_in"] == model.quantized[ein["initializer"]].source for ein in result.eins)
     heldout = dict(np.load(backdoor_case.heldout))
 
     def figures(path):

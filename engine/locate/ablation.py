@@ -438,13 +438,16 @@ class Ablator:
     def eins(self, ranks: dict, k: int) -> list[dict]:
         """The top-k neurons of a rank assignment, best first."""
         key = "initializer" if self.granularity == "weight" else "layer"
+        quantized = self.forward.model.quantized
         found = []
         for unit, rank in ranks.items():
             rank = np.asarray(rank)
+            # a quantized weight is held under its DequantizeLinear's output; the file stores it in `source`
+            stored = {"stored_in": quantized[unit].source} if unit in quantized else {}
             for index in np.flatnonzero(rank.reshape(-1) < k):
                 position = [int(i) for i in np.unravel_index(index, rank.shape)]
                 found.append((int(rank.reshape(-1)[index]),
-                              {key: unit, "index": int(index), "position": position,
+                              {key: unit, **stored, "index": int(index), "position": position,
                                "score": float(self.scores.scores[unit].reshape(-1)[index])}))
         return [entry for _, entry in sorted(found, key=lambda item: item[0])]
 
