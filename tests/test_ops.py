@@ -453,6 +453,22 @@ def test_grid_sample_matches_onnxruntime(mode, padding, align):
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads) and np.abs(np.asarray(grads[0])).max() > 0
 
 
+ANTIALIAS_CASES = [(mode, exclude, coordinates, size) for mode in ("linear", "cubic") for exclude in (0, 1)
+                   for coordinates in ("half_pixel", "align_corners", "asymmetric") for size in ((9, 10), (20, 13))]
+
+
+@pytest.mark.parametrize("mode, exclude_outside, coordinates, size", ANTIALIAS_CASES,
+                         ids=[f"{m}-x{e}-{c}-{s[0]}x{s[1]}" for m, e, c, s in ANTIALIAS_CASES])
+def test_antialiased_resize_matches_onnxruntime(mode, exclude_outside, coordinates, size):
+    """Opset 18's antialias (what PyTorch's interpolate(antialias=True) exports) down and up, both edge
+    rules, every coordinate mode."""
+    consts = {"sizes": np.array([2, 3, *size], np.int64)}
+    node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode=mode, antialias=1,
+                            exclude_outside=exclude_outside, coordinate_transformation_mode=coordinates,
+                            cubic_coeff_a=-0.5)
+    compare(make([node], [("x", (2, 3, 17, 23))], 18, initializers=list(consts.items())), {"x": rand(2, 3, 17, 23)})
+
+
 @pytest.mark.parametrize("op, opset", [("Resize", 10), ("Upsample", 9)])
 def test_old_resize_forms_match_onnxruntime(op, opset):
     for mode in ("nearest", "linear"):

@@ -91,7 +91,19 @@ MODULES = {  # modules whose export writes ops beyond the zoo's (Mish, Celu, Dep
     "upsample-nearest": lambda nn: nn.Upsample(scale_factor=2),  # Resize
     "upsample-bilinear": lambda nn: nn.Upsample(scale_factor=1.5, mode="bilinear"),
     "upsample-bicubic": lambda nn: nn.Upsample(size=(11, 21), mode="bicubic"),  # Resize cubic, a = -0.75
+    "downsample-antialiased": lambda nn: _Antialiased(nn),  # Resize antialias=1, opset 18+
 }
+
+
+def _Antialiased(nn):
+    import torch.nn.functional as functional
+
+    class Antialiased(nn.Module):
+        def forward(self, x):
+            return functional.interpolate(x, size=(7, 9), mode="bilinear", antialias=True) + \
+                functional.interpolate(x, size=(7, 9), mode="bicubic", antialias=True)
+
+    return Antialiased()
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

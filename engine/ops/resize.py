@@ -5,7 +5,9 @@ Every output coordinate's source position is computed once from static shapes (n
 gathered along each resized axis (nearest) or blended from its two (linear) or four (cubic) neighbours,
 which JAX differentiates. Cubic uses `cubic_coeff_a` (PyTorch writes -0.75, TensorFlow -0.5); neighbours
 past the edge repeat the edge pixel, or with `exclude_outside` drop out and the rest are renormalised.
-Antialiasing and `keep_aspect_ratio_policy` other than 'stretch' are refused with the node's name.
+With `antialias` (opset 18; PyTorch's interpolate(antialias=True)) linear and cubic apply a per-axis
+weight matrix whose filter is stretched when downscaling (`_antialias_matrix`).
+`keep_aspect_ratio_policy` other than 'stretch' is refused with the node's name.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ def _unsupported(ctx: OpContext, what: str):
     from ..errors import BadInputError
 
     return BadInputError(f"node {ctx.node_name!r} (Resize): {what} is not supported (nearest, linear and cubic "
-                         "without antialias are)")
+                         "are)")
 
 
 def _source_positions(out_len: int, in_len: int, scale: float, mode: str) -> np.ndarray:
@@ -69,11 +71,43 @@ def _cubic_weights(position: np.ndarray, in_len: int, a: float, exclude_outside:
     return np.clip(index, 0, in_len - 1), weights
 
 
+def _antialias_matrix(position: np.ndarray, in_len: int, scale: float, mode: str, a: float,
+                      exclude_outside: bool) -> np.ndarray:
+    """[out, in] weights of an antialiased linear or cubic resize: the filter stretched by 1 / scale when
+    downscaling (more input pixels per output), taps within the stretched support around each output's
+    source position, beyond the edge dropped (`exclude_outside`) or counted on the edge pixel, each row
+    normalised. onnxruntime's (PIL's) scheme, matched on both edge rules and every coordinate mode."""
+    shrink = min(1.0, float(scale))
+    support = (1.0 if mode == "linear" else 2.0) / shrink
+    center = position.astype(np.float64) + 0.5
+    low = np.floor(center - support + 0.5).astype(np.int64)
+    width = int(np.max(np.floor(center + support + 0.5).astype(np.int64) - low))
+    taps = low[:, None] + np.arange(width)                                  # [out, width]
+    inside_support = taps < np.floor(center + support + 0.5)[:, None]
+    distance = np.abs(taps + 0.5 - center[:, None]) * shrink
+    if mode == "linear":
+        weights = np.maximum(0.0, 1.0 - distance)
+    else:
+        near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
+        far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
+        weights = np.where(distance <= 1, near, np.where(distance < 2, far, 0.0))
+    weights = np.where(inside_support, weights, 0.0)
+    if exclude_outside:
+        weights = np.where((taps >= 0) & (taps < in_len), weights, 0.0)
+    matrix = np.zeros((len(position), in_len))
+    rows = np.broadcast_to(np.arange(len(position))[:, None], taps.shape)
+    np.add.at(matrix, (rows, np.clip(taps, 0, in_len - 1)), weights)
+    return (matrix / matrix.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def _resize_axis(x, axis: int, out_len: int, scale: float, mode: str, coordinates: str, rule: str,
-                 cubic: tuple[float, bool] = (-0.75, False)):
+                 cubic: tuple[float, bool] = (-0.75, False), antialias: bool = False):
     in_len = np.shape(x)[axis]
     m = xp(x)
     position = _source_positions(out_len, in_len, scale, coordinates)
+    if antialias and mode in ("linear", "cubic"):
+        matrix = _antialias_matrix(position, in_len, scale, mode, cubic[0], cubic[1])
+        return m.moveaxis(m.tensordot(x, matrix, axes=([axis], [1])), -1, axis)
     if mode == "cubic":
         index, weights = _cubic_weights(position, in_len, *cubic)
         shape = [-1 if a == axis else 1 for a in range(np.ndim(x))]
@@ -89,14 +123,14 @@ def _resize_axis(x, axis: int, out_len: int, scale: float, mode: str, coordinate
 
 
 def resize(x, scales: list[float], sizes: list[int], mode: str, coordinates: str, rule: str, ctx: OpContext,
-           cubic: tuple[float, bool] = (-0.75, False)):
+           cubic: tuple[float, bool] = (-0.75, False), antialias: bool = False):
     """`x` resized to `sizes` (with `scales` as the coordinate scale per axis); `cubic`: the cubic mode's
-    (coefficient a, exclude_outside)."""
+    (coefficient a, exclude_outside), which the antialiased linear mode's edge rule follows too."""
     if mode not in MODES:
         raise _unsupported(ctx, f"mode {mode!r}")
     for axis, (out_len, scale) in enumerate(zip(sizes, scales)):
         if out_len != np.shape(x)[axis] or scale != 1.0:
-            x = _resize_axis(x, axis, out_len, scale, mode, coordinates, rule, cubic)
+            x = _resize_axis(x, axis, out_len, scale, mode, coordinates, rule, cubic, antialias)
     return x
 
 
@@ -109,8 +143,6 @@ def resize_op(inputs, attrs, ctx):
         scales = [float(s) for s in static_array(inputs[1], "scales", ctx).reshape(-1)]
         sizes = [int(np.floor(n * s)) for n, s in zip(np.shape(x), scales)]
         return resize(x, scales, sizes, mode, "asymmetric", "floor", ctx)
-    if attrs.get("antialias", 0):
-        raise _unsupported(ctx, "antialias")
     if attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise _unsupported(ctx, f"keep_aspect_ratio_policy {attrs['keep_aspect_ratio_policy']!r}")
     axes = [a % rank for a in attrs.get("axes", range(rank))]
@@ -128,7 +160,8 @@ def resize_op(inputs, attrs, ctx):
     if coordinates == "tf_crop_and_resize":
         raise _unsupported(ctx, "coordinate_transformation_mode 'tf_crop_and_resize'")
     return resize(x, scales, sizes, mode, coordinates, attrs.get("nearest_mode", "round_prefer_floor"), ctx,
-                  (float(attrs.get("cubic_coeff_a", -0.75)), bool(attrs.get("exclude_outside", 0))))
+                  (float(attrs.get("cubic_coeff_a", -0.75)), bool(attrs.get("exclude_outside", 0))),
+                  antialias=bool(attrs.get("antialias", 0)))
 
 
 @register("Upsample", static_inputs=(1,))
