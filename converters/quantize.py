@@ -24,7 +24,8 @@ def quantize_qdq(source: str | Path, path: str | Path, calibration: np.ndarray, 
 
     source, path = Path(source), Path(path)
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
-    input_name = ort_session(source).get_inputs()[0].name
+    float_session = ort_session(source)
+    input_name = float_session.get_inputs()[0].name
 
     class Batches(CalibrationDataReader):
         def __init__(self):
@@ -40,7 +41,7 @@ def quantize_qdq(source: str | Path, path: str | Path, calibration: np.ndarray, 
         with written_atomically(path, f"quantizing {source} to {path}") as tmp:
             quantize_static(str(source), str(tmp), Batches(), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            float_labels = ort_session(source).run(None, {input_name: calibration})[0].argmax(1)
+            float_labels = float_session.run(None, {input_name: calibration})[0].argmax(1)
             quantized_labels = ort_session(tmp).run(None, {input_name: calibration})[0].argmax(1)
             agreement = float(np.mean(float_labels == quantized_labels))
             if agreement < min_agreement:

@@ -7,6 +7,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .quantization import dequantize_values, quantize_values
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -41,27 +43,13 @@ class QuantizedParam:
     axis: int
     dtype: np.dtype
 
-    def _broadcast(self, value: np.ndarray, ndim: int) -> np.ndarray:
-        if value.ndim == 0 or value.size == 1:
-            return value.reshape(())
-        shape = [1] * ndim
-        shape[self.axis % ndim] = value.size
-        return value.reshape(shape)
-
     def quantize(self, value: np.ndarray) -> np.ndarray:
         """Float values as the file's integers: rounded half to even, saturated to the integer type."""
-        value = np.asarray(value, np.float32)
-        scale = self._broadcast(self.scale.astype(np.float32), value.ndim)
-        zero = self._broadcast(self.zero_point.astype(np.float64), value.ndim)
-        info = np.iinfo(self.dtype)
-        return np.clip(np.round(value / scale) + zero, info.min, info.max).astype(self.dtype)
+        return quantize_values(value, self.scale, self.zero_point, self.axis, self.dtype)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """The file's integers as the float values the graph computes with."""
-        q = np.asarray(q)
-        scale = self._broadcast(self.scale.astype(np.float32), q.ndim)
-        zero = self._broadcast(self.zero_point.astype(np.float32), q.ndim)
-        return ((q.astype(np.float32) - zero) * scale).astype(np.float32)
+        return dequantize_values(q, self.scale, self.zero_point, self.axis)
 
 
 @dataclass

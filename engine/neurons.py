@@ -6,10 +6,11 @@ BatchNormalization right after a convolution). Its *tensor* is the output of tha
 A *channel neuron* is (layer tensor, channel), the channel on axis 1 for convolutions and on the last axis
 for dense layers; a *weight neuron* is (initializer, flat index).
 
-A recurrent node (LSTM, GRU, RNN) gives two *recurrent layers*, its input weights W and its recurrent weights
-R (with the biases B beside W), and a Loop one per weight matrix its body reads: weight neurons only. Its output is not a per-step feature map with channels
-that an edit or a sign flip could act on alone (each step feeds the next), so channel granularity, the EI
-feature taps and the channel-pruning peers leave them out (`find_layers(recurrent=False)`).
+A recurrent node (LSTM, GRU, RNN) gives two *recurrent layers*, its input weights W and its recurrent
+weights R (with the biases B beside W), and a Loop one per weight matrix its body reads: weight neurons
+only. Their output is not a per-step feature map with channels that an edit or a sign flip could act on
+alone (each step feeds the next), so channel granularity, the EI feature taps and the channel-pruning peers
+leave them out (`find_layers(recurrent=False)`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class Layer:
     batchnorm: str | None  # the following BatchNormalization node, if any
     weight_shape: tuple[int, ...]
     parameters: int      # weight + bias (+ BatchNorm scale and shift) element count
-    recurrent: bool = False  # a recurrent node's W or R (weight neurons only; `name` is '<node>:W' / ':R')
+    recurrent: bool = False  # a recurrent node's W or R, or a Loop's weight ('<node>:W', ':R', ':<weight>')
 
     def as_dict(self) -> dict:
         """JSON-ready form."""

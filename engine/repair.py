@@ -452,7 +452,8 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
 
     def checked(changed: dict) -> tuple[dict, dict]:
         """(the changed values as the file will store them, the full repaired parameters): a float16
-        parameter is judged as rounded to float16, what the written file computes with."""
+        parameter is judged as rounded to float16, a quantized one as rounded to its integer steps, what the
+        written file computes with (`Model.stored`)."""
         changed = model.stored(changed)
         for name, value in changed.items():
             if not np.all(np.isfinite(value)):

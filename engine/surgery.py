@@ -101,9 +101,9 @@ def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np
     except Exception as exc:
         raise RepairRejectedError(f"the repaired model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     try:
-        deployed = OrtPredictor(model, repaired.SerializeToString()).logits(x_check)
-        got = (OrtPredictor(model, repaired.SerializeToString(), optimize=False).logits(x_check)
-               if model.is_quantized else deployed)
+        data = repaired.SerializeToString()
+        deployed = OrtPredictor(model, data).logits(x_check)
+        got = OrtPredictor(model, data, optimize=False).logits(x_check) if model.is_quantized else deployed
     except Exception as exc:
         raise RepairRejectedError(f"onnxruntime cannot run the repaired model: {exc}") from exc
     if not (np.all(np.isfinite(got)) and np.all(np.isfinite(deployed))):

@@ -102,7 +102,9 @@ class Ablator:
         self._counts: dict[int, object] = {}
         self._shared: dict[int, dict[str, np.ndarray]] = {}
         self._prefix: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-        self._too_big: set[tuple[int, str]] = set()  # prefixes whose activations exceed the cache
+        # (start, part) keys run from the raw inputs: activations beyond the cache, or a live tensor whose
+        # batch is not its leading axis (an LSTM's time-major input)
+        self._run_whole: set[tuple[int, str]] = set()
 
     def _start(self, scope: str, ranks: dict | None = None, k_max: int = 0) -> int:
         """First node a scope's candidates can change: everything before it is the same for every candidate.
@@ -130,14 +132,14 @@ class Ablator:
         at `start`."""
         x = self.x[self.parts[part]]
         key = (start, part)
-        if start == 0 or key in self._too_big:
+        if start == 0 or key in self._run_whole:
             return x
         if key not in self._prefix:
             live = live_tensors(self.forward.model, start)
             size = self.size
             batched, elsewhere = self._batched(live, size)
-            if elsewhere:  # a time-major recurrent input: the batch is not its leading axis; run whole
-                self._too_big.add(key)
+            if elsewhere:
+                self._run_whole.add(key)
                 return x
             parts: dict[str, list[np.ndarray]] = {name: [] for name in batched}
             shared: dict[str, np.ndarray] = {}
@@ -151,7 +153,7 @@ class Ablator:
             cached = {name: np.concatenate(values) for name, values in parts.items()}
             nbytes = sum(v.nbytes for v in cached.values())
             if nbytes > PREFIX_CACHE_BYTES:
-                self._too_big.add(key)
+                self._run_whole.add(key)
                 return x
             while self._prefix and nbytes + sum(v.nbytes for c in self._prefix.values() for v in c.values()) \
                     > PREFIX_CACHE_BYTES:  # the cache holds at most PREFIX_CACHE_BYTES in all: oldest out

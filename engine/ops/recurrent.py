@@ -3,9 +3,10 @@
 The input projection X·Wᵀ (+ both biases) of every time step is one matmul before the scan; only the
 recurrent product H·Rᵀ runs inside it. Not unrolled: unrolling the zoo's 28-step LSTM took its forward
 from 3.4x to 1.9x onnxruntime's time but a repair from 10.5 to 36.2 s (compiling the search's and
-fine-tuning's programs; benchmarks/results/forward-lstm.json has the scan's figures). Gate order and equations are the ONNX spec's (LSTM: i, o, f, c
-with optional peepholes P and coupled input/forget; GRU: z, r, h with `linear_before_reset`, as PyTorch
-exports it). `sequence_lens`, when given, masks the steps past each sequence's end: the state stays as it
+fine-tuning's programs; benchmarks/results/forward-lstm.json has the scan's figures).
+
+Gate order and equations are the ONNX spec's (LSTM: i, o, f, c with optional peepholes P and coupled
+input/forget; GRU: z, r, h with `linear_before_reset`, as PyTorch exports it). `sequence_lens`, when given, masks the steps past each sequence's end: the state stays as it
 was (so a reverse pass starts at the sequence's last element) and Y is zero there, as onnxruntime does.
 `layout` 1 (batch first) is transposed in and out. `clip` bounds the gates' pre-activations.
 """

@@ -55,15 +55,20 @@ def _nearest(position: np.ndarray, rule: str) -> np.ndarray:
     raise ValueError(f"nearest_mode {rule!r}")
 
 
+def _cubic_kernel(distance: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel with coefficient `a` at |distance| (0 from 2 on)."""
+    a = distance.dtype.type(a)
+    near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
+    far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
+    return np.where(distance <= 1, near, np.where(distance < 2, far, 0)).astype(distance.dtype)
+
+
 def _cubic_weights(position: np.ndarray, in_len: int, a: float, exclude_outside: bool) -> tuple[np.ndarray, np.ndarray]:
     """The four source indices (edge-clamped) and weights of each output coordinate, [out, 4] each."""
     base = np.floor(position)
     offsets = np.arange(-1, 3, dtype=np.float32)
     distance = np.abs(position[:, None] - (base[:, None] + offsets)).astype(np.float32)
-    a = np.float32(a)
-    near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
-    far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
-    weights = np.where(distance <= 1, near, np.where(distance < 2, far, 0)).astype(np.float32)
+    weights = _cubic_kernel(distance, a)
     index = base[:, None].astype(np.int64) + np.arange(-1, 3)
     if exclude_outside:
         weights = np.where((index >= 0) & (index < in_len), weights, 0)
@@ -85,12 +90,7 @@ def _antialias_matrix(position: np.ndarray, in_len: int, scale: float, mode: str
     taps = low[:, None] + np.arange(width)                                  # [out, width]
     inside_support = taps < np.floor(center + support + 0.5)[:, None]
     distance = np.abs(taps + 0.5 - center[:, None]) * shrink
-    if mode == "linear":
-        weights = np.maximum(0.0, 1.0 - distance)
-    else:
-        near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
-        far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
-        weights = np.where(distance <= 1, near, np.where(distance < 2, far, 0.0))
+    weights = np.maximum(0.0, 1.0 - distance) if mode == "linear" else _cubic_kernel(distance, a)
     weights = np.where(inside_support, weights, 0.0)
     if exclude_outside:
         weights = np.where((taps >= 0) & (taps < in_len), weights, 0.0)
@@ -205,7 +205,8 @@ def grid_sample(inputs, attrs, ctx):
         from ..errors import BadInputError
 
         raise BadInputError(f"node {ctx.node_name!r} (GridSample): mode {mode!r}, padding {padding!r} on a "
-                            f"{x.ndim}-D input is not supported (bilinear and nearest, zeros/border/reflection, 4-D are)")
+                            f"{x.ndim}-D input is not supported (bilinear and nearest, zeros/border/reflection, "
+                            "4-D are)")
     align = bool(attrs.get("align_corners", 0))
     n, _, height, width = x.shape
     px = _grid_coordinate(grid[..., 0], width, align, padding)
