@@ -1,14 +1,23 @@
-"""Float ONNX model -> QDQ-quantized ONNX model, as a deployment pipeline quantizes for int8 CPUs.
+"""Float ONNX model -> int8-quantized ONNX model, as a deployment pipeline quantizes for CPUs.
 
-onnxruntime's static quantizer in its recommended QDQ format: int8 weights (per output channel or per
-tensor) and int32 biases behind DequantizeLinear, uint8 activations through QuantizeLinear/DequantizeLinear,
-activation ranges calibrated on the given images. Checked before it is written: the quantized model's labels
-agree with the float model's on the calibration images (at least `min_agreement`).
+Two of onnxruntime's quantizers:
+
+* `quantize_qdq`: static quantization in its recommended QDQ format: int8 weights (per output channel or
+  per tensor) and int32 biases behind DequantizeLinear, uint8 activations through QuantizeLinear/
+  DequantizeLinear, activation ranges calibrated on the given images;
+* `quantize_dynamic_int8`: dynamic quantization: int8 weights read by ConvInteger and MatMulInteger
+  (Gemm layers become MatMulInteger), each activation quantized to uint8 over its own range at run time
+  (DynamicQuantizeLinear), float biases; no calibration.
+
+Checked before it is written: the quantized model's labels agree with the float model's on the given
+images (at least `min_agreement`).
 """
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -17,36 +26,74 @@ from lancet.runtime import ort_session
 from . import ConversionError, written_atomically
 
 
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """The quantizers advise their pre-processing on the root logger each call: keep that off."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _labels(session, input_name: str, images: np.ndarray, one_at_a_time: bool) -> np.ndarray:
+    if one_at_a_time:  # a dynamically quantized model's ranges span its batch: as deployed per request
+        return np.concatenate([session.run(None, {input_name: images[i:i + 1]})[0] for i in range(len(images))]
+                              ).argmax(1)
+    return session.run(None, {input_name: images})[0].argmax(1)
+
+
+def _quantized_checked(source: Path, path: Path, images: np.ndarray, min_agreement: float, what: str,
+                       quantize: Callable[[Path, Path, str], None], one_at_a_time: bool = False) -> Path:
+    """Run `quantize(source, tmp, input name)` into a temporary file, check its labels against the float
+    model's on `images`, and rename it onto `path`."""
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    float_session = ort_session(source)
+    input_name = float_session.get_inputs()[0].name
+    with _quiet_root_logger(), written_atomically(path, f"quantizing {source} to {path} ({what})") as tmp:
+        quantize(source, tmp, input_name)
+        float_labels = _labels(float_session, input_name, images, one_at_a_time)
+        quantized_labels = _labels(ort_session(tmp), input_name, images, one_at_a_time)
+        agreement = float(np.mean(float_labels == quantized_labels))
+        if agreement < min_agreement:
+            raise ConversionError(f"quantized {source} ({what}) agrees with the float model on {agreement:.1%} "
+                                  f"of the check images (< {min_agreement:.0%})")
+    return path
+
+
 def quantize_qdq(source: str | Path, path: str | Path, calibration: np.ndarray, *, per_channel: bool = True,
                  batch: int = 32, min_agreement: float = 0.9) -> Path:
     """Write the QDQ-quantized `source` to `path` (atomically), calibrated on `calibration` images."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    source, path = Path(source), Path(path)
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
-    float_session = ort_session(source)
-    input_name = float_session.get_inputs()[0].name
 
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{input_name: calibration[i:i + batch]} for i in range(0, len(calibration), batch)])
+    def quantize(source: Path, tmp: Path, input_name: str) -> None:
+        class Batches(CalibrationDataReader):
+            def __init__(self):
+                self.items = iter([{input_name: calibration[i:i + batch]}
+                                   for i in range(0, len(calibration), batch)])
 
-        def get_next(self):
-            return next(self.items, None)
+            def get_next(self):
+                return next(self.items, None)
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer advises its pre-processing on the root logger each call
-    try:
-        with written_atomically(path, f"quantizing {source} to {path}") as tmp:
-            quantize_static(str(source), str(tmp), Batches(), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            float_labels = float_session.run(None, {input_name: calibration})[0].argmax(1)
-            quantized_labels = ort_session(tmp).run(None, {input_name: calibration})[0].argmax(1)
-            agreement = float(np.mean(float_labels == quantized_labels))
-            if agreement < min_agreement:
-                raise ConversionError(f"quantized {source} agrees with the float model on {agreement:.1%} of "
-                                      f"the calibration images (< {min_agreement:.0%})")
-    finally:
-        root.setLevel(level)
-    return path
+        quantize_static(str(source), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+    return _quantized_checked(Path(source), Path(path), calibration, min_agreement, "static, QDQ", quantize)
+
+
+def quantize_dynamic_int8(source: str | Path, path: str | Path, check: np.ndarray, *, per_channel: bool = False,
+                          min_agreement: float = 0.9) -> Path:
+    """Write the dynamically quantized `source` to `path` (atomically): int8 weights (per tensor, or per
+    output channel where onnxruntime supports it: MatMulInteger's columns), activations quantized at run
+    time; labels checked on `check` images, each run alone."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def quantize(source: Path, tmp: Path, input_name: str) -> None:
+        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel)
+
+    return _quantized_checked(Path(source), Path(path), check, min_agreement, "dynamic", quantize,
+                              one_at_a_time=True)

@@ -21,7 +21,7 @@ from .ops import REGISTRY, OpContext
 from .ops.fused import conv_relu_max_pool, find_conv_relu_pools
 
 # Op types whose output channels live on axis 1 (NCHW-style) rather than on the last axis.
-CHANNEL_FIRST_OPS = {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool",
+CHANNEL_FIRST_OPS = {"Conv", "ConvInteger", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool",
                      "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
 
 
@@ -82,6 +82,8 @@ def build_apply(model: Model, start: int = 0,
     for a graph that hard-codes its file's fixed batch (`over_fixed_batch`).
     """
     fixed = static_batch(model)
+    if model.per_input_ranges:  # each input quantized over its own range: groups of one (or the file's batch)
+        return over_fixed_batch(_graph_apply(model, start, static, fuse=False), fixed or 1)
     if fixed is None or not hard_codes_batch(model):
         return _graph_apply(model, start, static)
     return over_fixed_batch(_graph_apply(model, start, static, fuse=False), fixed)

@@ -107,9 +107,18 @@ class Model:
 
     @property
     def is_quantized(self) -> bool:
-        """Whether the file stores parameters as integers (QDQ): its onnxruntime kernels compute in
-        integers, so its outputs match the engine's float emulation to a quantization step, not to 1e-4."""
+        """Whether the file stores parameters as integers (QDQ, or dynamic quantization's integer weights):
+        its onnxruntime kernels compute in integers, so its outputs match the engine's float emulation to a
+        quantization step, not to 1e-4."""
         return bool(self.quantized)
+
+    @property
+    def per_input_ranges(self) -> bool:
+        """Whether the graph quantizes activations over their own range at run time (DynamicQuantizeLinear,
+        a dynamically quantized model): the range spans the whole tensor, so an input's result depends on
+        the inputs sharing its batch. The engine and its onnxruntime reference then run each input alone,
+        as a service answering one request at a time does (`forward.build_apply`, `evaluate.OrtPredictor`)."""
+        return any(node.op_type == "DynamicQuantizeLinear" for node in self.nodes)
 
     @property
     def half_precision(self) -> bool:

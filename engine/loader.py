@@ -215,6 +215,72 @@ def _fold_weight_dequantize(nodes: list[Node], tensors: dict[str, np.ndarray], s
     return kept, quantized
 
 
+# Ops computing with an integer weight in slot 1 (zero point in slot 3), and the weight axis a per-channel
+# scale runs along: onnxruntime's dynamic quantization writes these.
+INTEGER_WEIGHT_OPS = {"MatMulInteger": -1, "ConvInteger": 0}
+
+
+def _integer_weight_scale(node: Node, producers: dict[str, Node], consumers: dict[str, list[Node]],
+                          tensors: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The weight's scale in onnxruntime's dynamic quantization pattern: the integer result is cast to
+    float and multiplied by Mul(input scale, weight scale), the weight scale a float initializer. None
+    when the graph reads otherwise."""
+    readers = consumers.get(node.outputs[0], [])
+    if len(readers) != 1 or readers[0].op_type != "Cast":
+        return None
+    cast_output = readers[0].outputs[0]
+    muls = consumers.get(cast_output, [])
+    if len(muls) != 1 or muls[0].op_type != "Mul":
+        return None
+    factor = next((name for name in muls[0].inputs if name != cast_output), None)
+    maker = producers.get(factor)
+    if maker is None or maker.op_type != "Mul":
+        return None
+    found = [tensors[name] for name in maker.inputs if name in tensors and np.issubdtype(tensors[name].dtype, np.floating)]
+    return np.asarray(found[0], np.float32) if len(found) == 1 else None
+
+
+def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> dict[str, QuantizedParam]:
+    """A dynamically quantized model (onnxruntime's quantize_dynamic) keeps each Conv and MatMul weight as
+    integers read directly by a ConvInteger or MatMulInteger, whose result is scaled afterwards. Such a
+    weight (read by that node alone, constant zero point, its scale found by `_integer_weight_scale`,
+    per tensor or per output channel) becomes a float parameter under its own name, (q - zero point) x
+    scale, so the layer has real-valued weights to score, flip and train; the node gets the scale as
+    `weight_unit` to compute in integer steps again (ops/quantize.py)."""
+    readers: dict[str, int] = {}
+    for node in nodes:
+        for name in node.inputs:
+            readers[name] = readers.get(name, 0) + 1
+    producers = {out: node for node in nodes for out in node.outputs}
+    consumers: dict[str, list[Node]] = {}
+    for node in nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+    quantized = {}
+    for node in nodes:
+        if node.op_type not in INTEGER_WEIGHT_OPS or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        zero_name = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
+        q = tensors.get(weight)
+        if (q is None or readers.get(weight) != 1 or not np.issubdtype(q.dtype, np.integer)
+                or q.ndim < 2 or (zero_name is not None and zero_name not in tensors)):
+            continue
+        scale = _integer_weight_scale(node, producers, consumers, tensors)
+        axis = INTEGER_WEIGHT_OPS[node.op_type] % q.ndim
+        if scale is None or scale.size not in (1, q.shape[axis]) or not np.all(scale > 0):
+            continue
+        zero = np.asarray(tensors[zero_name]) if zero_name else np.zeros((), q.dtype)
+        if zero.size not in (1, q.shape[axis]):
+            continue
+        param = QuantizedParam(weight, scale.reshape(-1) if scale.size > 1 else scale.reshape(()),
+                               zero.reshape(-1) if zero.size > 1 else zero.reshape(()), axis, np.dtype(q.dtype))
+        tensors[weight] = param.dequantize(q)
+        node.attrs = {**node.attrs, "weight_unit": param.scale}
+        quantized[weight] = param
+    return quantized
+
+
 def load_model(path: str | Path, output: str | None = None) -> Model:
     """Load and validate an ONNX classifier: opset 9-25, supported ops only, at least one float input.
 
@@ -284,6 +350,7 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None, output: s
             kept.append(node)
 
     kept, quantized = _fold_weight_dequantize(kept, tensors, sources, opset)
+    quantized.update(_fold_integer_weights(kept, tensors))
 
     inputs = [_tensor_info(v) for v in graph.input if v.name not in tensors]
     outputs = [_tensor_info(v) for v in inferred.graph.output]

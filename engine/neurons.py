@@ -21,7 +21,9 @@ import numpy as np
 
 from .ir import Model, Node
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger")
+CONV_OPS = ("Conv", "ConvInteger")  # convolutions whose kernel is [out channels, in channels, ...]
+DENSE_OPS = ("Gemm", "MatMul", "MatMulInteger")
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
@@ -47,13 +49,24 @@ class Layer:
 
 
 def _weight_channels(node: Node, weight: np.ndarray) -> int:
-    if node.op_type == "Conv":
+    if node.op_type in CONV_OPS:
         return int(weight.shape[0])
     if node.op_type == "ConvTranspose":
         return int(weight.shape[1] * node.attrs.get("group", 1))
     if node.op_type == "Gemm":
         return int(weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[-1])
     return int(weight.shape[-1])
+
+
+def _past_integer_scaling(tensor: str, consumers: dict[str, list[Node]]) -> str:
+    """The MatMulInteger result `tensor` after the Cast to float and the Mul by the scales that follow it
+    in a dynamically quantized model (each the only reader), where a following Add of a bias sees it."""
+    for op_type in ("Cast", "Mul"):
+        readers = consumers.get(tensor, [])
+        if len(readers) != 1 or readers[0].op_type != op_type:
+            return tensor
+        tensor = readers[0].outputs[0]
+    return tensor
 
 
 def _recurrent_layers(model: Model, node: Node) -> list[Layer]:
@@ -102,23 +115,25 @@ def find_layers(model: Model, recurrent: bool = False) -> list[Layer]:
         if node.op_type not in LAYER_OPS or len(node.inputs) < 2 or node.inputs[1] not in model.params:
             continue
         weight = model.params[node.inputs[1]]
-        if node.op_type == "MatMul" and weight.ndim != 2:
+        if node.op_type in ("MatMul", "MatMulInteger") and weight.ndim != 2:
             continue
         channels = _weight_channels(node, weight)
         tensor = node.outputs[0]
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] in model.params else None
         batchnorm = None
+        if node.op_type == "MatMulInteger":  # its result is cast to float and scaled before the bias
+            tensor = _past_integer_scaling(tensor, consumers)
         follower = consumers.get(tensor, [])
         if len(follower) == 1:
             nxt = follower[0]
-            if node.op_type == "MatMul" and bias is None and nxt.op_type == "Add":
+            if node.op_type in ("MatMul", "MatMulInteger") and bias is None and nxt.op_type == "Add":
                 other = [name for name in nxt.inputs if name != tensor]
                 if other and other[0] in model.params and model.params[other[0]].size == channels:
                     bias, tensor = other[0], nxt.outputs[0]
             elif node.op_type in ("Conv", "ConvTranspose") and nxt.op_type == "BatchNormalization":
                 batchnorm, tensor = nxt.name, nxt.outputs[0]
         count = weight.size + (model.params[bias].size if bias else 0) + (2 * channels if batchnorm else 0)
-        axis = 1 if node.op_type in ("Conv", "ConvTranspose") else -1
+        axis = 1 if node.op_type in (*CONV_OPS, "ConvTranspose") else -1
         layers.append(Layer(tensor, node.name, node.op_type, channels, axis, node.inputs[1], bias, batchnorm,
                             tuple(int(d) for d in weight.shape), int(count)))
     return layers

@@ -26,7 +26,7 @@ from .loader import load_model
 from .locate.common import predict_labels
 from .locate.pipeline import LocateResult, locate
 from .locate.restore import RestoreResult, residual_trigger
-from .neurons import Layer, find_layers
+from .neurons import DENSE_OPS, Layer, find_layers
 
 METHODS = ("flip", "finetune")
 # onnxruntime against the JAX forward on the written file, relative to the largest score (at least 1): a
@@ -213,7 +213,7 @@ def _pixel_tied_layer(layers: list[Layer], case: Case) -> set[str]:
     """The names (weight, layer tensor) of the model's first layer when it is dense over the whole input,
     every weight tied to one input pixel (an MLP's first layer); empty otherwise (a convolution or a patch
     embedding shares its weights across positions). See `_pick_finetuned` for why it matters."""
-    if not layers or layers[0].op_type not in ("Gemm", "MatMul"):
+    if not layers or layers[0].op_type not in DENSE_OPS:
         return set()
     first, pixels = layers[0], int(np.prod(case.x_clean.shape[1:]))
     return {first.weight, first.name} if int(np.prod(first.weight_shape)) == pixels * first.channels else set()

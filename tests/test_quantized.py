@@ -122,3 +122,140 @@ def test_recipe_builds_a_quantized_model():
     heldout = np.load(built.heldout)
     labels = OrtPredictor(model, built.model).predict(heldout["x_test"])
     assert np.mean(labels == heldout["y_test"]) > 0.9
+
+
+# Dynamic quantization (onnxruntime's quantize_dynamic): int8 weights read by ConvInteger / MatMulInteger,
+# activations quantized over their own range at run time (DynamicQuantizeLinear).
+
+@pytest.fixture(scope="module", params=[False, True], ids=["per-tensor", "per-column"])
+def dynamic_lenet(request, backdoor_case, tmp_path_factory):
+    """The test LeNet-5 dynamically quantized by onnxruntime (converters.quantize): its convolutions become
+    ConvInteger, its Gemm layers MatMulInteger, weights int8 per tensor or (dense layers) per column."""
+    from lancet.converters.quantize import quantize_dynamic_int8
+
+    path = tmp_path_factory.mktemp("dynamic") / f"lenet-dynamic-{request.param}.onnx"
+    return quantize_dynamic_int8(backdoor_case.model, path, np.load(backdoor_case.case)["x_clean"][:128],
+                                 per_channel=request.param)
+
+
+def test_dynamic_quantized_model_runs_as_onnxruntime_does(dynamic_lenet, backdoor_case):
+    """Each integer weight becomes a float parameter ((q - zero point) x its scale, found in the Mul that
+    rescales the layer's result), so the layers are found with their biases; each input is computed alone
+    (its ranges its own, the same in any batch) and equals onnxruntime run on it alone to 1e-4 of the
+    logits' scale but for a few inputs with an activation one rounding step away (surgery.STEP_APART_SHARE);
+    onnxruntime as deployed computes as written. On a batch onnxruntime quantizes the inputs together."""
+    from lancet.neurons import find_layers
+
+    model = load_model(dynamic_lenet)
+    assert model.per_input_ranges and model.is_quantized
+    assert sorted(q.source for q in model.quantized.values()) == sorted(model.quantized)  # own names
+    layers = find_layers(model)
+    assert [layer.op_type for layer in layers] == ["ConvInteger"] * 2 + ["MatMulInteger"] * 3
+    assert all(layer.bias for layer in layers[2:])
+    x = np.load(backdoor_case.heldout)["x_test"][:200]
+    forward = Forward(model)
+    got = np.asarray(forward.logits(x))
+    written = OrtPredictor(model, dynamic_lenet, optimize=False).logits(x)  # one input at a time
+    scale = max(1.0, float(np.abs(written).max()))
+    apart = np.max(np.abs(got - written), axis=1) > 1e-4 * scale  # an activation a rounding step away
+    assert np.mean(apart) <= 0.02 and max_diff(got, written) <= 1e-2 * scale
+    assert np.mean(got.argmax(1) == written.argmax(1)) >= 0.99
+    assert max_diff(OrtPredictor(model, dynamic_lenet).logits(x), written) <= 1e-4 * scale
+    assert max_diff(np.asarray(forward.logits(x[:7])), got[:7]) <= 1e-6
+    together = ort_session(dynamic_lenet).run(None, {model.input.name: x[:64]})[0]
+    assert max_diff(together, written[:64]) > 1e-3
+
+
+def test_dynamic_quantized_model_repaired_in_its_integers(dynamic_lenet, backdoor_case, request, tmp_path):
+    """Fine-tuning and flip on the dynamically quantized LeNet write int8 values into the weights'
+    initializers only; onnxruntime, each input run alone, sees the backdoor gone on held-out data
+    (measured on an AVX-512 EPYC, ASR 99.8 % before: per tensor fine-tuned 1.6 % at 95.6 -> 94.4 %
+    accuracy, flipped 0.2 % at 94.4 %; per column fine-tuned 0.1 % at 95.7 -> 95.9 %, flipped 0.2 % at
+    94.5 %; the test runs one method per variant)."""
+    from lancet.repair import repair
+
+    method = "finetune" if "per-tensor" in request.node.callspec.id else "flip"  # one repair per variant
+    out = tmp_path / f"{method}.onnx"
+    result = repair(dynamic_lenet, backdoor_case.case, out, method=method, progress=False)
+    assert result.written, result.reasons
+    heldout = dict(np.load(backdoor_case.heldout))
+
+    def figures(path):
+        predictor = OrtPredictor(load_model(path), path)
+        return (float(np.mean(predictor.predict(heldout["x_test"]) == heldout["y_test"])),
+                float(np.mean(predictor.predict(heldout["x_error"]) == int(heldout["target"]))))
+
+    (acc_before, asr_before), (acc_after, asr_after) = figures(dynamic_lenet), figures(out)
+    assert asr_before > 0.9 and asr_after <= 0.025, (asr_before, asr_after)
+    assert acc_after >= acc_before - 0.015, (acc_before, acc_after)
+    original, written = onnx.load(dynamic_lenet), onnx.load(out)
+    assert [(n.op_type, list(n.input)) for n in original.graph.node] == \
+        [(n.op_type, list(n.input)) for n in written.graph.node]
+    before = {init.name: numpy_helper.to_array(init) for init in original.graph.initializer}
+    changed = {init.name: numpy_helper.to_array(init) for init in written.graph.initializer
+               if not np.array_equal(numpy_helper.to_array(init), before[init.name])}
+    assert changed and all(name.endswith("_quantized") and value.dtype == np.int8 for name, value in changed.items())
+    assert {name: int(np.sum(value != before[name])) for name, value in changed.items()} == \
+        {name: count for name, count in result.changed_parameters.items() if count}
+
+
+def test_dynamic_quantize_linear_matches_onnxruntime():
+    """Scale, zero point and integers equal onnxruntime's for inputs of either sign, one sign only and all
+    zeros; also vmapped (the engine runs such models one input per group), where XLA would otherwise divide
+    by a reciprocal; the rounding's gradient passes straight through."""
+    import jax
+    import jax.numpy as jnp
+
+    shape = [4, 3, 5]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Sub", ["x", "r"], ["n"]),
+             helper.make_node("Add", ["n", "r"], ["z"]),  # computed, so the engine traces it
+             helper.make_node("DynamicQuantizeLinear", ["z"], ["q", "s", "zp"]),
+             helper.make_node("Cast", ["q"], ["qf"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["zp"], ["zpf"], to=TensorProto.FLOAT)]
+    outputs = ("qf", "s", "zpf")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    session = ort_session(proto.SerializeToString(), optimize=False)
+    forward = Forward(model_from_proto(proto))
+    rng = np.random.default_rng(0)
+    xs = [(rng.normal(size=shape) * rng.uniform(0.01, 10)).astype(np.float32) for _ in range(40)]
+    xs += [np.abs(xs[0]), -np.abs(xs[1]), np.zeros(shape, np.float32)]
+    vmapped = jax.jit(jax.vmap(lambda v: forward.apply(forward.params, v)))(np.stack(xs))
+    for i, x in enumerate(xs):
+        expected = dict(zip(outputs, session.run(None, {"x": x})))
+        got = forward({"x": x})
+        for name in outputs:
+            assert max_diff(got[name], expected[name]) == 0, (i, name)
+            assert max_diff(vmapped[name][i], expected[name]) == 0, (i, name, "vmapped")
+    grad = jax.grad(lambda v: jnp.sum(forward.apply(forward.params, v)["qf"]))(jnp.asarray(xs[2]))
+    assert np.abs(np.asarray(grad)).max() > 0
+
+
+@pytest.mark.parametrize("op", ["MatMulInteger", "ConvInteger"])
+def test_integer_ops_match_onnxruntime(op):
+    """MatMulInteger and ConvInteger on uint8 data and an int8 weight left as integers (no rescaling Mul
+    to fold it by), zero points per tensor and (MatMulInteger's weight) per column: equal to onnxruntime."""
+    rng = np.random.default_rng(1)
+    if op == "MatMulInteger":
+        a_shape, w = [3, 6], rng.integers(-127, 128, (6, 4)).astype(np.int8)
+        zeros = {"a_zero": np.array(7, np.uint8), "w_zero": rng.integers(-3, 4, 4).astype(np.int8)}
+        attrs = {}
+    else:
+        a_shape, w = [2, 3, 7, 7], rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+        zeros = {"a_zero": np.array(11, np.uint8), "w_zero": np.array(2, np.int8)}
+        attrs = {"pads": [1, 1, 0, 0], "strides": [2, 1]}
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["a", "a_scale", "a_zp"]),
+             helper.make_node(op, ["a", "w", "a_zero", "w_zero"], ["acc"], **attrs),
+             helper.make_node("Cast", ["acc"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, a_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in {"w": w, **zeros}.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    x = rng.normal(size=a_shape).astype(np.float32)
+    model = model_from_proto(proto)
+    assert not model.quantized  # nothing rescales the result: the weight stays an integer constant
+    expected = ort_session(proto.SerializeToString(), optimize=False).run(None, {"x": x})[0]
+    assert max_diff(Forward(model)({"x": x})["y"], expected) == 0

@@ -17,7 +17,7 @@ import numpy as np
 from ..case import Case
 from ..errors import BadInputError
 from ..forward import Forward
-from ..neurons import find_layers
+from ..neurons import CONV_OPS, find_layers
 from .common import (DefenceResult, largest_prune_within, pruned_parameters, trainable_parameters, train_all,
                      training_data)
 
@@ -42,7 +42,7 @@ def defend(forward: Forward, case: Case, *, seed: int = 0, max_prune_drop: float
     start = time.perf_counter()
     model = forward.model
     layers = find_layers(model)
-    convs = [i for i, layer in enumerate(layers) if layer.op_type == "Conv"]
+    convs = [i for i, layer in enumerate(layers) if layer.op_type in CONV_OPS]
     position = convs[-1] if convs else len(layers) - 2
     if position < 0:
         raise BadInputError("Fine-Pruning needs a convolution or a hidden dense layer; the model has neither")

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import BadInputError
 from ..ir import Model
-from ..neurons import Layer
+from ..neurons import CONV_OPS, Layer
 
 
 def _node(model: Model, name: str):
@@ -26,7 +26,7 @@ def channel_parameters(model: Model, layer: Layer, channel: int) -> list[tuple[s
     fine-tuning but flagged with the role 'kernel'.
     """
     node = _node(model, layer.node)
-    if layer.op_type == "Conv":
+    if layer.op_type in CONV_OPS:
         kernel = (channel,)
     elif layer.op_type == "ConvTranspose":
         if node.attrs.get("group", 1) != 1:

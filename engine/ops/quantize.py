@@ -13,7 +13,7 @@ import numpy as np
 from jax import lax
 
 from ..quantization import along_axis, quantize_values
-from .registry import OpContext, register, static_array, xp
+from .registry import OpContext, is_static, register, static_array, xp
 
 _INTEGER_TYPES = {np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.int32)}
 
@@ -68,3 +68,80 @@ def dequantize_linear(inputs, attrs, ctx):
     zero = along_axis(np.asarray(zero_point, np.float32), axis, ndim)
     m = xp(x)
     return (m.asarray(x, np.float32) - zero) * scale
+
+
+def _straight_through_round(value):
+    """Round half to even with the identity's gradient (quantization-aware training's estimator)."""
+    return value + lax.stop_gradient(jnp.round(value) - value)
+
+
+def _divide_exactly(a, b):
+    """a / b rounded once, as onnxruntime divides: XLA rewrites a division by a broadcast scalar into a
+    product with its reciprocal (one ulp off in most elements), which a barrier on a full-shape divisor
+    stops; the divisor is built from `a` so that under vmap it carries the batch axis before the barrier."""
+    return a / lax.optimization_barrier(a * np.float32(0.0) + b)
+
+
+@register("DynamicQuantizeLinear")
+def dynamic_quantize_linear(inputs, attrs, ctx):
+    """uint8 quantization over the tensor's own range (widened to hold 0), as onnxruntime computes it:
+    scale (max - min) / 255 (1 when the range is empty), zero point -min / scale rounded and clipped to
+    [0, 255]. The range covers the whole tensor, so a batch's inputs quantize together; the engine runs a
+    model holding this op one input at a time (`ir.Model.per_input_ranges`). Scale and zero point carry no
+    gradient; the rounding's passes straight through."""
+    x = inputs[0]
+    if xp(x) is np:
+        low, high = min(float(np.min(x)), 0.0), max(float(np.max(x)), 0.0)
+        scale = np.float32(1.0) if high == low else np.float32(high - low) / np.float32(255)
+        zero = np.float32(np.clip(np.round(np.float32(0.0) - np.float32(low) / scale), 0, 255))
+        return np.clip(np.round(x / scale) + zero, 0, 255).astype(np.float32), scale, zero
+    low = jnp.minimum(jnp.min(x), 0.0)
+    high = jnp.maximum(jnp.max(x), 0.0)
+    scale = jnp.where(high == low, np.float32(1.0), _divide_exactly(high - low, np.float32(255.0)))
+    zero = jnp.clip(jnp.round(0.0 - _divide_exactly(low, scale)), 0.0, 255.0)
+    scale, zero = lax.stop_gradient(scale), lax.stop_gradient(zero)
+    return jnp.clip(_straight_through_round(_divide_exactly(x, scale)) + zero, 0.0, 255.0), scale, zero
+
+
+def _integer_weight(w, zero_point, attrs, ndim_axis: int):
+    """The weight operand in integer steps minus its zero point. A weight the loader folded into a float
+    parameter ((q - zero point) x its scale, `loader._fold_integer_weights`) is divided by that scale
+    (`attrs['weight_unit']`) and rounded; an integer constant has its zero point subtracted."""
+    unit = attrs.get("weight_unit")
+    if unit is not None:  # rounded as the file will store it (`Model.stored`), the gradient straight through
+        steps = w / along_axis(np.asarray(unit, np.float32), ndim_axis, np.ndim(w))
+        return np.round(steps) if xp(w) is np else _straight_through_round(steps)
+    if zero_point is None:
+        return w
+    return w - along_axis(np.asarray(zero_point, np.float32) if is_static(zero_point) else zero_point,
+                          ndim_axis, np.ndim(w))
+
+
+@register("MatMulInteger")
+def matmul_integer(inputs, attrs, ctx):
+    """(A - a_zero_point) @ (B - b_zero_point), in float32 holding the int32 result (exact while partial
+    sums stay under 2^24). a's zero point is per tensor or per row, b's per tensor or per column."""
+    a, b = inputs[0], inputs[1]
+    a_zero = inputs[2] if len(inputs) > 2 else None
+    b_zero = inputs[3] if len(inputs) > 3 else None
+    if a_zero is not None:
+        a = a - (a_zero if np.ndim(a_zero) == 0 else xp(a_zero).reshape(a_zero, (-1, 1)))
+    b = _integer_weight(b, b_zero, attrs, -1)
+    if xp(a, b) is np:
+        return np.matmul(a, b).astype(np.float32)
+    return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+
+
+@register("ConvInteger")
+def conv_integer(inputs, attrs, ctx):
+    """A convolution of (x - x_zero_point) with (w - w_zero_point) (per tensor or per output channel), in
+    float32 holding the int32 result; attributes as Conv's."""
+    from .nn import conv
+
+    x, w = inputs[0], inputs[1]
+    x_zero = inputs[2] if len(inputs) > 2 else None
+    w_zero = inputs[3] if len(inputs) > 3 else None
+    if x_zero is not None:
+        x = x - x_zero
+    conv_attrs = {k: v for k, v in attrs.items() if k != "weight_unit"}
+    return conv([x, _integer_weight(w, w_zero, attrs, 0)], conv_attrs, ctx)
