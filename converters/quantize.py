@@ -1,10 +1,12 @@
 """Float ONNX model -> int8-quantized ONNX model, as a deployment pipeline quantizes for CPUs.
 
-Two of onnxruntime's quantizers:
+onnxruntime's quantizers:
 
 * `quantize_qdq`: static quantization in its recommended QDQ format: int8 weights (per output channel or
   per tensor) and int32 biases behind DequantizeLinear, uint8 activations through QuantizeLinear/
   DequantizeLinear, activation ranges calibrated on the given images;
+* `quantize_qoperator`: the same static quantization written as quantized operators (QLinearConv,
+  com.microsoft QGemm, QLinearAdd, ...) on uint8 tensors;
 * `quantize_dynamic_int8`: dynamic quantization: int8 weights read by ConvInteger and MatMulInteger
   (Gemm layers become MatMulInteger), each activation quantized to uint8 over its own range at run time
   (DynamicQuantizeLinear), float biases; no calibration.
@@ -63,9 +65,8 @@ def _quantized_checked(source: Path, path: Path, images: np.ndarray, min_agreeme
     return path
 
 
-def quantize_qdq(source: str | Path, path: str | Path, calibration: np.ndarray, *, per_channel: bool = True,
-                 batch: int = 32, min_agreement: float = 0.9) -> Path:
-    """Write the QDQ-quantized `source` to `path` (atomically), calibrated on `calibration` images."""
+def _quantize_static(source: str | Path, path: str | Path, calibration: np.ndarray, quant_format_name: str,
+                     per_channel: bool, batch: int, min_agreement: float) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
@@ -79,10 +80,25 @@ def quantize_qdq(source: str | Path, path: str | Path, calibration: np.ndarray, 
             def get_next(self):
                 return next(self.items, None)
 
-        quantize_static(str(source), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(str(source), str(tmp), Batches(), quant_format=getattr(QuantFormat, quant_format_name),
+                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
-    return _quantized_checked(Path(source), Path(path), calibration, min_agreement, "static, QDQ", quantize)
+    return _quantized_checked(Path(source), Path(path), calibration, min_agreement, f"static, {quant_format_name}",
+                              quantize)
+
+
+def quantize_qdq(source: str | Path, path: str | Path, calibration: np.ndarray, *, per_channel: bool = True,
+                 batch: int = 32, min_agreement: float = 0.9) -> Path:
+    """Write the QDQ-quantized `source` to `path` (atomically), calibrated on `calibration` images."""
+    return _quantize_static(source, path, calibration, "QDQ", per_channel, batch, min_agreement)
+
+
+def quantize_qoperator(source: str | Path, path: str | Path, calibration: np.ndarray, *, per_channel: bool = True,
+                       batch: int = 32, min_agreement: float = 0.9) -> Path:
+    """Write `source` statically quantized in the QOperator format to `path` (atomically), calibrated on
+    `calibration` images: QLinearConv, QLinearMatMul and com.microsoft QGemm layers with int8 weights and
+    int32 biases, and quantized elementwise and pooling ops (QLinearAdd, QLinearAveragePool, ...) between them."""
+    return _quantize_static(source, path, calibration, "QOperator", per_channel, batch, min_agreement)
 
 
 def quantize_dynamic_int8(source: str | Path, path: str | Path, check: np.ndarray, *, per_channel: bool = False,

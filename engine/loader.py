@@ -147,7 +147,8 @@ def check_supported(nodes: list[Node]) -> None:
     pending = list(nodes)
     while pending:
         node = pending.pop(0)
-        if node.domain not in DEFAULT_DOMAINS or node.op_type not in REGISTRY:
+        spec = REGISTRY.get(node.op_type)
+        if spec is None or not (node.domain == spec.domain or (node.domain in DEFAULT_DOMAINS and not spec.domain)):
             key = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
             unsupported.setdefault(key, []).append(node.name)
         if node.op_type in SUBGRAPH_OPS:  # the subgraphs' ops too
@@ -218,6 +219,9 @@ def _fold_weight_dequantize(nodes: list[Node], tensors: dict[str, np.ndarray], s
 # Ops computing with an integer weight in slot 1 (zero point in slot 3), and the weight axis a per-channel
 # scale runs along: onnxruntime's dynamic quantization writes these.
 INTEGER_WEIGHT_OPS = {"MatMulInteger": -1, "ConvInteger": 0}
+# Quantized operators (onnxruntime's QOperator format): weight slot (its scale and zero point follow it),
+# bias slot (int32, scale input scale x weight scale) or None.
+QLINEAR_WEIGHT_OPS = {"QLinearConv": (3, 8), "QLinearMatMul": (3, None), "QGemm": (3, 6)}
 
 
 def _integer_weight_scale(node: Node, producers: dict[str, Node], consumers: dict[str, list[Node]],
@@ -240,13 +244,40 @@ def _integer_weight_scale(node: Node, producers: dict[str, Node], consumers: dic
     return np.asarray(found[0], np.float32) if len(found) == 1 else None
 
 
+def _slot(node: Node, slot: int | None) -> str | None:
+    return node.inputs[slot] if slot is not None and len(node.inputs) > slot and node.inputs[slot] else None
+
+
+def _folded(tensors: dict[str, np.ndarray], name: str, scale: np.ndarray, zero: np.ndarray | None, axis: int,
+            readers: dict[str, int]) -> QuantizedParam | None:
+    """The integer initializer `name` as a float parameter (q - zero) x scale, per tensor or along `axis`:
+    its QuantizedParam, the float value stored under the same name; None when it does not qualify (not an
+    integer initializer read once, a scale or zero point of the wrong size, a scale not positive)."""
+    q = tensors.get(name)
+    if q is None or readers.get(name) != 1 or not np.issubdtype(q.dtype, np.integer) or q.ndim < 1:
+        return None
+    axis %= q.ndim
+    zero = np.zeros((), q.dtype) if zero is None else np.asarray(zero)
+    scale = np.asarray(scale, np.float32)
+    if scale.size not in (1, q.shape[axis]) or zero.size not in (1, q.shape[axis]) or not np.all(scale > 0):
+        return None
+    param = QuantizedParam(name, scale.reshape(-1) if scale.size > 1 else scale.reshape(()),
+                           zero.reshape(-1) if zero.size > 1 else zero.reshape(()), axis, np.dtype(q.dtype))
+    tensors[name] = param.dequantize(q)
+    return param
+
+
 def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> dict[str, QuantizedParam]:
-    """A dynamically quantized model (onnxruntime's quantize_dynamic) keeps each Conv and MatMul weight as
-    integers read directly by a ConvInteger or MatMulInteger, whose result is scaled afterwards. Such a
-    weight (read by that node alone, constant zero point, its scale found by `_integer_weight_scale`,
-    per tensor or per output channel) becomes a float parameter under its own name, (q - zero point) x
-    scale, so the layer has real-valued weights to score, flip and train; the node gets the scale as
-    `weight_unit` to compute in integer steps again (ops/quantize.py)."""
+    """Integer weights read directly by the ops that compute with them, made float parameters under their own
+    names, (q - zero point) x scale, so the layer has real-valued weights to score, flip and train:
+
+    * dynamic quantization (onnxruntime's quantize_dynamic): a ConvInteger or MatMulInteger weight, its
+      scale found by `_integer_weight_scale` (the node gets it as `weight_unit` to compute in integer
+      steps again, ops/quantize.py);
+    * the QOperator format: a QLinearConv, QLinearMatMul or QGemm weight with the scale and zero point
+      beside it, and its int32 bias (scale: input scale x weight scale); the ops divide by those scales
+      (ops/qlinear.py).
+    The weight is read by that node alone, its zero point and scales constant."""
     readers: dict[str, int] = {}
     for node in nodes:
         for name in node.inputs:
@@ -256,28 +287,37 @@ def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> 
     for node in nodes:
         for name in node.inputs:
             consumers.setdefault(name, []).append(node)
-    quantized = {}
+    quantized: dict[str, QuantizedParam] = {}
     for node in nodes:
-        if node.op_type not in INTEGER_WEIGHT_OPS or len(node.inputs) < 2:
-            continue
-        weight = node.inputs[1]
-        zero_name = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
-        q = tensors.get(weight)
-        if (q is None or readers.get(weight) != 1 or not np.issubdtype(q.dtype, np.integer)
-                or q.ndim < 2 or (zero_name is not None and zero_name not in tensors)):
-            continue
-        scale = _integer_weight_scale(node, producers, consumers, tensors)
-        axis = INTEGER_WEIGHT_OPS[node.op_type] % q.ndim
-        if scale is None or scale.size not in (1, q.shape[axis]) or not np.all(scale > 0):
-            continue
-        zero = np.asarray(tensors[zero_name]) if zero_name else np.zeros((), q.dtype)
-        if zero.size not in (1, q.shape[axis]):
-            continue
-        param = QuantizedParam(weight, scale.reshape(-1) if scale.size > 1 else scale.reshape(()),
-                               zero.reshape(-1) if zero.size > 1 else zero.reshape(()), axis, np.dtype(q.dtype))
-        tensors[weight] = param.dequantize(q)
-        node.attrs = {**node.attrs, "weight_unit": param.scale}
-        quantized[weight] = param
+        if node.op_type in INTEGER_WEIGHT_OPS and len(node.inputs) > 1:
+            zero_name = _slot(node, 3)
+            scale = _integer_weight_scale(node, producers, consumers, tensors)
+            if scale is None or (zero_name is not None and zero_name not in tensors):
+                continue
+            param = _folded(tensors, node.inputs[1], scale, tensors.get(zero_name) if zero_name else None,
+                            INTEGER_WEIGHT_OPS[node.op_type], readers)
+            if param is not None:
+                node.attrs = {**node.attrs, "weight_unit": param.scale}
+                quantized[param.source] = param
+        elif node.op_type in QLINEAR_WEIGHT_OPS:
+            weight_slot, bias_slot = QLINEAR_WEIGHT_OPS[node.op_type]
+            names = [_slot(node, slot) for slot in (1, weight_slot, weight_slot + 1, weight_slot + 2)]
+            x_scale, weight, w_scale, w_zero = names
+            if weight is None or any(name is not None and name not in tensors for name in (x_scale, w_scale, w_zero)) \
+                    or x_scale is None or w_scale is None:
+                continue
+            axis = 0 if node.op_type == "QLinearConv" or (node.op_type == "QGemm" and node.attrs.get("transB", 0)) else -1
+            scale = np.asarray(tensors[w_scale], np.float32)
+            param = _folded(tensors, weight, scale, tensors.get(w_zero) if w_zero else None, axis, readers)
+            if param is None:
+                continue
+            quantized[weight] = param
+            bias = _slot(node, bias_slot)
+            if bias is not None:
+                bias_scale = (np.asarray(tensors[x_scale], np.float32).reshape(()) * scale).astype(np.float32)
+                folded_bias = _folded(tensors, bias, bias_scale, None, 0, readers)
+                if folded_bias is not None:
+                    quantized[bias] = folded_bias
     return quantized
 
 

@@ -6,11 +6,13 @@ BatchNormalization right after a convolution). Its *tensor* is the output of tha
 A *channel neuron* is (layer tensor, channel), the channel on axis 1 for convolutions and on the last axis
 for dense layers; a *weight neuron* is (initializer, flat index).
 
-A recurrent node (LSTM, GRU, RNN) gives two *recurrent layers*, its input weights W and its recurrent
-weights R (with the biases B beside W), and a Loop one per weight matrix its body reads: weight neurons
-only. Their output is not a per-step feature map with channels that an edit or a sign flip could act on
-alone (each step feeds the next), so channel granularity, the EI feature taps and the channel-pruning peers
-leave them out (`find_layers(recurrent=False)`).
+Some layers have weight neurons only (`Layer.weight_only`). A recurrent node (LSTM, GRU, RNN) gives two,
+its input weights W and its recurrent weights R (with the biases B beside W), and a Loop one per weight
+matrix its body reads: their output is not a per-step feature map with channels that an edit or a sign
+flip could act on alone (each step feeds the next). A quantized-operator layer (QLinearConv, QLinearMatMul,
+QGemm: onnxruntime's QOperator format) outputs integers around a zero point, which scaling does not
+ablate or flip. Channel granularity, the EI feature taps and the channel-pruning peers leave these out
+(`find_layers(weight_only=False)`).
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ import numpy as np
 from .ir import Model, Node
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger")
-CONV_OPS = ("Conv", "ConvInteger")  # convolutions whose kernel is [out channels, in channels, ...]
-DENSE_OPS = ("Gemm", "MatMul", "MatMulInteger")
+CONV_OPS = ("Conv", "ConvInteger", "QLinearConv")  # convolutions whose kernel is [out channels, in channels, ...]
+DENSE_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm")
+# Quantized-operator layers: (weight slot, bias slot or None); weight neurons only.
+QLINEAR_OPS = {"QLinearConv": (3, 8), "QLinearMatMul": (3, None), "QGemm": (3, 6)}
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
@@ -41,7 +45,9 @@ class Layer:
     batchnorm: str | None  # the following BatchNormalization node, if any
     weight_shape: tuple[int, ...]
     parameters: int      # weight + bias (+ BatchNorm scale and shift) element count
-    recurrent: bool = False  # a recurrent node's W or R, or a Loop's weight ('<node>:W', ':R', ':<weight>')
+    # weight neurons only: a recurrent node's W or R, a Loop's weight ('<node>:W', ':R', ':<weight>'), or a
+    # quantized-operator layer
+    weight_only: bool = False
 
     def as_dict(self) -> dict:
         """JSON-ready form."""
@@ -53,7 +59,7 @@ def _weight_channels(node: Node, weight: np.ndarray) -> int:
         return int(weight.shape[0])
     if node.op_type == "ConvTranspose":
         return int(weight.shape[1] * node.attrs.get("group", 1))
-    if node.op_type == "Gemm":
+    if node.op_type in ("Gemm", "QGemm"):
         return int(weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[-1])
     return int(weight.shape[-1])
 
@@ -82,7 +88,7 @@ def _recurrent_layers(model: Model, node: Node) -> list[Layer]:
         layer_bias = bias if role == "W" else None
         count = model.params[weight].size + (model.params[layer_bias].size if layer_bias else 0)
         layers.append(Layer(f"{node.name}:{role}", node.name, node.op_type, hidden * shape[0], -1, weight,
-                            layer_bias, None, shape, int(count), recurrent=True))
+                            layer_bias, None, shape, int(count), weight_only=True))
     return layers
 
 
@@ -96,21 +102,40 @@ def _loop_layers(model: Model, node: Node) -> list[Layer]:
             continue
         shape = tuple(int(d) for d in value.shape)
         layers.append(Layer(f"{node.name}:{name}", node.name, node.op_type, shape[-1], -1, name, None, None,
-                            shape, int(value.size), recurrent=True))
+                            shape, int(value.size), weight_only=True))
     return layers
 
 
-def find_layers(model: Model, recurrent: bool = False) -> list[Layer]:
-    """All neuron layers of the model, in graph order; with `recurrent`, the recurrent nodes' W and R and
-    the weight matrices a Loop reads too (weight granularity)."""
+def _qlinear_layer(model: Model, node: Node) -> list[Layer]:
+    """A QLinearConv, QLinearMatMul or QGemm whose integer weight the loader folded into a parameter, as a
+    weight-neuron layer (with its folded int32 bias)."""
+    weight_slot, bias_slot = QLINEAR_OPS[node.op_type]
+    weight = model.params.get(node.inputs[weight_slot]) if len(node.inputs) > weight_slot else None
+    if weight is None or weight.ndim < 2:
+        return []
+    bias = (node.inputs[bias_slot] if bias_slot is not None and len(node.inputs) > bias_slot
+            and node.inputs[bias_slot] in model.params else None)
+    count = weight.size + (model.params[bias].size if bias else 0)
+    return [Layer(node.outputs[0], node.name, node.op_type, _weight_channels(node, weight),
+                  1 if node.op_type in CONV_OPS else -1, node.inputs[weight_slot], bias, None,
+                  tuple(int(d) for d in weight.shape), int(count), weight_only=True)]
+
+
+def find_layers(model: Model, weight_only: bool = False) -> list[Layer]:
+    """All neuron layers of the model, in graph order; with `weight_only`, the layers with weight neurons
+    only too (recurrent nodes' W and R, the weight matrices a Loop reads, quantized-operator layers: weight
+    granularity)."""
     consumers = model.consumers_of()
     layers = []
     for node in model.nodes:
-        if recurrent and node.op_type in RECURRENT_OPS and len(node.inputs) > 2:
+        if weight_only and node.op_type in RECURRENT_OPS and len(node.inputs) > 2:
             layers += _recurrent_layers(model, node)
             continue
-        if recurrent and node.op_type == "Loop":
+        if weight_only and node.op_type == "Loop":
             layers += _loop_layers(model, node)
+            continue
+        if weight_only and node.op_type in QLINEAR_OPS:
+            layers += _qlinear_layer(model, node)
             continue
         if node.op_type not in LAYER_OPS or len(node.inputs) < 2 or node.inputs[1] not in model.params:
             continue
@@ -143,7 +168,7 @@ def summary(model: Model) -> dict:
     """What `lancet inspect` reports: inputs, outputs, layers, neuron and parameter counts, op coverage."""
     from .ops import REGISTRY
 
-    layers = find_layers(model, recurrent=True)
+    layers = find_layers(model, weight_only=True)
     op_counts: dict[str, int] = {}
     for node in model.nodes:
         op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
@@ -160,7 +185,7 @@ def summary(model: Model) -> dict:
                                          else str(model.param_dtypes.get(name, "float32")) for name in model.params)),
         "nodes": len(model.nodes),
         "layers": [layer.as_dict() for layer in layers],
-        "channel_neurons": sum(layer.channels for layer in layers if not layer.recurrent),
+        "channel_neurons": sum(layer.channels for layer in layers if not layer.weight_only),
         "weight_neurons": int(sum(model.params[w].size for w in layer_weights)),
         "parameters": int(sum(v.size for v in model.params.values())),
         "outside_layers": _outside_layers(model, layers),

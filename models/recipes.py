@@ -44,7 +44,9 @@ class Recipe:
     lr: float = 3e-3
     seed: int = 0
     opset: int = 17
-    quantize: str = "none"  # 'qdq' (static) or 'dynamic': the trained model is then quantized to int8 (converters.quantize)
+    # 'qdq' or 'qoperator' (static, two formats) or 'dynamic': the trained model is then quantized to int8
+    # (converters.quantize)
+    quantize: str = "none"
 
     def key(self) -> str:
         """A short stable hash of the recipe (and the recipe code version)."""
@@ -239,12 +241,16 @@ def _build_case_locked(recipe: Recipe, force: bool) -> BuiltCase:
             from lancet.converters.quantize import quantize_qdq
 
             quantize_qdq(tmp / "model.onnx", tmp / "model.onnx", x[train_idx[:256]])
+        elif recipe.quantize == "qoperator":
+            from lancet.converters.quantize import quantize_qoperator
+
+            quantize_qoperator(tmp / "model.onnx", tmp / "model.onnx", x[train_idx[:256]])
         elif recipe.quantize == "dynamic":  # no calibration: ranges are taken per input at run time
             from lancet.converters.quantize import quantize_dynamic_int8
 
             quantize_dynamic_int8(tmp / "model.onnx", tmp / "model.onnx", x[train_idx[:256]])
         elif recipe.quantize != "none":
-            raise ValueError(f"unknown quantize {recipe.quantize!r} (none, qdq, dynamic)")
+            raise ValueError(f"unknown quantize {recipe.quantize!r} (none, qdq, qoperator, dynamic)")
         _write_case_files(tmp, recipe, x, y, defender_idx, test_idx, trigger)
         if folder.exists():
             shutil.rmtree(folder)

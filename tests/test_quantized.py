@@ -259,3 +259,98 @@ def test_integer_ops_match_onnxruntime(op):
     assert not model.quantized  # nothing rescales the result: the weight stays an integer constant
     expected = ort_session(proto.SerializeToString(), optimize=False).run(None, {"x": x})[0]
     assert max_diff(Forward(model)({"x": x})["y"], expected) == 0
+
+
+# The QOperator format (onnxruntime's quantize_static with QuantFormat.QOperator): quantized operators on
+# uint8 tensors, int8 weights and int32 biases read by QLinearConv / com.microsoft QGemm.
+
+@pytest.fixture(scope="module")
+def qoperator_lenet(backdoor_case, tmp_path_factory):
+    """The test LeNet-5 quantized statically in the QOperator format, per channel, calibrated on 128 of the
+    defender's clean images."""
+    from lancet.converters.quantize import quantize_qoperator
+
+    path = tmp_path_factory.mktemp("qoperator") / "lenet-qoperator.onnx"
+    return quantize_qoperator(backdoor_case.model, path, np.load(backdoor_case.case)["x_clean"][:128])
+
+
+def test_qoperator_model_runs_as_onnxruntime_does(qoperator_lenet, backdoor_case):
+    """Weights and biases become float parameters under their initializers' names; the layers are
+    weight-neuron layers (a quantized output around its zero point cannot be ablated by scaling); the engine
+    computes as onnxruntime's integer kernels, exactly."""
+    from lancet.neurons import find_layers
+
+    model = load_model(qoperator_lenet)
+    assert {node.op_type for node in model.nodes} >= {"QLinearConv", "QGemm", "QuantizeLinear"}
+    assert len(model.quantized) == 10 and model.is_quantized and not model.per_input_ranges
+    layers = find_layers(model, weight_only=True)
+    assert [layer.op_type for layer in layers] == ["QLinearConv"] * 2 + ["QGemm"] * 3
+    assert all(layer.weight_only and layer.bias for layer in layers) and not find_layers(model)
+    x = np.load(backdoor_case.heldout)["x_test"][:300]
+    got = np.asarray(Forward(model).logits(x))
+    assert max_diff(got, OrtPredictor(model, qoperator_lenet).logits(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["finetune", "flip"])
+def test_qoperator_model_repaired_in_its_integers(qoperator_lenet, backdoor_case, method, tmp_path):
+    """The repair writes int8 weights (and int32 biases) into their initializers and nothing else; the
+    written file, run by onnxruntime, has lost the backdoor on held-out data (measured on an AVX-512 EPYC:
+    ASR 99.8 -> 0.8 % fine-tuned, 0.0 % flipped, accuracy 95.5 -> 95.5 / 95.1 %)."""
+    from lancet.repair import repair
+
+    out = tmp_path / f"{method}.onnx"
+    result = repair(qoperator_lenet, backdoor_case.case, out, method=method, progress=False)
+    assert result.written, result.reasons
+    assert result.details["parity_max_abs_diff"] <= 1e-5
+    heldout = dict(np.load(backdoor_case.heldout))
+
+    def figures(path):
+        predictor = OrtPredictor(load_model(path), path)
+        return (float(np.mean(predictor.predict(heldout["x_test"]) == heldout["y_test"])),
+                float(np.mean(predictor.predict(heldout["x_error"]) == int(heldout["target"]))))
+
+    (acc_before, asr_before), (acc_after, asr_after) = figures(qoperator_lenet), figures(out)
+    assert asr_before > 0.9 and asr_after <= 0.025, (asr_before, asr_after)
+    assert acc_after >= acc_before - 0.015, (acc_before, acc_after)
+    original, written = onnx.load(qoperator_lenet), onnx.load(out)
+    assert [(n.op_type, list(n.input)) for n in original.graph.node] == \
+        [(n.op_type, list(n.input)) for n in written.graph.node]
+    before = {init.name: numpy_helper.to_array(init) for init in original.graph.initializer}
+    changed = {init.name: numpy_helper.to_array(init) for init in written.graph.initializer
+               if not np.array_equal(numpy_helper.to_array(init), before[init.name])}
+    assert changed and all(value.dtype == before[name].dtype and value.dtype in (np.int8, np.int32)
+                           for name, value in changed.items())
+
+
+def test_qoperator_elementwise_and_pooling_ops_match_onnxruntime(tmp_path):
+    """A residual block (QLinearAdd), average pooling (QLinearAveragePool), sigmoid gating (QLinearSigmoid,
+    QLinearMul) and a concatenation (QLinearConcat) as onnxruntime's QOperator quantizer writes them from a
+    PyTorch module: the engine equals onnxruntime exactly."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from lancet.converters.quantize import quantize_qoperator
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.pool, self.fc = nn.AvgPool2d(2), nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = self.pool(torch.relu(self.bn(self.stem(x))))
+            h = torch.relu(h + self.conv2(torch.relu(self.conv1(h))))
+            h = torch.cat([h, torch.sigmoid(h) * h], 1)[:, :8]
+            return self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).uniform(0, 1, (256, 1, 16, 16)).astype(np.float32)
+    source = tmp_path / "block.onnx"
+    torch.onnx.export(Block().eval(), torch.tensor(x[:2]), str(source), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "n"}}, opset_version=17, dynamo=False)
+    path = quantize_qoperator(source, tmp_path / "block-qoperator.onnx", x[:128])
+    model = load_model(path)
+    assert {"QLinearAdd", "QLinearAveragePool", "QLinearSigmoid", "QLinearMul", "QLinearConcat"} <= \
+        {node.op_type for node in model.nodes}
+    assert max_diff(Forward(model).logits(x), OrtPredictor(model, path).logits(x)) <= 1e-6

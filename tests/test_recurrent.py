@@ -276,7 +276,7 @@ def test_lstm_classifier_repair_end_to_end(tmp_path):
     out = tmp_path / "lstm-repaired.onnx"
     result = repair(built.model, built.case, out, method="finetune", progress=False)
     assert result.written, result.status
-    assert {layer.name for layer in result.locate_result.scores.layers if layer.recurrent} == \
+    assert {layer.name for layer in result.locate_result.scores.layers if layer.weight_only} == \
         {"/recurrent/LSTM:W", "/recurrent/LSTM:R"}
     heldout = dict(np.load(built.heldout))
 
@@ -320,7 +320,7 @@ def test_ablation_of_recurrent_weights_matches_a_plain_forward():
     forward = Forward(model)
     case = load_case(built.case, model)
     pairs = build_pairs(forward, case)
-    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, find_layers(model, recurrent=True))
+    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, find_layers(model, weight_only=True))
     ablator = Ablator(forward, scores, pairs, case.x_clean, case.y_clean)
     weight = next(layer.weight for layer in scores.layers if layer.name.endswith(":W"))
     ranks, _ = ablator.ranks(weight)
@@ -355,7 +355,7 @@ def test_keras_gru_loop_weights_are_scored_and_ablated_through_the_loop(export_d
     x = np.transpose(digits[0][:200], (0, 2, 3, 1))
     model = model_from_proto(onnx.load(export_keras(net, x[:2], export_dir / "keras-gru-scores.onnx")))
     forward = Forward(model)
-    loop_layers = [layer for layer in find_layers(model, recurrent=True) if layer.op_type == "Loop"]
+    loop_layers = [layer for layer in find_layers(model, weight_only=True) if layer.op_type == "Loop"]
     assert sorted(layer.weight_shape for layer in loop_layers) == [(2, 36), (12, 36), (28, 36)]
     # an untrained net's mistakes as "errors", each paired with an input it labels as the error's right label
     labels = predict_labels(forward, x)
@@ -368,7 +368,7 @@ def test_keras_gru_loop_weights_are_scored_and_ablated_through_the_loop(export_d
     case = validate_case({"x_clean": x[100:], "y_clean": labels[100:], "x_error": x[error],
                           "y_error": labels[companion], "x_companion": x[companion]}, model)
     pairs = build_pairs(forward, case)
-    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, find_layers(model, recurrent=True))
+    scores = score_neurons(forward, pairs, case.x_clean, case.y_clean, find_layers(model, weight_only=True))
     kernel = next(layer.weight for layer in loop_layers if layer.weight_shape == (28, 36))
     assert np.isfinite(scores.scores[kernel]).any()
     ablator = Ablator(forward, scores, pairs, case.x_clean, case.y_clean)

@@ -13,7 +13,7 @@ def defend(forward: Forward, case: Case, *, seed: int = 0, **_: object) -> Defen
     """Fine-tune every weight, bias and BatchNorm scale/shift on x_clean (plus the error inputs with their
     right labels when the case has them); early stopping on a held-back fifth."""
     start = time.perf_counter()
-    names = trainable_parameters(forward.model, find_layers(forward.model, recurrent=True))
+    names = trainable_parameters(forward.model, find_layers(forward.model, weight_only=True))
     x, y, weights = training_data(case)
     tuned = train_all(forward, names, x, y, weights, seed=seed)
     return DefenceResult("finetuning", "repaired", tuned.changed, time.perf_counter() - start,

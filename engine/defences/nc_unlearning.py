@@ -35,7 +35,7 @@ def defend(forward: Forward, case: Case, *, seed: int = 0, restore: RestoreResul
     rows = np.resize(np.asarray(restore.flagged_classes), len(picks))
     stamped = np.concatenate([restore.apply(case.x_clean[picks[rows == r]], int(r)) for r in restore.flagged_classes])
     picks = np.concatenate([picks[rows == r] for r in restore.flagged_classes])
-    names = trainable_parameters(forward.model, find_layers(forward.model, recurrent=True))
+    names = trainable_parameters(forward.model, find_layers(forward.model, weight_only=True))
     x, y, weights = training_data(case, stamped, case.y_clean[picks])
     tuned = train_all(forward, names, x, y, weights, seed=seed)
     details.update(stamped=len(picks), best_epoch=tuned.best_epoch)

@@ -174,9 +174,9 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
         pairs = build_pairs(forward, case, fill=fill, restored=restore)
         seconds["pairs"] = time.perf_counter() - tick
 
-        layers = find_layers(model, recurrent=granularity == "weight")
+        layers = find_layers(model, weight_only=granularity == "weight")
         tick = time.perf_counter()
-        features = ei_features(forward, pairs, [layer for layer in layers if not layer.recurrent])
+        features = ei_features(forward, pairs, [layer for layer in layers if not layer.weight_only])
         seconds["features"] = time.perf_counter() - tick
 
         tick = time.perf_counter()

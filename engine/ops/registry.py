@@ -33,17 +33,19 @@ class OpSpec:
     op_type: str
     fn: Handler
     static_inputs: tuple[int, ...] = ()
+    domain: str = ""  # "" for the default ONNX domain; "com.microsoft" for onnxruntime's contrib ops
 
 
 REGISTRY: dict[str, OpSpec] = {}
 
 
-def register(*op_types: str, static_inputs: tuple[int, ...] = ()) -> Callable[[Handler], Handler]:
-    """Register `fn` as the handler of each op type in `op_types` (default ONNX domain)."""
+def register(*op_types: str, static_inputs: tuple[int, ...] = (), domain: str = "") -> Callable[[Handler], Handler]:
+    """Register `fn` as the handler of each op type in `op_types` (of the default ONNX domain unless
+    `domain` names another; op type names do not repeat across the domains the engine runs)."""
 
     def decorate(fn: Handler) -> Handler:
         for op_type in op_types:
-            REGISTRY[op_type] = OpSpec(op_type, fn, static_inputs)
+            REGISTRY[op_type] = OpSpec(op_type, fn, static_inputs, domain)
         return fn
 
     return decorate
