@@ -289,6 +289,11 @@ def test_qoperator_model_runs_as_onnxruntime_does(qoperator_lenet, backdoor_case
     x = np.load(backdoor_case.heldout)["x_test"][:300]
     got = np.asarray(Forward(model).logits(x))
     assert max_diff(got, OrtPredictor(model, qoperator_lenet).logits(x)) <= 1e-6
+    from lancet.errors import BadInputError
+    from lancet.locate.pipeline import locate
+
+    with pytest.raises(BadInputError, match="weight neurons only"):
+        locate(model, backdoor_case.case, granularity="channel", progress=False)
 
 
 @pytest.mark.parametrize("method", ["finetune", "flip"])
@@ -353,4 +358,29 @@ def test_qoperator_elementwise_and_pooling_ops_match_onnxruntime(tmp_path):
     model = load_model(path)
     assert {"QLinearAdd", "QLinearAveragePool", "QLinearSigmoid", "QLinearMul", "QLinearConcat"} <= \
         {node.op_type for node in model.nodes}
+    assert max_diff(Forward(model).logits(x), OrtPredictor(model, path).logits(x)) <= 1e-6
+
+
+def test_qoperator_matmul_layers_match_onnxruntime(tmp_path):
+    """MatMul layers (as Keras and hand-written graphs have them) become QLinearMatMul, their bias Add a
+    QLinearAdd: weight-neuron layers, per-column weights, equal to onnxruntime exactly."""
+    from lancet.converters.quantize import quantize_qoperator
+    from lancet.neurons import find_layers
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.normal(scale=0.3, size=(20, 16)).astype(np.float32),
+               "b1": rng.normal(scale=0.1, size=16).astype(np.float32),
+               "w2": rng.normal(scale=0.3, size=(16, 5)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 20])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, tmp_path / "mlp.onnx")
+    x = rng.uniform(0, 1, (300, 20)).astype(np.float32)
+    path = quantize_qoperator(tmp_path / "mlp.onnx", tmp_path / "mlp-qoperator.onnx", x[:100])
+    model = load_model(path)
+    assert [layer.op_type for layer in find_layers(model, weight_only=True)] == ["QLinearMatMul"] * 2
     assert max_diff(Forward(model).logits(x), OrtPredictor(model, path).logits(x)) <= 1e-6
