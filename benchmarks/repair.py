@@ -72,6 +72,14 @@ ROWS = {
     "fashion-lenet5-badnets-qdq": (dict(FASHION, arch="lenet5", attack="badnets", quantize="qdq"),
                                    "LeNet-5 quantized for int8 deployment (onnxruntime QDQ, per channel), BadNets, "
                                    "all-to-one; every method judged on its weights rounded to int8"),
+    "fashion-lenet5-badnets-qoperator": (dict(FASHION, arch="lenet5", attack="badnets", quantize="qoperator"),
+                                         "LeNet-5 quantized for int8 deployment (onnxruntime QOperator format: "
+                                         "QLinearConv, QGemm; per channel), BadNets, all-to-one; weight neurons "
+                                         "only (channel-pruning peers do not apply)"),
+    "fashion-lenet5-badnets-dynamic": (dict(FASHION, arch="lenet5", attack="badnets", quantize="dynamic"),
+                                       "LeNet-5 dynamically quantized (onnxruntime quantize_dynamic: int8 weights, "
+                                       "ConvInteger / MatMulInteger, activations quantized per input at run time), "
+                                       "BadNets, all-to-one"),
     "fashion-lstm-badnets": (dict(FASHION, arch="lstm", attack="badnets"),
                              "LSTM reading the rows (64 units) + 2 dense layers, BadNets, all-to-one; the LSTM's input "
                              "and recurrent weights are weight-neuron candidates and plain fine-tuning / NC train them too"),

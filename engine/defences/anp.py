@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from ..case import Case
+from ..errors import BadInputError
 from ..forward import Edit, Forward
 from ..locate.common import make_logits_fn
 from ..neurons import find_layers
@@ -38,6 +39,8 @@ def defend(forward: Forward, case: Case, *, seed: int = 0, steps: int = STEPS, t
     start = time.perf_counter()
     model = forward.model
     layers = find_layers(model)[:-1]
+    if not layers:
+        raise BadInputError("ANP masks the channels of hidden layers; the model has none with channel neurons")
     logits_fn = make_logits_fn(forward)
     params = forward.params
     masks = {layer.name: jnp.ones(layer.channels) for layer in layers}
