@@ -108,17 +108,20 @@ def test_quantize_dequantize_ops_match_onnxruntime(zero_type, axis):
     assert np.abs(np.asarray(grad)).max() > 0  # straight through, not round's zero gradient
 
 
-def test_recipe_builds_a_quantized_model():
-    """Recipe(quantize='qdq') trains the float model and quantizes it (calibrated on training images), under
-    its own cache name; the recipes without it keep their cache keys."""
+@pytest.mark.parametrize("fmt, ops", [("qdq", {"QuantizeLinear", "DequantizeLinear"}),
+                                      ("qoperator", {"QLinearConv", "QGemm"}),
+                                      ("dynamic", {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"})])
+def test_recipe_builds_a_quantized_model(fmt, ops):
+    """Recipe(quantize=...) trains the float model and quantizes it in that format (static formats calibrated
+    on training images), under its own cache name; the recipes without it keep their cache keys."""
     pytest.importorskip("torch")
     from lancet.models.recipes import Recipe, build_case
 
-    assert Recipe().key() == Recipe(quantize="none").key() != Recipe(quantize="qdq").key()
-    built = build_case(Recipe(quantize="qdq"))
-    assert "-qdq-" in built.model.parent.name
+    assert Recipe().key() == Recipe(quantize="none").key() != Recipe(quantize=fmt).key()
+    built = build_case(Recipe(quantize=fmt))
+    assert f"-{fmt}-" in built.model.parent.name
     model = load_model(built.model)
-    assert model.is_quantized and {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.nodes}
+    assert model.is_quantized and ops <= {n.op_type for n in model.nodes}
     heldout = np.load(built.heldout)
     labels = OrtPredictor(model, built.model).predict(heldout["x_test"])
     assert np.mean(labels == heldout["y_test"]) > 0.9
