@@ -190,6 +190,7 @@ def summary(model: Model) -> dict:
         "parameters": int(sum(v.size for v in model.params.values())),
         "outside_layers": _outside_layers(model, layers),
         "batch": _batch_summary(model),
+        "quantization": _quantization_format(model),
         "op_coverage": {op: {"count": n, "supported": op in REGISTRY} for op, n in sorted(op_counts.items())},
     }
 
@@ -208,6 +209,18 @@ def _outside_layers(model: Model, layers: list[Layer]) -> dict:
         for op_type in sorted({node.op_type for node in consumers.get(name, [])}):
             read_by[op_type] += int(model.params[name].size)
     return {"parameters": int(sum(model.params[name].size for name in outside)), "read_by": dict(read_by)}
+
+
+def _quantization_format(model: Model) -> str | None:
+    """Which of onnxruntime's int8 formats the file is in: 'qoperator' (quantized operators), 'dynamic'
+    (activations quantized per input at run time), 'qdq' (weights behind DequantizeLinear); None for a
+    float model."""
+    op_types = {node.op_type for node in model.nodes}
+    if op_types & set(QLINEAR_OPS):
+        return "qoperator"
+    if model.per_input_ranges or op_types & {"ConvInteger", "MatMulInteger"}:
+        return "dynamic"
+    return "qdq" if model.quantized or "DequantizeLinear" in op_types else None
 
 
 def _batch_summary(model: Model) -> dict:

@@ -33,6 +33,9 @@ def test_quantized_model_runs_as_onnxruntime_does(quantized_lenet, backdoor_case
     apart)."""
     model = load_model(quantized_lenet)
     assert len(model.quantized) == 10 and all(q.dtype in (np.int8, np.int32) for q in model.quantized.values())
+    from lancet.neurons import summary
+
+    assert summary(model)["quantization"] == "qdq"
     from lancet.neurons import find_layers
 
     assert [layer.op_type for layer in find_layers(model)] == ["Conv", "Conv", "Gemm", "Gemm", "Gemm"]
@@ -151,6 +154,9 @@ def test_dynamic_quantized_model_runs_as_onnxruntime_does(dynamic_lenet, backdoo
 
     model = load_model(dynamic_lenet)
     assert model.per_input_ranges and model.is_quantized
+    from lancet.neurons import summary
+
+    assert summary(model)["quantization"] == "dynamic"
     assert sorted(q.source for q in model.quantized.values()) == sorted(model.quantized)  # own names
     layers = find_layers(model)
     assert [layer.op_type for layer in layers] == ["ConvInteger"] * 2 + ["MatMulInteger"] * 3
@@ -286,6 +292,9 @@ def test_qoperator_model_runs_as_onnxruntime_does(qoperator_lenet, backdoor_case
     model = load_model(qoperator_lenet)
     assert {node.op_type for node in model.nodes} >= {"QLinearConv", "QGemm", "QuantizeLinear"}
     assert len(model.quantized) == 10 and model.is_quantized and not model.per_input_ranges
+    from lancet.neurons import summary
+
+    assert summary(model)["quantization"] == "qoperator"
     layers = find_layers(model, weight_only=True)
     assert [layer.op_type for layer in layers] == ["QLinearConv"] * 2 + ["QGemm"] * 3
     assert all(layer.weight_only and layer.bias for layer in layers) and not find_layers(model)
