@@ -250,19 +250,30 @@ def _slot(node: Node, slot: int | None) -> str | None:
 
 def _folded(tensors: dict[str, np.ndarray], name: str, scale: np.ndarray, zero: np.ndarray | None, axis: int,
             readers: dict[str, int]) -> QuantizedParam | None:
-    """The integer initializer `name` as a float parameter (q - zero) x scale, per tensor or along `axis`:
-    its QuantizedParam, the float value stored under the same name; None when it does not qualify (not an
-    integer initializer read once, a scale or zero point of the wrong size, a scale not positive)."""
+    """The integer initializer `name` as a float parameter (q - zero) x scale, per tensor, along `axis`, or
+    (a scale and zero point of the weight's rank) broadcast: its QuantizedParam, the float value stored
+    under the same name; None when it does not qualify (not an integer initializer read once, a scale or
+    zero point of the wrong size, a scale not positive)."""
     q = tensors.get(name)
     if q is None or readers.get(name) != 1 or not np.issubdtype(q.dtype, np.integer) or q.ndim < 1:
         return None
     axis %= q.ndim
     zero = np.zeros((), q.dtype) if zero is None else np.asarray(zero)
     scale = np.asarray(scale, np.float32)
-    if scale.size not in (1, q.shape[axis]) or zero.size not in (1, q.shape[axis]) or not np.all(scale > 0):
+    if not np.all(scale > 0):
         return None
-    param = QuantizedParam(name, scale.reshape(-1) if scale.size > 1 else scale.reshape(()),
-                           zero.reshape(-1) if zero.size > 1 else zero.reshape(()), axis, np.dtype(q.dtype))
+
+    def shaped(value: np.ndarray) -> np.ndarray | None:
+        if value.size == 1:
+            return value.reshape(())
+        if value.ndim == q.ndim and q.ndim > 1:  # already broadcastable (a recurrent weight's per-column scale)
+            return value if np.broadcast_shapes(value.shape, q.shape) == q.shape else None
+        return value.reshape(-1) if value.size == q.shape[axis] else None
+
+    scale_shaped, zero_shaped = shaped(scale), shaped(zero)
+    if scale_shaped is None or zero_shaped is None:
+        return None
+    param = QuantizedParam(name, scale_shaped, zero_shaped, axis, np.dtype(q.dtype))
     tensors[name] = param.dequantize(q)
     return param
 
@@ -299,6 +310,22 @@ def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> 
             if param is not None:
                 node.attrs = {**node.attrs, "weight_unit": param.scale}
                 quantized[param.source] = param
+        elif node.op_type == "DynamicQuantizeLSTM":  # W and R with scales and zero points in slots 8-11
+            for weight_slot, scale_slot in ((1, 8), (2, 10)):
+                weight, scale, zero = (_slot(node, weight_slot), _slot(node, scale_slot), _slot(node, scale_slot + 1))
+                if weight is None or scale not in tensors or (zero is not None and zero not in tensors):
+                    continue
+                directions = tensors[weight].shape[0] if weight in tensors and tensors[weight].ndim == 3 else 0
+                value = np.asarray(tensors[scale], np.float32)
+                zero_value = np.asarray(tensors[zero]) if zero else None
+                if not directions or value.size not in (1, directions, tensors[weight].size // tensors[weight].shape[1]):
+                    continue
+                shaped = value if value.size == 1 else value.reshape(directions, 1, -1)
+                zero_shaped = (zero_value if zero_value is None or zero_value.size == 1
+                               else zero_value.reshape(directions, 1, -1))
+                param = _folded(tensors, weight, shaped, zero_shaped, 0, readers)
+                if param is not None:
+                    quantized[weight] = param
         elif node.op_type in QLINEAR_WEIGHT_OPS:
             weight_slot, bias_slot = QLINEAR_WEIGHT_OPS[node.op_type]
             names = [_slot(node, slot) for slot in (1, weight_slot, weight_slot + 1, weight_slot + 2)]

@@ -28,7 +28,7 @@ CONV_OPS = ("Conv", "ConvInteger", "QLinearConv")  # convolutions whose kernel i
 DENSE_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm")
 # Quantized-operator layers: (weight slot, bias slot or None); weight neurons only.
 QLINEAR_OPS = {"QLinearConv": (3, 8), "QLinearMatMul": (3, None), "QGemm": (3, 6)}
-RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ def _past_integer_scaling(tensor: str, consumers: dict[str, list[Node]]) -> str:
 def _recurrent_layers(model: Model, node: Node) -> list[Layer]:
     """A recurrent node's W and R as weight-neuron layers (those of them that are parameters)."""
     layers = []
-    hidden = int(model.params[node.inputs[2]].shape[-1]) if node.inputs[2] in model.params else 0
+    hidden_axis = 1 if node.op_type == "DynamicQuantizeLSTM" else -1  # R [D, H, 4H] there, [D, 4H, H] in LSTM
+    hidden = int(model.params[node.inputs[2]].shape[hidden_axis]) if node.inputs[2] in model.params else 0
     bias = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] in model.params else None
     for slot, role in ((1, "W"), (2, "R")):
         weight = node.inputs[slot]

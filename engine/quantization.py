@@ -7,10 +7,13 @@ import numpy as np
 
 def along_axis(value: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     """A per-tensor (one element) or per-axis (1-D) scale or zero point, shaped to broadcast along `axis`
-    of an `ndim`-D tensor."""
+    of an `ndim`-D tensor; one already `ndim`-D (a recurrent weight's per direction and gate column) as
+    it is."""
     value = np.asarray(value)
     if value.size == 1:
         return value.reshape(())
+    if value.ndim == ndim and ndim > 1:
+        return value
     shape = [1] * ndim
     shape[axis % ndim] = value.size
     return value.reshape(shape)

@@ -61,9 +61,11 @@ def _activations(attrs: dict, defaults: tuple[str, ...], directions: int, ctx: O
 
 
 def _run(inputs: list, attrs: dict, ctx: OpContext, gates: int, defaults: tuple[str, ...], cell: Callable,
-         with_cell_state: bool):
+         with_cell_state: bool, project: Callable | None = None, recur: Callable | None = None):
     """Common driver: layout, directions, biases, initial states, masking; `cell(carry, projected_x_t,
-    R, extras, activations) -> carry` does one step of one direction, carry = (h,) or (h, c)."""
+    R, extras, activations) -> carry` does one step of one direction, carry = (h,) or (h, c).
+    `project(x, d)` (default X·W[d]ᵀ over every step) and `recur(h, d)` (default H·R[d]ᵀ; LSTM and RNN
+    cells) replace the two products of direction d (a dynamically quantized LSTM computes them in integers)."""
     from ..errors import BadInputError
 
     x, w, r = inputs[0], inputs[1], inputs[2]
@@ -99,13 +101,15 @@ def _run(inputs: list, attrs: dict, ctx: OpContext, gates: int, defaults: tuple[
     ys, finals = [], []
     for d in range(directions):
         reverse = direction == "reverse" or d == 1
-        projected = jnp.einsum("tni,gi->tng", x, jnp.asarray(w[d], jnp.float32))
+        projected = (project(x, d) if project is not None
+                     else jnp.einsum("tni,gi->tng", x, jnp.asarray(w[d], jnp.float32)))
         recurrent_bias = None
         if bias is not None:
             b = jnp.asarray(bias[d], jnp.float32)
             projected = projected + b[: gates * hidden]
             recurrent_bias = b[gates * hidden:]
         extras = {"bias_r": recurrent_bias, "clip": clip,
+                  "recur": (lambda h, r, d=d: recur(h, d)) if recur is not None else (lambda h, r: h @ r.T),
                   "peepholes": None if peepholes is None else jnp.asarray(peepholes[d], jnp.float32),
                   "input_forget": int(attrs.get("input_forget", 0)),
                   "linear_before_reset": int(attrs.get("linear_before_reset", 0))}
@@ -139,7 +143,7 @@ def _clip(value: Any, clip: float | None) -> Any:
 def _lstm_cell(carry, xt, r, extras, acts):
     h, c = carry
     f_act, g_act, h_act = acts
-    z = xt + h @ r.T
+    z = xt + extras["recur"](h, r)
     if extras["bias_r"] is not None:
         z = z + extras["bias_r"]
     zi, zo, zf, zc = jnp.split(z, 4, axis=-1)
@@ -178,7 +182,7 @@ def _gru_cell(carry, xt, r, extras, acts):
 
 def _rnn_cell(carry, xt, r, extras, acts):
     (h,) = carry
-    z = xt + h @ r.T
+    z = xt + extras["recur"](h, r)
     if extras["bias_r"] is not None:
         z = z + extras["bias_r"]
     return (acts[0](_clip(z, extras["clip"])),)
@@ -197,3 +201,46 @@ def gru(inputs, attrs, ctx):
 @register("RNN")
 def rnn(inputs, attrs, ctx):
     return _run(inputs, attrs, ctx, 1, ("Tanh",), _rnn_cell, with_cell_state=False)
+
+
+@register("DynamicQuantizeLSTM", static_inputs=(8, 9, 10, 11), domain="com.microsoft")
+def dynamic_quantize_lstm(inputs, attrs, ctx):
+    """onnxruntime's dynamically quantized LSTM (what quantize_dynamic makes of an LSTM): int8 weights
+    W [directions, input, 4 hidden] and R [directions, hidden, 4 hidden] (transposed against LSTM's) with
+    their scales and zero points (per direction, or per direction and gate column) in slots 8-11. Each
+    product quantizes its activations over their own range first, as DynamicQuantizeLinear does: the input
+    projection the whole input sequence once, the recurrent product the hidden state at every step; the
+    int32 products are scaled by input scale x weight scale. Weights the loader folded into float parameters
+    are divided back into integer steps and rounded (straight-through gradient)."""
+    from .quantize import _straight_through_round, dynamic_quantize_linear
+
+    def steps_and_scale(weight, scale, zero):
+        """The weight in integer steps, zero point off, and its scale, both shaped [D, 1, 4H or 1]."""
+        directions = np.shape(weight)[0]
+        scale = np.asarray(scale, np.float32).reshape(directions, 1, -1) if np.size(scale) > 1 else \
+            np.full((directions, 1, 1), np.asarray(scale, np.float32).reshape(()), np.float32)
+        if isinstance(weight, np.ndarray) and np.issubdtype(weight.dtype, np.integer):
+            zero = np.asarray(zero if zero is not None else 0, np.float32)
+            zero = zero.reshape(directions, 1, -1) if zero.size > 1 else zero.reshape(())
+            return weight.astype(np.float32) - zero, scale
+        return _straight_through_round(jnp.asarray(weight) / scale), scale
+
+    w_steps, w_scale = steps_and_scale(inputs[1], inputs[8], inputs[9] if len(inputs) > 9 else None)
+    r_steps, r_scale = steps_and_scale(inputs[2], inputs[10], inputs[11] if len(inputs) > 11 else None)
+
+    def quantized_product(a, steps, scale):
+        q, a_scale, a_zero = dynamic_quantize_linear([a], {}, ctx)
+        return jnp.matmul(q - a_zero, steps, precision=lax.Precision.HIGHEST) * (a_scale * scale)
+
+    def project(x, d):  # the whole sequence [T, N, I] quantized together
+        flat = x.reshape(-1, x.shape[-1])
+        return quantized_product(flat, w_steps[d], w_scale[d]).reshape(*x.shape[:2], -1)
+
+    def recur(h, d):
+        return quantized_product(h, r_steps[d], r_scale[d])
+
+    # `_run` reads the hidden size from R's last axis and takes W and R in LSTM's layout (unused here but for
+    # their shapes: `project` and `recur` compute the products)
+    standard = [inputs[0], jnp.swapaxes(w_steps, 1, 2), jnp.swapaxes(r_steps, 1, 2), *inputs[3:8]]
+    return _run(standard, attrs, ctx, 4, ("Sigmoid", "Tanh", "Tanh"), _lstm_cell, with_cell_state=True,
+                project=project, recur=recur)
