@@ -17,7 +17,7 @@ import numpy as np
 from .allocator import tune_allocator
 from .errors import BadInputError, LancetError, NodeFailedError
 from .ir import Model
-from .ops import REGISTRY, OpContext
+from .ops import OpContext, spec_of
 from .ops.fused import conv_relu_max_pool, find_conv_relu_pools
 
 # Op types whose output channels live on axis 1 (NCHW-style) rather than on the last axis.
@@ -96,7 +96,7 @@ def _graph_apply(model: Model, start: int = 0, static: Mapping[str, np.ndarray] 
     nodes = list(model.nodes)[start:]
     static = dict(static or {})
     constants = {**model.constants, **static}
-    specs = [REGISTRY[node.op_type] for node in nodes]
+    specs = [spec_of(node.op_type, node.domain) for node in nodes]
     contexts = [OpContext(model.opset, node.name, len(node.outputs)) for node in nodes]
     output_names = [info.name for info in model.outputs]
     input_names = ([info.name for info in model.inputs] if start == 0

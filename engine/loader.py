@@ -11,7 +11,8 @@ from onnx.helper import get_attribute_value, tensor_dtype_to_np_dtype
 
 from .errors import BadInputError, UnsupportedOpError
 from .ir import Model, Node, QuantizedParam, TensorInfo
-from .ops import REGISTRY
+from .ops import REGISTRY, spec_of
+from .ops.registry import registry_key
 
 # Opsets 22-25 (torch 2.13's exporter writes up to 25) only widen the tensor types the supported ops take
 # (bfloat16, float4, float8e8m0, 2-bit integers): their float semantics are those of 21.
@@ -147,9 +148,8 @@ def check_supported(nodes: list[Node]) -> None:
     pending = list(nodes)
     while pending:
         node = pending.pop(0)
-        spec = REGISTRY.get(node.op_type)
-        if spec is None or not (node.domain == spec.domain or (node.domain in DEFAULT_DOMAINS and not spec.domain)):
-            key = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
+        if spec_of(node.op_type, node.domain) is None:
+            key = registry_key(node.op_type, node.domain)
             unsupported.setdefault(key, []).append(node.name)
         if node.op_type in SUBGRAPH_OPS:  # the subgraphs' ops too
             pending += [inner for key in SUBGRAPH_OPS[node.op_type] for inner in node.attrs[key]["nodes"]]
@@ -175,7 +175,7 @@ def _split_params(nodes, tensors: dict[str, np.ndarray], dynamic: set[str]):
     for node in nodes:
         if not any(out in dynamic for out in node.outputs):
             continue
-        static_slots = REGISTRY[node.op_type].static_inputs
+        static_slots = spec_of(node.op_type, node.domain).static_inputs
         for slot, name in enumerate(node.inputs):
             if name in tensors and slot not in static_slots and np.issubdtype(tensors[name].dtype, np.floating):
                 param_names.add(name)

@@ -11,7 +11,8 @@ its input weights W and its recurrent weights R (with the biases B beside W), an
 matrix its body reads: their output is not a per-step feature map with channels that an edit or a sign
 flip could act on alone (each step feeds the next). A quantized-operator layer (QLinearConv, QLinearMatMul,
 QGemm: onnxruntime's QOperator format) outputs integers around a zero point, which scaling does not
-ablate or flip. Channel granularity, the EI feature taps and the channel-pruning peers leave these out
+ablate or flip; nor does an onnxruntime fused layer (FusedConv, FusedGemm: the activation is inside it).
+Channel granularity, the EI feature taps and the channel-pruning peers leave these out
 (`find_layers(weight_only=False)`).
 """
 from __future__ import annotations
@@ -24,10 +25,15 @@ import numpy as np
 from .ir import Model, Node
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger")
-CONV_OPS = ("Conv", "ConvInteger", "QLinearConv")  # convolutions whose kernel is [out channels, in channels, ...]
-DENSE_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm")
+# convolutions whose kernel is [out channels, in channels, ...]
+CONV_OPS = ("Conv", "ConvInteger", "QLinearConv", "FusedConv")
+DENSE_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm", "FusedGemm", "FusedMatMul")
 # Quantized-operator layers: (weight slot, bias slot or None); weight neurons only.
 QLINEAR_OPS = {"QLinearConv": (3, 8), "QLinearMatMul": (3, None), "QGemm": (3, 6)}
+# onnxruntime's fused layers (a convolution or Gemm with its activation inside): weight neurons only, as
+# their output is past the activation, where scaling a channel is not what negating its weights does.
+FUSED_OPS = {"FusedConv": (1, 2), "FusedGemm": (1, 2), "FusedMatMul": (1, None)}
+WEIGHT_ONLY_OPS = {**QLINEAR_OPS, **FUSED_OPS}
 RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
 
 
@@ -59,7 +65,7 @@ def _weight_channels(node: Node, weight: np.ndarray) -> int:
         return int(weight.shape[0])
     if node.op_type == "ConvTranspose":
         return int(weight.shape[1] * node.attrs.get("group", 1))
-    if node.op_type in ("Gemm", "QGemm"):
+    if node.op_type in ("Gemm", "QGemm", "FusedGemm"):
         return int(weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[-1])
     return int(weight.shape[-1])
 
@@ -107,10 +113,10 @@ def _loop_layers(model: Model, node: Node) -> list[Layer]:
     return layers
 
 
-def _qlinear_layer(model: Model, node: Node) -> list[Layer]:
-    """A QLinearConv, QLinearMatMul or QGemm whose integer weight the loader folded into a parameter, as a
-    weight-neuron layer (with its folded int32 bias)."""
-    weight_slot, bias_slot = QLINEAR_OPS[node.op_type]
+def _weight_only_layer(model: Model, node: Node) -> list[Layer]:
+    """A quantized-operator layer whose integer weight the loader folded into a parameter (with its folded
+    int32 bias), or an onnxruntime fused layer, as a weight-neuron layer."""
+    weight_slot, bias_slot = WEIGHT_ONLY_OPS[node.op_type]
     weight = model.params.get(node.inputs[weight_slot]) if len(node.inputs) > weight_slot else None
     if weight is None or weight.ndim < 2:
         return []
@@ -135,8 +141,8 @@ def find_layers(model: Model, weight_only: bool = False) -> list[Layer]:
         if weight_only and node.op_type == "Loop":
             layers += _loop_layers(model, node)
             continue
-        if weight_only and node.op_type in QLINEAR_OPS:
-            layers += _qlinear_layer(model, node)
+        if weight_only and node.op_type in WEIGHT_ONLY_OPS:
+            layers += _weight_only_layer(model, node)
             continue
         if node.op_type not in LAYER_OPS or len(node.inputs) < 2 or node.inputs[1] not in model.params:
             continue
@@ -168,11 +174,13 @@ def find_layers(model: Model, weight_only: bool = False) -> list[Layer]:
 def summary(model: Model) -> dict:
     """What `lancet inspect` reports: inputs, outputs, layers, neuron and parameter counts, op coverage."""
     from .ops import REGISTRY
+    from .ops.registry import registry_key
 
     layers = find_layers(model, weight_only=True)
-    op_counts: dict[str, int] = {}
+    op_counts: dict[str, int] = {}  # op types of other domains than the default as "domain::op type"
     for node in model.nodes:
-        op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
+        key = registry_key(node.op_type, node.domain)
+        op_counts[key] = op_counts.get(key, 0) + 1
     layer_weights = {layer.weight for layer in layers}
     return {
         "path": str(model.path) if model.path else None,

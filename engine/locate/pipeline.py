@@ -176,8 +176,8 @@ def locate(model: Model | str | Path, case: Case | str | Path, *, granularity: s
 
         layers = find_layers(model, weight_only=granularity == "weight")
         if not layers and granularity == "channel" and find_layers(model, weight_only=True):
-            raise BadInputError("the model's layers have weight neurons only (recurrent, Loop or quantized-"
-                                "operator layers, neurons.Layer.weight_only): use --granularity weight")
+            raise BadInputError("the model's layers have weight neurons only (recurrent, Loop, quantized-"
+                                "operator or fused layers, neurons.Layer.weight_only): use --granularity weight")
         tick = time.perf_counter()
         features = ei_features(forward, pairs, [layer for layer in layers if not layer.weight_only])
         seconds["features"] = time.perf_counter() - tick

@@ -19,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from .registry import REGISTRY, OpContext, is_static, register, static_array
+from .registry import OpContext, is_static, register, spec_of, static_array
 
 MAX_UNROLLED_ITERATIONS = 10_000  # a Loop on a condition alone that never folds to false is refused past this
 
@@ -29,7 +29,7 @@ def _run_graph(graph: dict, env: dict[str, Any], ctx: OpContext) -> list[Any]:
     env = {**env, **graph["initializers"]}
     for node in graph["nodes"]:
         args = [env[name] if name else None for name in node.inputs]
-        result = REGISTRY[node.op_type].fn(args, node.attrs, OpContext(ctx.opset, node.name, len(node.outputs)))
+        result = spec_of(node.op_type, node.domain).fn(args, node.attrs, OpContext(ctx.opset, node.name, len(node.outputs)))
         env.update(zip(node.outputs, result if isinstance(result, (tuple, list)) else (result,)))
     return [env[name] for name in graph["outputs"]]
 

@@ -36,16 +36,29 @@ class OpSpec:
     domain: str = ""  # "" for the default ONNX domain; "com.microsoft" for onnxruntime's contrib ops
 
 
+# Handlers by op type for the default ONNX domain, by "domain::op type" for the others (onnxruntime's
+# com.microsoft Gelu is not the default domain's).
 REGISTRY: dict[str, OpSpec] = {}
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def registry_key(op_type: str, domain: str = "") -> str:
+    """The REGISTRY key of an op type in a domain."""
+    return op_type if domain in DEFAULT_DOMAINS else f"{domain}::{op_type}"
+
+
+def spec_of(op_type: str, domain: str = "") -> OpSpec | None:
+    """The handler registered for an op type of a domain, or None."""
+    return REGISTRY.get(registry_key(op_type, domain))
 
 
 def register(*op_types: str, static_inputs: tuple[int, ...] = (), domain: str = "") -> Callable[[Handler], Handler]:
     """Register `fn` as the handler of each op type in `op_types` (of the default ONNX domain unless
-    `domain` names another; op type names do not repeat across the domains the engine runs)."""
+    `domain` names another)."""
 
     def decorate(fn: Handler) -> Handler:
         for op_type in op_types:
-            REGISTRY[op_type] = OpSpec(op_type, fn, static_inputs, domain)
+            REGISTRY[registry_key(op_type, domain)] = OpSpec(op_type, fn, static_inputs, domain)
         return fn
 
     return decorate

@@ -1,0 +1,107 @@
+"""onnxruntime's fused float ops (com.microsoft domain), as its graph optimiser writes them into a file saved
+after optimisation (`SessionOptions.optimized_model_filepath`, level extended): a convolution or Gemm with
+its activation (FusedConv, FusedGemm), MatMul with transposes and a scale (FusedMatMul), and the GELU
+family (Gelu, BiasGelu, FastGelu, QuickGelu). Each computes what the unfused ops did.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ..errors import BadInputError
+from .registry import register, xp
+
+MS = "com.microsoft"
+
+
+def _activation(x, name: str, params: list[float], ctx):
+    """The activation a fused node applies to its result: Relu, LeakyRelu (alpha), Tanh, Sigmoid, Clip
+    (min, max), HardSigmoid (alpha, beta); none when the name is empty."""
+    name = name.decode() if isinstance(name, bytes) else str(name or "")
+    if not name:
+        return x
+    if name == "Relu":
+        return jnp.maximum(x, 0.0)
+    if name == "LeakyRelu":
+        alpha = params[0] if params else 0.01
+        return jnp.where(x >= 0, x, np.float32(alpha) * x)
+    if name == "Tanh":
+        return jnp.tanh(x)
+    if name == "Sigmoid":
+        return jax.nn.sigmoid(x)
+    if name == "Clip":
+        low, high = (params + [-np.inf, np.inf][len(params):])[:2] if params else (-np.inf, np.inf)
+        return jnp.clip(x, np.float32(low), np.float32(high))
+    if name == "HardSigmoid":
+        alpha, beta = (list(params) + [0.2, 0.5][len(params):])[:2]
+        return jnp.clip(np.float32(alpha) * x + np.float32(beta), 0.0, 1.0)
+    raise BadInputError(f"node {ctx.node_name!r}: fused activation {name!r} is not supported (Relu, LeakyRelu, "
+                        "Tanh, Sigmoid, Clip, HardSigmoid are)")
+
+
+@register("FusedConv", domain=MS)
+def fused_conv(inputs, attrs, ctx):
+    """Conv (+ Z, the tensor an Add after it contributed) then the activation."""
+    from .nn import conv
+
+    conv_attrs = {k: v for k, v in attrs.items() if k not in ("activation", "activation_params")}
+    out = conv([inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None], conv_attrs, ctx)
+    if len(inputs) > 3 and inputs[3] is not None:
+        out = out + inputs[3]
+    return _activation(out, attrs.get("activation", ""), list(attrs.get("activation_params") or []), ctx)
+
+
+@register("FusedGemm", domain=MS)
+def fused_gemm(inputs, attrs, ctx):
+    """Gemm then the activation (its parameters in activation_alpha, _beta)."""
+    from .nn import gemm
+
+    gemm_attrs = {k: v for k, v in attrs.items() if not k.startswith("activation")}
+    params = [attrs[k] for k in ("activation_alpha", "activation_beta") if k in attrs]
+    return _activation(gemm(inputs, gemm_attrs, ctx), attrs.get("activation", ""), params, ctx)
+
+
+@register("FusedMatMul", domain=MS)
+def fused_matmul(inputs, attrs, ctx):
+    """alpha x MatMul(A or its last two axes swapped, B likewise)."""
+    a, b = inputs[0], inputs[1]
+    if attrs.get("transBatchA", 0) or attrs.get("transBatchB", 0):
+        raise BadInputError(f"node {ctx.node_name!r} (FusedMatMul): transBatchA/transBatchB are not supported")
+    if attrs.get("transA", 0):
+        a = jnp.swapaxes(a, -1, -2)
+    if attrs.get("transB", 0):
+        b = jnp.swapaxes(b, -1, -2)
+    out = jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+    alpha = attrs.get("alpha", 1.0)
+    return out if alpha == 1.0 else np.float32(alpha) * out
+
+
+def _gelu_erf(x):
+    return 0.5 * x * (1.0 + lax.erf(x * np.float32(1 / np.sqrt(2.0))))
+
+
+@register("Gelu", domain=MS)
+def gelu(inputs, attrs, ctx):
+    return _gelu_erf(inputs[0])
+
+
+@register("BiasGelu", domain=MS)
+def bias_gelu(inputs, attrs, ctx):
+    return _gelu_erf(inputs[0] + inputs[1])
+
+
+@register("FastGelu", domain=MS)
+def fast_gelu(inputs, attrs, ctx):
+    """The tanh approximation of GELU, of x (+ bias)."""
+    x = inputs[0] if len(inputs) < 2 or inputs[1] is None else inputs[0] + inputs[1]
+    return 0.5 * x * (1.0 + jnp.tanh(np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x * x * x)))
+
+
+@register("QuickGelu", domain=MS)
+def quick_gelu(inputs, attrs, ctx):
+    """x * sigmoid(alpha x), alpha 1.702 by default."""
+    x = inputs[0]
+    alpha = np.float32(attrs.get("alpha", 1.702))
+    return x * (1.0 / (1.0 + np.exp(-alpha * x)) if xp(x) is np else jax.nn.sigmoid(alpha * x))
