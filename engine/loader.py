@@ -348,6 +348,67 @@ def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> 
     return quantized
 
 
+def _activation_node(activation: str, params: list[float], node_name: str, x: str, y: str,
+                     tensors: dict[str, np.ndarray], sources: dict[str, str], opset: int) -> Node | None:
+    """The standard node for a fused layer's activation (x -> y), or None for one it cannot be. Clip's
+    bounds become constants named after y (attributes before opset 11)."""
+    name = f"{node_name}::activation"
+    if activation in ("Relu", "Tanh", "Sigmoid"):
+        return Node(name, activation, [x], [y], {})
+    if activation == "LeakyRelu":
+        return Node(name, activation, [x], [y], {"alpha": float(params[0]) if params else 0.01})
+    if activation == "HardSigmoid":
+        alpha, beta = (list(params) + [0.2, 0.5][len(params):])[:2]
+        return Node(name, activation, [x], [y], {"alpha": float(alpha), "beta": float(beta)})
+    if activation == "Clip":
+        if opset < 11:
+            return Node(name, "Clip", [x], [y], {k: float(v) for k, v in zip(("min", "max"), params)})
+        bounds = []
+        for bound, value in zip(("min", "max"), params):
+            tensors[f"{y}::{bound}"] = np.asarray(value, np.float32)
+            sources[f"{y}::{bound}"] = "unfused"
+            bounds.append(f"{y}::{bound}")
+        return Node(name, "Clip", [x, *bounds], [y], {})
+    return None
+
+
+def _unfused(nodes: list[Node], tensors: dict[str, np.ndarray], sources: dict[str, str], opset: int) -> list[Node]:
+    """onnxruntime's fused layers (com.microsoft FusedConv, FusedGemm: what its optimiser writes for a
+    convolution or Gemm and the activation after it, FusedConv also with an Add's other input Z) split back
+    into the standard nodes they stand for, in the IR only: the layer's channels then sit before the
+    activation, where a channel edit is what negating or zeroing its weights does (channel neurons, their
+    flips and the channel-pruning peers work as on the unoptimised file). The layer node keeps the fused
+    node's name; the written file keeps the fused node (graph surgery rewrites initializers only). An
+    activation with no standard node stays fused (ops/contrib.py runs it)."""
+    result = []
+    for node in nodes:
+        if node.domain != "com.microsoft" or node.op_type not in ("FusedConv", "FusedGemm"):
+            result.append(node)
+            continue
+        activation = node.attrs.get("activation", "")
+        activation = activation.decode() if isinstance(activation, bytes) else str(activation)
+        if node.op_type == "FusedConv":
+            params = list(node.attrs.get("activation_params") or [])
+        else:
+            params = [node.attrs[k] for k in ("activation_alpha", "activation_beta") if k in node.attrs]
+        output = node.outputs[0]
+        z = node.inputs[3] if node.op_type == "FusedConv" and len(node.inputs) > 3 and node.inputs[3] else None
+        pre = f"{output}::preact" if activation or z else output
+        summed = f"{output}::sum" if z and activation else (output if z else pre)
+        act = (_activation_node(activation, params, node.name, summed, output, tensors, sources, opset)
+               if activation else None)
+        if activation and act is None:
+            result.append(node)
+            continue
+        base = {k: v for k, v in node.attrs.items() if not k.startswith("activation")}
+        result.append(Node(node.name, "Conv" if node.op_type == "FusedConv" else "Gemm", node.inputs[:3], [pre], base))
+        if z:
+            result.append(Node(f"{node.name}::add", "Add", [pre, z], [summed], {}))
+        if act is not None:
+            result.append(act)
+    return result
+
+
 def load_model(path: str | Path, output: str | None = None) -> Model:
     """Load and validate an ONNX classifier: opset 9-25, supported ops only, at least one float input.
 
@@ -418,6 +479,7 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None, output: s
 
     kept, quantized = _fold_weight_dequantize(kept, tensors, sources, opset)
     quantized.update(_fold_integer_weights(kept, tensors))
+    kept = _unfused(kept, tensors, sources, opset)
 
     inputs = [_tensor_info(v) for v in graph.input if v.name not in tensors]
     outputs = [_tensor_info(v) for v in inferred.graph.output]

@@ -11,7 +11,7 @@ its input weights W and its recurrent weights R (with the biases B beside W), an
 matrix its body reads: their output is not a per-step feature map with channels that an edit or a sign
 flip could act on alone (each step feeds the next). A quantized-operator layer (QLinearConv, QLinearMatMul,
 QGemm: onnxruntime's QOperator format) outputs integers around a zero point, which scaling does not
-ablate or flip; nor does an onnxruntime fused layer (FusedConv, FusedGemm: the activation is inside it).
+ablate or flip; nor does an onnxruntime fused layer left fused (its activation is inside it).
 Channel granularity, the EI feature taps and the channel-pruning peers leave these out
 (`find_layers(weight_only=False)`).
 """
@@ -30,8 +30,9 @@ CONV_OPS = ("Conv", "ConvInteger", "QLinearConv", "FusedConv")
 DENSE_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm", "FusedGemm", "FusedMatMul")
 # Quantized-operator layers: (weight slot, bias slot or None); weight neurons only.
 QLINEAR_OPS = {"QLinearConv": (3, 8), "QLinearMatMul": (3, None), "QGemm": (3, 6)}
-# onnxruntime's fused layers (a convolution or Gemm with its activation inside): weight neurons only, as
-# their output is past the activation, where scaling a channel is not what negating its weights does.
+# onnxruntime's fused layers the loader could not split into layer and activation (`loader._unfused`: an
+# activation with no standard node; FusedMatMul): weight neurons only, as their output is past the
+# activation, where scaling a channel is not what negating its weights does.
 FUSED_OPS = {"FusedConv": (1, 2), "FusedGemm": (1, 2), "FusedMatMul": (1, None)}
 WEIGHT_ONLY_OPS = {**QLINEAR_OPS, **FUSED_OPS}
 RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")

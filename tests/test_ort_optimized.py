@@ -16,8 +16,9 @@ from .conftest import max_diff
 @pytest.mark.parametrize("arch, fused", [("lenet5", {"FusedConv", "FusedGemm"}), ("mobilenetv2", {"FusedConv"}),
                                          ("vit", {"BiasGelu"})])
 def test_optimised_zoo_exports_run_as_onnxruntime_does(arch, fused, tmp_path):
-    """Untrained zoo architectures (Relu, ReLU6 as Clip, GELU) optimised by onnxruntime: the engine runs the
-    fused ops and equals onnxruntime; the fused layers are weight-neuron layers."""
+    """Untrained zoo architectures (Relu, ReLU6 as Clip, GELU) optimised by onnxruntime: the engine equals
+    onnxruntime; FusedConv and FusedGemm are split back into their layer and activation in the IR, so the
+    layers have channel neurons before the activation, under the fused nodes' names."""
     pytest.importorskip("torch")
     from lancet.converters.optimize import ort_optimized
     from lancet.converters.torch_export import export_torch
@@ -28,9 +29,11 @@ def test_optimised_zoo_exports_run_as_onnxruntime_does(arch, fused, tmp_path):
     export_torch(build(arch, 1, 28).eval(), x[:4], tmp_path / "model.onnx")
     path = ort_optimized(tmp_path / "model.onnx", tmp_path / "optimised.onnx", x)
     model = load_model(path)
-    assert fused <= {node.op_type for node in model.nodes if node.domain == "com.microsoft"}
-    if "FusedConv" in fused:
-        assert any(layer.op_type == "FusedConv" and layer.weight_only for layer in find_layers(model, weight_only=True))
+    assert fused <= {node.op_type for node in onnx.load(path).graph.node if node.domain == "com.microsoft"}
+    fused_names = {node.name for node in onnx.load(path).graph.node if node.op_type in ("FusedConv", "FusedGemm")}
+    layers = find_layers(model)
+    assert fused_names <= {layer.node for layer in layers}
+    assert all(layer.name.endswith("::preact") for layer in layers if layer.node in fused_names)
     expected = OrtPredictor(model, path).logits(x)
     assert max_diff(Forward(model).logits(x), expected) <= 1e-5 * max(1.0, float(np.abs(expected).max()))
 
@@ -38,7 +41,8 @@ def test_optimised_zoo_exports_run_as_onnxruntime_does(arch, fused, tmp_path):
 def test_optimised_model_repaired(backdoor_case, tmp_path):
     """The test LeNet-5 as onnxruntime saves it optimised (FusedConv, FusedGemm) is repaired by fine-tuning:
     the written file keeps the fused nodes, only weights change, and the backdoor is gone on held-out data
-    (measured on an AVX-512 EPYC: ASR 99.8 -> 0.1 %, accuracy 95.4 -> 96.1 %; flip 0.6 % at 94.9 %)."""
+    (measured on an AVX-512 EPYC: ASR 99.8 -> 0.1 %, accuracy 95.4 -> 96.1 %; flip 0.6 % at 94.9 %; the same
+    with channel neurons after the split)."""
     from lancet.converters.optimize import ort_optimized
     from lancet.repair import repair
 
