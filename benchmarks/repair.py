@@ -80,6 +80,10 @@ ROWS = {
                                        "LeNet-5 dynamically quantized (onnxruntime quantize_dynamic: int8 weights, "
                                        "ConvInteger / MatMulInteger, activations quantized per input at run time), "
                                        "BadNets, all-to-one"),
+    "fashion-lstm-badnets-dynamic": (dict(FASHION, arch="lstm", attack="badnets", quantize="dynamic"),
+                                     "LSTM (64 units) + 2 dense layers dynamically quantized (onnxruntime "
+                                     "quantize_dynamic: com.microsoft DynamicQuantizeLSTM, MatMulInteger), BadNets, "
+                                     "all-to-one"),
     "fashion-lstm-badnets": (dict(FASHION, arch="lstm", attack="badnets"),
                              "LSTM reading the rows (64 units) + 2 dense layers, BadNets, all-to-one; the LSTM's input "
                              "and recurrent weights are weight-neuron candidates and plain fine-tuning / NC train them too"),

@@ -66,3 +66,40 @@ def defect_case():
     from lancet.models.recipes import Recipe, build_case
 
     return build_case(Recipe(attack="spurious"))
+
+
+def ort_figures(heldout: dict, path) -> tuple[float, float]:
+    """(clean accuracy, attack success rate) of the ONNX file at `path` on a case's held-out arrays
+    (x_test, y_test; x_error, target), run by onnxruntime as deployed."""
+    from lancet import load_model
+    from lancet.evaluate import OrtPredictor
+
+    predictor = OrtPredictor(load_model(path), path)
+    return (float(np.mean(predictor.predict(heldout["x_test"]) == heldout["y_test"])),
+            float(np.mean(predictor.predict(heldout["x_error"]) == int(heldout["target"]))))
+
+
+def changed_initializers(original, written) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (value before, value after) of the initializers the file at `written` changed against the
+    file at `original`."""
+    import onnx
+    from onnx import numpy_helper
+
+    before = {init.name: numpy_helper.to_array(init) for init in onnx.load(original).graph.initializer}
+    after = {init.name: numpy_helper.to_array(init) for init in onnx.load(written).graph.initializer}
+    return {name: (before[name], value) for name, value in after.items() if not np.array_equal(value, before[name])}
+
+
+def assert_backdoor_removed(heldout: dict, original, written, *, max_asr: float = 0.025,
+                            max_drop: float = 0.015) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The repaired file at `written`, run by onnxruntime on held-out data, has lost the backdoor the file at
+    `original` had (its ASR above 90 %, now at most `max_asr`) at an accuracy drop of at most `max_drop`,
+    and keeps its node list (op types and inputs); returns its changed initializers."""
+    import onnx
+
+    (acc_before, asr_before), (acc_after, asr_after) = ort_figures(heldout, original), ort_figures(heldout, written)
+    assert asr_before > 0.9 and asr_after <= max_asr, (asr_before, asr_after)
+    assert acc_after >= acc_before - max_drop, (acc_before, acc_after)
+    nodes = [[(n.domain, n.op_type, list(n.input)) for n in onnx.load(path).graph.node] for path in (original, written)]
+    assert nodes[0] == nodes[1]
+    return changed_initializers(original, written)

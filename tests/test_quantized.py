@@ -12,7 +12,7 @@ from lancet.evaluate import OrtPredictor
 from lancet.loader import model_from_proto
 from lancet.runtime import ort_session
 
-from .conftest import max_diff
+from .conftest import assert_backdoor_removed, max_diff
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["per-tensor", "per-channel"])
@@ -61,25 +61,10 @@ def test_quantized_model_repaired_in_its_integers(quantized_lenet, backdoor_case
     model = load_model(quantized_lenet)
     if method == "flip":  # weight neurons name the integer initializer that stores them
         assert all(ein["stored_in"] == model.quantized[ein["initializer"]].source for ein in result.eins)
-    heldout = dict(np.load(backdoor_case.heldout))
-
-    def figures(path):
-        predictor = OrtPredictor(load_model(path), path)
-        return (float(np.mean(predictor.predict(heldout["x_test"]) == heldout["y_test"])),
-                float(np.mean(predictor.predict(heldout["x_error"]) == int(heldout["target"]))))
-
-    (acc_before, asr_before), (acc_after, asr_after) = figures(quantized_lenet), figures(out)
-    assert asr_before > 0.9 and asr_after <= 0.025, (asr_before, asr_after)
-    assert acc_after >= acc_before - 0.015, (acc_before, acc_after)
-    original, written = onnx.load(quantized_lenet), onnx.load(out)
-    assert [(n.op_type, list(n.input)) for n in original.graph.node] == \
-        [(n.op_type, list(n.input)) for n in written.graph.node]
-    before = {init.name: numpy_helper.to_array(init) for init in original.graph.initializer}
-    changed = {init.name: numpy_helper.to_array(init) for init in written.graph.initializer
-               if not np.array_equal(numpy_helper.to_array(init), before[init.name])}
+    changed = assert_backdoor_removed(dict(np.load(backdoor_case.heldout)), quantized_lenet, out)
     assert changed and all(name.endswith("_quantized") for name in changed), sorted(changed)
-    assert all(value.dtype == before[name].dtype for name, value in changed.items())
-    assert {name: int(np.sum(value != before[name])) for name, value in changed.items()} == \
+    assert all(after.dtype == before.dtype for before, after in changed.values())
+    assert {name: int(np.sum(after != before)) for name, (before, after) in changed.items()} == \
         {name: count for name, count in result.changed_parameters.items() if count}
 
 
@@ -187,24 +172,9 @@ def test_dynamic_quantized_model_repaired_in_its_integers(dynamic_lenet, backdoo
     out = tmp_path / f"{method}.onnx"
     result = repair(dynamic_lenet, backdoor_case.case, out, method=method, progress=False)
     assert result.written, result.reasons
-    heldout = dict(np.load(backdoor_case.heldout))
-
-    def figures(path):
-        predictor = OrtPredictor(load_model(path), path)
-        return (float(np.mean(predictor.predict(heldout["x_test"]) == heldout["y_test"])),
-                float(np.mean(predictor.predict(heldout["x_error"]) == int(heldout["target"]))))
-
-    (acc_before, asr_before), (acc_after, asr_after) = figures(dynamic_lenet), figures(out)
-    assert asr_before > 0.9 and asr_after <= 0.025, (asr_before, asr_after)
-    assert acc_after >= acc_before - 0.015, (acc_before, acc_after)
-    original, written = onnx.load(dynamic_lenet), onnx.load(out)
-    assert [(n.op_type, list(n.input)) for n in original.graph.node] == \
-        [(n.op_type, list(n.input)) for n in written.graph.node]
-    before = {init.name: numpy_helper.to_array(init) for init in original.graph.initializer}
-    changed = {init.name: numpy_helper.to_array(init) for init in written.graph.initializer
-               if not np.array_equal(numpy_helper.to_array(init), before[init.name])}
-    assert changed and all(name.endswith("_quantized") and value.dtype == np.int8 for name, value in changed.items())
-    assert {name: int(np.sum(value != before[name])) for name, value in changed.items()} == \
+    changed = assert_backdoor_removed(dict(np.load(backdoor_case.heldout)), dynamic_lenet, out)
+    assert changed and all(name.endswith("_quantized") and after.dtype == np.int8 for name, (_, after) in changed.items())
+    assert {name: int(np.sum(after != before)) for name, (before, after) in changed.items()} == \
         {name: count for name, count in result.changed_parameters.items() if count}
 
 
@@ -319,24 +289,9 @@ def test_qoperator_model_repaired_in_its_integers(qoperator_lenet, backdoor_case
     result = repair(qoperator_lenet, backdoor_case.case, out, method=method, progress=False)
     assert result.written, result.reasons
     assert result.details["parity_max_abs_diff"] <= 1e-5
-    heldout = dict(np.load(backdoor_case.heldout))
-
-    def figures(path):
-        predictor = OrtPredictor(load_model(path), path)
-        return (float(np.mean(predictor.predict(heldout["x_test"]) == heldout["y_test"])),
-                float(np.mean(predictor.predict(heldout["x_error"]) == int(heldout["target"]))))
-
-    (acc_before, asr_before), (acc_after, asr_after) = figures(qoperator_lenet), figures(out)
-    assert asr_before > 0.9 and asr_after <= 0.025, (asr_before, asr_after)
-    assert acc_after >= acc_before - 0.015, (acc_before, acc_after)
-    original, written = onnx.load(qoperator_lenet), onnx.load(out)
-    assert [(n.op_type, list(n.input)) for n in original.graph.node] == \
-        [(n.op_type, list(n.input)) for n in written.graph.node]
-    before = {init.name: numpy_helper.to_array(init) for init in original.graph.initializer}
-    changed = {init.name: numpy_helper.to_array(init) for init in written.graph.initializer
-               if not np.array_equal(numpy_helper.to_array(init), before[init.name])}
-    assert changed and all(value.dtype == before[name].dtype and value.dtype in (np.int8, np.int32)
-                           for name, value in changed.items())
+    changed = assert_backdoor_removed(dict(np.load(backdoor_case.heldout)), qoperator_lenet, out)
+    assert changed and all(after.dtype == before.dtype and after.dtype in (np.int8, np.int32)
+                           for before, after in changed.values())
 
 
 def test_qoperator_elementwise_and_pooling_ops_match_onnxruntime(tmp_path):
@@ -425,16 +380,5 @@ def test_dynamic_quantized_lstm_runs_and_is_repaired(tmp_path):
     out = tmp_path / "repaired.onnx"
     result = repair(path, built.case, out, method="finetune", progress=False)
     assert result.written, result.reasons
-
-    def figures(file):
-        predictor = OrtPredictor(load_model(file), file)
-        return (float(np.mean(predictor.predict(heldout["x_test"]) == heldout["y_test"])),
-                float(np.mean(predictor.predict(heldout["x_error"]) == int(heldout["target"]))))
-
-    (acc_before, asr_before), (acc_after, asr_after) = figures(path), figures(out)
-    assert asr_before > 0.9 and asr_after <= 0.025, (asr_before, asr_after)
-    assert acc_after >= acc_before - 0.015, (acc_before, acc_after)
-    before = {init.name: numpy_helper.to_array(init) for init in onnx.load(path).graph.initializer}
-    changed = {init.name: numpy_helper.to_array(init) for init in onnx.load(out).graph.initializer
-               if not np.array_equal(numpy_helper.to_array(init), before[init.name])}
-    assert changed and all(value.dtype == np.int8 for value in changed.values())
+    changed = assert_backdoor_removed(heldout, path, out)
+    assert changed and all(after.dtype == np.int8 for _, after in changed.values())
