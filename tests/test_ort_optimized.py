@@ -52,3 +52,24 @@ def test_optimised_model_repaired(backdoor_case, tmp_path):
     changed = assert_backdoor_removed(dict(np.load(backdoor_case.heldout)), path, out)
     assert any(n.op_type == "FusedConv" for n in onnx.load(out).graph.node)
     assert set(changed) == {name for name, count in result.changed_parameters.items() if count}
+
+
+def test_transformer_optimised_vit_runs_as_onnxruntime_does(tmp_path):
+    """onnxruntime's transformer optimiser on the zoo ViT fuses each residual Add with the LayerNormalization
+    after it (com.microsoft SkipLayerNormalization, four outputs) and the MLP's bias with its GELU: the engine
+    equals onnxruntime."""
+    pytest.importorskip("torch")
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from lancet.converters.torch_export import export_torch
+    from lancet.models.torch_zoo import build
+
+    x = np.random.default_rng(0).uniform(0, 1, (32, 1, 28, 28)).astype(np.float32)
+    export_torch(build("vit", 1, 28).eval(), x[:4], tmp_path / "vit.onnx")
+    optimize_model(str(tmp_path / "vit.onnx"), model_type="vit", num_heads=2, hidden_size=32,
+                   opt_level=1).save_model_to_file(str(tmp_path / "vit-optimised.onnx"))
+    path = tmp_path / "vit-optimised.onnx"
+    assert {"SkipLayerNormalization", "BiasGelu"} <= {n.op_type for n in onnx.load(path).graph.node}
+    model = load_model(path)
+    expected = OrtPredictor(model, path).logits(x)
+    assert max_diff(Forward(model).logits(x), expected) <= 1e-5 * max(1.0, float(np.abs(expected).max()))

@@ -1,9 +1,12 @@
 """onnxruntime's fused float ops (com.microsoft domain), as its graph optimiser writes them into a file saved
 after optimisation (`SessionOptions.optimized_model_filepath`, level extended): a convolution or Gemm with
 its activation (FusedConv, FusedGemm), MatMul with transposes and a scale (FusedMatMul), and the GELU
-family (Gelu, BiasGelu, FastGelu, QuickGelu). Each computes what the unfused ops did.
+family (Gelu, BiasGelu, FastGelu, QuickGelu), and from its transformer optimiser the residual Add with the
+LayerNormalization after it (SkipLayerNormalization). Each computes what the unfused ops did.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -105,3 +108,20 @@ def quick_gelu(inputs, attrs, ctx):
     x = inputs[0]
     alpha = np.float32(attrs.get("alpha", 1.702))
     return x * (1.0 / (1.0 + np.exp(-alpha * x)) if xp(x) is np else jax.nn.sigmoid(alpha * x))
+
+
+@register("SkipLayerNormalization", domain=MS)
+def skip_layer_norm(inputs, attrs, ctx):
+    """LayerNormalization over the last axis of input + skip (+ bias), as onnxruntime's transformer
+    optimiser fuses a residual Add and the LayerNormalization after it. Outputs: the normalised tensor,
+    mean, inverse standard deviation and the sum (input + skip + bias), as many as the node has."""
+    from .nn import layer_norm
+
+    total = inputs[0] + inputs[1]
+    if len(inputs) > 4 and inputs[4] is not None:
+        total = total + inputs[4]
+    beta = inputs[3] if len(inputs) > 3 else None
+    outputs = layer_norm([total, inputs[2], beta], {"axis": -1, "epsilon": attrs.get("epsilon", 1e-12)},
+                         replace(ctx, num_outputs=3))
+    result = (*outputs, total)
+    return result[: ctx.num_outputs] if ctx.num_outputs > 1 else result[0]
