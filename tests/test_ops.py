@@ -476,3 +476,44 @@ def test_old_resize_forms_match_onnxruntime(op, opset):
         model = make([node], [("x", (2, 3, 5, 6))], opset,
                      initializers=[("scales", np.array([1, 1, 2.0, 1.5], np.float32))])
         compare(model, {"x": rand(2, 3, 5, 6)})
+
+
+ATTENTION_CASES = {
+    # name: (attributes, Q shape, K shape, V shape, extra inputs {name: array}, outputs)
+    "3d-grouped-heads": ({"q_num_heads": 4, "kv_num_heads": 2}, (2, 5, 16), (2, 6, 8), (2, 6, 12), {}, 1),
+    "4d-causal-past": ({"is_causal": 1}, (2, 3, 4, 8), (2, 3, 4, 8), (2, 3, 4, 8),
+                       {"past_key": rand(2, 3, 2, 8, seed=5), "past_value": rand(2, 3, 2, 8, seed=6)}, 3),
+    "4d-bool-mask-scale-softcap": ({"scale": 0.3, "softcap": 2.0}, (1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8),
+                                   {"attn_mask": np.array([[1, 1, 0, 1, 0]] * 4, bool)}, 1),
+    "4d-float-mask": ({}, (1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4), {"attn_mask": rand(3, 5, seed=7)}, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_CASES))
+def test_attention_matches_onnxruntime(name):
+    """The standard Attention op (opset 23, PyTorch's export of nn.MultiheadAttention at that opset): grouped
+    key/value heads, 3-D inputs, causal masking after a past key and value, boolean and float masks, scale
+    and softcap, the present key and value outputs."""
+    attrs, q_shape, k_shape, v_shape, extra, n_out = ATTENTION_CASES[name]
+    slots = ["Q", "K", "V", "attn_mask", "past_key", "past_value"]
+    names = [s if s in ("Q", "K", "V") or s in extra else "" for s in slots]
+    while names and not names[-1]:
+        names.pop()
+    node = helper.make_node("Attention", names, [f"y{i}" for i in range(n_out)] if n_out > 1 else ["y"], **attrs)
+    inits = [(k, v) for k, v in extra.items()]
+    model = make([node], [("Q", q_shape), ("K", k_shape), ("V", v_shape)], 23, inits, n_outputs=n_out)
+    compare(model, {"Q": rand(*q_shape, seed=1), "K": rand(*k_shape, seed=2), "V": rand(*v_shape, seed=3)})
+
+
+def test_group_and_rms_normalization_match_onnxruntime():
+    """GroupNormalization (opset 21: per-channel scale; the checker refuses the per-group form of opset 18) and
+    RMSNormalization (opset 23), as PyTorch exports nn.GroupNorm and nn.RMSNorm at opset 23."""
+    groups, channels, opset = 2, 6, 21
+    scale = rand(channels, seed=4) + 1.5
+    nodes = [helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=groups, epsilon=1e-3)]
+    model = make(nodes, [("x", (2, channels, 3, 4))], opset, [("s", scale), ("b", rand(scale.size, seed=5))],
+                 out_shape=[2, channels, 3, 4])
+    compare(model, {"x": rand(2, channels, 3, 4)})
+    rms = make([helper.make_node("RMSNormalization", ["x", "s"], ["y"], axis=-2, epsilon=1e-4)], [("x", (2, 3, 4))], 23,
+               [("s", rand(3, 4, seed=6))], out_shape=[2, 3, 4])
+    compare(rms, {"x": rand(2, 3, 4)})

@@ -207,3 +207,48 @@ def test_torchscript_if_on_shapes_runs_inline(torch_threads):
     with torch.no_grad():
         expected = net(x).numpy()
     assert max_diff(Forward(model).logits(x.numpy()), expected) < 1e-5
+
+
+def test_opset23_export_of_attention_and_new_normalizations_matches(torch_threads):
+    """torch 2.13's default exporter at opset 23 writes nn.MultiheadAttention as one Attention node and
+    nn.GroupNorm / nn.RMSNorm as GroupNormalization / RMSNormalization: the engine equals PyTorch and
+    onnxruntime, on another batch size than the export's."""
+    import io
+    import warnings
+
+    import onnx
+
+    from lancet.loader import model_from_proto
+
+    torch = torch_threads
+    nn = torch.nn
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(2, 8)
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.rms, self.head = nn.RMSNorm(8), nn.Linear(8, 10)
+
+        def forward(self, x):
+            tokens = self.norm(self.conv(x)).flatten(2).transpose(1, 2)  # [n, 64, 8]
+            mixed, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+            return self.head(self.rms(mixed + tokens).mean(1))
+
+    net = Net().eval()
+    x = torch.randn(5, 1, 8, 8)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(net, (x,), dynamo=True, opset_version=23,
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        program.save(buffer)
+    proto = onnx.load_from_string(buffer.getvalue())
+    assert {"Attention", "GroupNormalization", "RMSNormalization"} <= {node.op_type for node in proto.graph.node}
+    with torch.no_grad():
+        expected = net(x).numpy()
+    session = ort_session(proto.SerializeToString())
+    got_ort = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    got = Forward(model_from_proto(proto)).logits(x.numpy()[:3])
+    assert max_diff(got_ort, expected) < 1e-4 and max_diff(got, expected[:3]) < 1e-4
