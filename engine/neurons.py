@@ -23,17 +23,21 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .ir import Model, Node
+from .ops.registry import registry_key
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger")
 # convolutions whose kernel is [out channels, in channels, ...]
 CONV_OPS = ("Conv", "ConvInteger", "QLinearConv", "FusedConv")
 DENSE_OPS = ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm", "FusedGemm", "FusedMatMul")
-# Quantized-operator layers: (weight slot, bias slot or None); weight neurons only.
-QLINEAR_OPS = {"QLinearConv": (3, 8), "QLinearMatMul": (3, None), "QGemm": (3, 6)}
+# Quantized-operator layers (keys: `ops.registry.registry_key`): (weight slot, bias slot or None); weight
+# neurons only.
+QLINEAR_OPS = {"QLinearConv": (3, 8), "QLinearMatMul": (3, None), "com.microsoft::QGemm": (3, 6)}
 # onnxruntime's fused layers the loader could not split into layer and activation (`loader._unfused`: an
 # activation with no standard node; FusedMatMul): weight neurons only, as their output is past the
 # activation, where scaling a channel is not what negating its weights does.
-FUSED_OPS = {"FusedConv": (1, 2), "FusedGemm": (1, 2), "FusedMatMul": (1, None)}
+# onnxruntime's packed self-attention keeps the Q, K and V projections in one weight.
+FUSED_OPS = {"com.microsoft::FusedConv": (1, 2), "com.microsoft::FusedGemm": (1, 2),
+             "com.microsoft::FusedMatMul": (1, None), "com.microsoft::Attention": (1, 2)}
 WEIGHT_ONLY_OPS = {**QLINEAR_OPS, **FUSED_OPS}
 RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
 
@@ -117,7 +121,7 @@ def _loop_layers(model: Model, node: Node) -> list[Layer]:
 def _weight_only_layer(model: Model, node: Node) -> list[Layer]:
     """A quantized-operator layer whose integer weight the loader folded into a parameter (with its folded
     int32 bias), or an onnxruntime fused layer, as a weight-neuron layer."""
-    weight_slot, bias_slot = WEIGHT_ONLY_OPS[node.op_type]
+    weight_slot, bias_slot = WEIGHT_ONLY_OPS[registry_key(node.op_type, node.domain)]
     weight = model.params.get(node.inputs[weight_slot]) if len(node.inputs) > weight_slot else None
     if weight is None or weight.ndim < 2:
         return []
@@ -142,7 +146,7 @@ def find_layers(model: Model, weight_only: bool = False) -> list[Layer]:
         if weight_only and node.op_type == "Loop":
             layers += _loop_layers(model, node)
             continue
-        if weight_only and node.op_type in WEIGHT_ONLY_OPS:
+        if weight_only and registry_key(node.op_type, node.domain) in WEIGHT_ONLY_OPS:
             layers += _weight_only_layer(model, node)
             continue
         if node.op_type not in LAYER_OPS or len(node.inputs) < 2 or node.inputs[1] not in model.params:
@@ -175,7 +179,6 @@ def find_layers(model: Model, weight_only: bool = False) -> list[Layer]:
 def summary(model: Model) -> dict:
     """What `lancet inspect` reports: inputs, outputs, layers, neuron and parameter counts, op coverage."""
     from .ops import REGISTRY
-    from .ops.registry import registry_key
 
     layers = find_layers(model, weight_only=True)
     op_counts: dict[str, int] = {}  # op types of other domains than the default as "domain::op type"
@@ -226,7 +229,7 @@ def _quantization_format(model: Model) -> str | None:
     (activations quantized per input at run time), 'qdq' (weights behind DequantizeLinear); None for a
     float model."""
     op_types = {node.op_type for node in model.nodes}
-    if op_types & set(QLINEAR_OPS):
+    if op_types & {key.split("::")[-1] for key in QLINEAR_OPS}:
         return "qoperator"
     if model.per_input_ranges or op_types & {"ConvInteger", "MatMulInteger"}:
         return "dynamic"

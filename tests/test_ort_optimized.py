@@ -73,3 +73,39 @@ def test_transformer_optimised_vit_runs_as_onnxruntime_does(tmp_path):
     model = load_model(path)
     expected = OrtPredictor(model, path).logits(x)
     assert max_diff(Forward(model).logits(x), expected) <= 1e-5 * max(1.0, float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("case", ["plain", "key-lengths", "raw-mask", "unidirectional"])
+def test_packed_attention_matches_onnxruntime(case):
+    """com.microsoft Attention (the transformer optimiser's self-attention with Q, K and V packed in one
+    weight): without a mask, with key lengths, with a 0/1 mask per key, causal; equal to onnxruntime, and its
+    packed weight is a weight-neuron layer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lancet.loader import model_from_proto
+    from lancet.neurons import find_layers
+    from lancet.runtime import ort_session
+
+    rng = np.random.default_rng(0)
+    batch, length, hidden = 2, 5, 16
+    inits = {"w": rng.normal(scale=0.3, size=(hidden, 3 * hidden)).astype(np.float32),
+             "b": rng.normal(scale=0.1, size=3 * hidden).astype(np.float32)}
+    names, attrs = ["x", "w", "b"], {"num_heads": 4}
+    if case == "key-lengths":
+        inits["m"], names = np.array([3, 5], np.int32), names + ["m"]
+    if case == "raw-mask":
+        inits["m"], names = np.array([[1, 1, 0, 1, 1], [1, 0, 1, 1, 1]], np.int32), names + ["m"]
+    if case == "unidirectional":
+        attrs["unidirectional"] = 1
+    graph = helper.make_graph([helper.make_node("Attention", names, ["y"], domain="com.microsoft", **attrs)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, length, hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, length, hidden])],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    proto.ir_version = 8
+    x = rng.normal(size=(batch, length, hidden)).astype(np.float32)
+    expected = ort_session(proto.SerializeToString()).run(None, {"x": x})[0]
+    model = model_from_proto(proto)
+    assert max_diff(Forward(model)({"x": x})["y"], expected) <= 1e-5
+    assert [(layer.op_type, layer.weight, layer.bias) for layer in find_layers(model, weight_only=True)] == \
+        [("Attention", "w", "b")]

@@ -125,3 +125,52 @@ def skip_layer_norm(inputs, attrs, ctx):
                          replace(ctx, num_outputs=3))
     result = (*outputs, total)
     return result[: ctx.num_outputs] if ctx.num_outputs > 1 else result[0]
+
+
+@register("Attention", domain=MS)
+def packed_attention(inputs, attrs, ctx):
+    """onnxruntime's self-attention with the Q, K and V projections packed in one weight (its transformer
+    optimiser's fusion): QKV = input @ weights + bias, split by `qkv_hidden_sizes` (default three equal
+    parts), num_heads heads, scores Q K^T x scale (default 1/sqrt(head size)), `unidirectional` masking
+    later keys, a mask_index of key lengths [batch] or of 0/1 per key [batch, keys] masking with
+    mask_filter_value (default -10000), an attention_bias added; output [batch, sequence, v hidden]."""
+    x, weights = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    mask = inputs[3] if len(inputs) > 3 else None
+    if len(inputs) > 4 and inputs[4] is not None:
+        raise BadInputError(f"node {ctx.node_name!r} (com.microsoft Attention): a past state is not supported")
+    attention_bias = inputs[5] if len(inputs) > 5 else None
+    if attrs.get("do_rotary", 0):
+        raise BadInputError(f"node {ctx.node_name!r} (com.microsoft Attention): do_rotary is not supported")
+    heads = int(attrs["num_heads"])
+    qkv = jnp.matmul(x, weights, precision=lax.Precision.HIGHEST)
+    if bias is not None:
+        qkv = qkv + bias
+    sizes = [int(s) for s in attrs.get("qkv_hidden_sizes") or [qkv.shape[-1] // 3] * 3]
+    q, k, v = jnp.split(qkv, np.cumsum(sizes)[:2], axis=-1)
+    batch, length = x.shape[0], x.shape[1]
+
+    def split_heads(t):
+        return jnp.transpose(t.reshape(batch, length, heads, -1), (0, 2, 1, 3))
+
+    q, k, v = split_heads(q), split_heads(k), split_heads(v)
+    scale = attrs.get("scale") or 1.0 / np.sqrt(q.shape[-1])
+    scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2), precision=lax.Precision.HIGHEST) * np.float32(scale)
+    filler = np.float32(attrs.get("mask_filter_value", -10000.0))
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.ndim == 1:  # key lengths (right padding)
+            keep = jnp.arange(length)[None, :] < mask[:, None]
+        elif mask.ndim == 2:
+            keep = mask > 0
+        else:
+            raise BadInputError(f"node {ctx.node_name!r} (com.microsoft Attention): a {mask.ndim}-D mask_index "
+                                "is not supported (key lengths [batch] or 0/1 per key [batch, keys] are)")
+        scores = scores + jnp.where(keep, 0.0, filler)[:, None, None, :]
+    if attrs.get("unidirectional", 0):
+        later = jnp.arange(length)[None, :] > jnp.arange(length)[:, None]
+        scores = jnp.where(later, filler, scores)
+    if attention_bias is not None:
+        scores = scores + attention_bias
+    y = jnp.matmul(jax.nn.softmax(scores, axis=-1), v, precision=lax.Precision.HIGHEST)
+    return jnp.transpose(y, (0, 2, 1, 3)).reshape(batch, length, -1)
