@@ -118,7 +118,8 @@ class Model:
         a dynamically quantized model): the range spans the whole tensor, so an input's result depends on
         the inputs sharing its batch. The engine and its onnxruntime reference then run each input alone,
         as a service answering one request at a time does (`forward.build_apply`, `evaluate.OrtPredictor`)."""
-        return any(node.op_type in ("DynamicQuantizeLinear", "DynamicQuantizeLSTM") for node in self.nodes)
+        return any(node.op_type in ("DynamicQuantizeLinear", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul")
+                   for node in self.nodes)
 
     @property
     def half_precision(self) -> bool:

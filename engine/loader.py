@@ -310,6 +310,13 @@ def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> 
             if param is not None:
                 node.attrs = {**node.attrs, "weight_unit": param.scale}
                 quantized[param.source] = param
+        elif node.op_type == "DynamicQuantizeMatMul":  # onnxruntime's fusion: B, its scale, zero point, bias
+            scale, zero = _slot(node, 2), _slot(node, 3)
+            if scale in tensors and (zero is None or zero in tensors) and len(node.inputs) > 1:
+                param = _folded(tensors, node.inputs[1], tensors[scale], tensors.get(zero) if zero else None, -1,
+                                readers)
+                if param is not None:
+                    quantized[param.source] = param
         elif node.op_type == "DynamicQuantizeLSTM":  # W and R with scales and zero points in slots 8-11
             for weight_slot, scale_slot in ((1, 8), (2, 10)):
                 weight, scale, zero = (_slot(node, weight_slot), _slot(node, scale_slot), _slot(node, scale_slot + 1))

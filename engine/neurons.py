@@ -37,7 +37,8 @@ QLINEAR_OPS = {"QLinearConv": (3, 8), "QLinearMatMul": (3, None), "com.microsoft
 # activation, where scaling a channel is not what negating its weights does.
 # onnxruntime's packed self-attention keeps the Q, K and V projections in one weight.
 FUSED_OPS = {"com.microsoft::FusedConv": (1, 2), "com.microsoft::FusedGemm": (1, 2),
-             "com.microsoft::FusedMatMul": (1, None), "com.microsoft::Attention": (1, 2)}
+             "com.microsoft::FusedMatMul": (1, None), "com.microsoft::Attention": (1, 2),
+             "com.microsoft::DynamicQuantizeMatMul": (1, 4)}
 WEIGHT_ONLY_OPS = {**QLINEAR_OPS, **FUSED_OPS}
 RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
 
@@ -231,7 +232,7 @@ def _quantization_format(model: Model) -> str | None:
     op_types = {node.op_type for node in model.nodes}
     if op_types & {key.split("::")[-1] for key in QLINEAR_OPS}:
         return "qoperator"
-    if model.per_input_ranges or op_types & {"ConvInteger", "MatMulInteger"}:
+    if model.per_input_ranges or op_types & {"ConvInteger", "MatMulInteger"}:  # DynamicQuantizeMatMul too
         return "dynamic"
     return "qdq" if model.quantized or "DequantizeLinear" in op_types else None
 

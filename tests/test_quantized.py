@@ -382,3 +382,21 @@ def test_dynamic_quantized_lstm_runs_and_is_repaired(tmp_path):
     assert result.written, result.reasons
     changed = assert_backdoor_removed(heldout, path, out)
     assert changed and all(after.dtype == np.int8 for _, after in changed.values())
+
+
+def test_optimised_dynamic_model_runs_as_onnxruntime_does(dynamic_lenet, backdoor_case, tmp_path):
+    """onnxruntime's optimiser fuses a dynamically quantized MatMul with its rescaling and bias into
+    com.microsoft DynamicQuantizeMatMul: its int8 weight is folded and a weight-neuron layer with its bias;
+    the engine equals onnxruntime per input but for a few inputs a rounding step apart."""
+    from lancet.converters.optimize import ort_optimized
+    from lancet.neurons import find_layers
+
+    x = np.load(backdoor_case.heldout)["x_test"][:300]
+    path = ort_optimized(dynamic_lenet, tmp_path / "optimised.onnx", x[:64])
+    model = load_model(path)
+    assert "DynamicQuantizeMatMul" in {node.op_type for node in model.nodes} and model.per_input_ranges
+    fused = [layer for layer in find_layers(model, weight_only=True) if layer.op_type == "DynamicQuantizeMatMul"]
+    assert len(fused) == 3 and all(layer.bias and layer.weight in model.quantized for layer in fused)
+    got, written = np.asarray(Forward(model).logits(x)), OrtPredictor(model, path).logits(x)
+    apart = np.max(np.abs(got - written), axis=1) > 1e-4 * max(1.0, float(np.abs(written).max()))
+    assert np.mean(apart) <= 0.02 and np.mean(got.argmax(1) == written.argmax(1)) >= 0.99

@@ -174,3 +174,22 @@ def packed_attention(inputs, attrs, ctx):
         scores = scores + attention_bias
     y = jnp.matmul(jax.nn.softmax(scores, axis=-1), v, precision=lax.Precision.HIGHEST)
     return jnp.transpose(y, (0, 2, 1, 3)).reshape(batch, length, -1)
+
+
+@register("DynamicQuantizeMatMul", static_inputs=(2, 3), domain=MS)
+def dynamic_quantize_matmul(inputs, attrs, ctx):
+    """onnxruntime's fusion of a dynamically quantized MatMul (DynamicQuantizeLinear, MatMulInteger, the
+    rescaling and the bias): A quantized to uint8 over its own range, times the int8 B (zero point off),
+    scaled by A's scale x B's (per column or per tensor), plus the bias. B folded into a float parameter
+    (loader) is divided back into integer steps and rounded (straight-through gradient)."""
+    from .qlinear import _steps
+    from .quantize import dynamic_quantize_linear
+
+    a, b = inputs[0], inputs[1]
+    b_scale = np.asarray(inputs[2], np.float32)
+    b_zero = inputs[3] if len(inputs) > 3 else None
+    bias = inputs[4] if len(inputs) > 4 else None
+    q, a_scale, a_zero = dynamic_quantize_linear([a], {}, ctx)
+    acc = jnp.matmul(q - a_zero, _steps(b, b_scale, b_zero, -1), precision=lax.Precision.HIGHEST)
+    out = acc * (a_scale * (b_scale.reshape(-1) if b_scale.size > 1 else b_scale.reshape(())))
+    return out if bias is None else out + bias
