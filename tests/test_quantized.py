@@ -400,3 +400,15 @@ def test_optimised_dynamic_model_runs_as_onnxruntime_does(dynamic_lenet, backdoo
     got, written = np.asarray(Forward(model).logits(x)), OrtPredictor(model, path).logits(x)
     apart = np.max(np.abs(got - written), axis=1) > 1e-4 * max(1.0, float(np.abs(written).max()))
     assert np.mean(apart) <= 0.02 and np.mean(got.argmax(1) == written.argmax(1)) >= 0.99
+
+
+def test_optimised_qdq_model_is_the_qoperator_format(quantized_lenet, backdoor_case, tmp_path):
+    """onnxruntime's optimiser turns a QDQ file into quantized operators (QLinearConv, QGemm): saved so, it
+    runs in the engine exactly as in onnxruntime."""
+    from lancet.converters.optimize import ort_optimized
+
+    x = np.load(backdoor_case.heldout)["x_test"][:200]
+    path = ort_optimized(quantized_lenet, tmp_path / "optimised.onnx", x[:64])
+    model = load_model(path)
+    assert {"QLinearConv", "QGemm"} <= {node.op_type for node in model.nodes}
+    assert max_diff(Forward(model).logits(x), OrtPredictor(model, path).logits(x)) <= 1e-6
