@@ -122,6 +122,15 @@ class Model:
                    for node in self.nodes)
 
     @property
+    def requantizes(self) -> bool:
+        """Whether the graph rounds computed activations to integer steps (QuantizeLinear on a computed
+        tensor, dynamic quantization, quantized operators): a float result a few ulps from onnxruntime's
+        (another summation order) can then land one step apart there."""
+        steps = {"QuantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul"}
+        return any(node.op_type in steps or node.op_type.startswith("QLinear") or node.op_type == "QGemm"
+                   for node in self.nodes)
+
+    @property
     def half_precision(self) -> bool:
         """Whether the file computes in float16 anywhere (float16 parameters, input or output)."""
         infos = [*self.inputs, *self.outputs]

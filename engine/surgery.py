@@ -19,10 +19,11 @@ from .ir import Model
 from .loader import read_model_proto
 
 METADATA_PREFIX = "lancet."
-# A dynamically quantized model (`Model.per_input_ranges`) rounds each activation over its own range: XLA
-# fuses a rescaling product into the bias sum (one rounding where onnxruntime rounds twice), which now and
-# then moves a range's end by an ulp and a layer's integers by a step (5 of 5,000 Fashion-MNIST inputs of
-# a LeNet-5, logits up to 1.2e-3 of their scale apart). Up to this share of the check inputs may differ so.
+# A model that rounds computed activations to integer steps (`Model.requantizes`: QDQ, dynamic, QOperator)
+# can land an activation one step from onnxruntime's where XLA sums a float result in another order (a
+# Keras CNN's QDQ convolution a few ulps apart: 5 activations of 64 inputs a step apart, logits 3e-3) or
+# fuses a multiply-add (a dynamic LeNet-5: 5 of 5,000 inputs, 1.2e-3 of the logits' scale). Up to this share
+# of the check inputs may differ so.
 STEP_APART_SHARE = 0.05
 
 
@@ -99,8 +100,8 @@ def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np
     quantized model must run as deployed (optimised: fused integer kernels, whose requantization rounds a
     few activations a step away from the float emulation) and match the engine as written (graph
     optimisations off: its Quantize/Dequantize nodes in float, as the engine computes them). Returns the
-    largest difference of any input's outputs; with per-input ranges up to STEP_APART_SHARE of the inputs
-    may exceed `atol`."""
+    largest difference of any input's outputs; for a model that requantizes activations up to
+    STEP_APART_SHARE of the inputs may exceed `atol`."""
     from .evaluate import OrtPredictor
 
     try:
@@ -120,7 +121,7 @@ def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np
     per_input = np.max(np.abs(got - expected).reshape(len(got), -1), axis=1)
     scale = max(1.0, float(np.max(np.abs(expected))))
     apart = int(np.sum(per_input > atol * scale))
-    allowed = int(STEP_APART_SHARE * len(per_input)) if model.per_input_ranges else 0
+    allowed = int(STEP_APART_SHARE * len(per_input)) if model.requantizes else 0
     if apart > allowed:
         raise RepairRejectedError(f"onnxruntime and the JAX forward disagree on the repaired model "
                                   f"(max |diff| {float(per_input.max()):.2e} > {atol:g} on {apart} of "

@@ -412,3 +412,26 @@ def test_optimised_qdq_model_is_the_qoperator_format(quantized_lenet, backdoor_c
     model = load_model(path)
     assert {"QLinearConv", "QGemm"} <= {node.op_type for node in model.nodes}
     assert max_diff(Forward(model).logits(x), OrtPredictor(model, path).logits(x)) <= 1e-6
+
+
+def test_parity_check_allows_a_few_inputs_a_step_apart_only_where_activations_are_rounded(quantized_lenet,
+                                                                                          backdoor_case):
+    """Before writing, onnxruntime must reproduce the engine: for a model that rounds activations to integer
+    steps (a float sum in another order can land one a step apart) up to 5 % of the check inputs may be
+    off; not more, and none for a float model."""
+    from lancet.errors import RepairRejectedError
+    from lancet.surgery import verify_repaired
+
+    x = np.load(backdoor_case.case)["x_clean"][:64]
+    for path, allowed in ((quantized_lenet, 3), (backdoor_case.model, 0)):
+        model = load_model(path)
+        assert model.requantizes == bool(allowed)
+        expected = OrtPredictor(model, path, optimize=False).logits(x)
+        proto = onnx.load(path)
+        off = expected.copy()
+        off[:allowed] += 0.05
+        if allowed:
+            assert verify_repaired(proto, x, off, model) >= 0.05
+        off[: allowed + 1] += 0.05
+        with pytest.raises(RepairRejectedError, match="disagree"):
+            verify_repaired(proto, x, off, model)

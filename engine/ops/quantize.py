@@ -40,6 +40,13 @@ def _check_blocks(attrs: dict, ctx: OpContext, op: str) -> None:
         raise BadInputError(f"node {ctx.node_name!r} ({op}): blocked quantization (block_size) is not supported")
 
 
+def _divide_exactly(a, b):
+    """a / b rounded once, as onnxruntime divides: XLA rewrites a division by a broadcast scalar into a
+    product with its reciprocal (one ulp off in most elements), which a barrier on a full-shape divisor
+    stops; the divisor is built from `a` so that under vmap it carries the batch axis before the barrier."""
+    return a / lax.optimization_barrier(a * np.float32(0.0) + b)
+
+
 @register("QuantizeLinear", static_inputs=(1, 2))
 def quantize_linear(inputs, attrs, ctx):
     _check_blocks(attrs, ctx, "QuantizeLinear")
@@ -52,7 +59,7 @@ def quantize_linear(inputs, attrs, ctx):
     if xp(x) is np:
         return quantize_values(x, scale, zero_point, axis, dtype).astype(np.float32)
     info = np.iinfo(dtype)
-    scaled = x / along_axis(scale.astype(np.float32), axis, np.ndim(x))
+    scaled = _divide_exactly(x, along_axis(scale.astype(np.float32), axis, np.ndim(x)))
     rounded = scaled + lax.stop_gradient(jnp.round(scaled) - scaled)  # straight-through rounding
     return jnp.clip(rounded + along_axis(zero_point.astype(np.float32), axis, np.ndim(x)), info.min, info.max)
 
@@ -73,13 +80,6 @@ def dequantize_linear(inputs, attrs, ctx):
 def _straight_through_round(value):
     """Round half to even with the identity's gradient (quantization-aware training's estimator)."""
     return value + lax.stop_gradient(jnp.round(value) - value)
-
-
-def _divide_exactly(a, b):
-    """a / b rounded once, as onnxruntime divides: XLA rewrites a division by a broadcast scalar into a
-    product with its reciprocal (one ulp off in most elements), which a barrier on a full-shape divisor
-    stops; the divisor is built from `a` so that under vmap it carries the batch axis before the barrier."""
-    return a / lax.optimization_barrier(a * np.float32(0.0) + b)
 
 
 @register("DynamicQuantizeLinear")
