@@ -106,10 +106,9 @@ def _Antialiased(nn):
     return Antialiased()
 
 
-@pytest.mark.parametrize("name", sorted(MODULES))
-def test_exported_modules_match(name, torch_threads):
-    """A small classifier around each module, exported by torch 2.13's default (dynamo) exporter with a free
-    batch: the engine equals onnxruntime and PyTorch."""
+def _dynamo_export_matches(torch, net, x, **options):
+    """Export `net` with torch's default (dynamo) exporter, batch free; assert onnxruntime equals PyTorch on
+    `x` and the engine on its first 3 inputs (another batch size); return the ModelProto."""
     import io
     import warnings
 
@@ -117,17 +116,11 @@ def test_exported_modules_match(name, torch_threads):
 
     from lancet.loader import model_from_proto
 
-    torch = torch_threads
-    nn = torch.nn
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), MODULES[name](nn), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(8, 10)).eval()
-    x = torch.randn(5, 3, 16, 16)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(net, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                    verbose=False)
+                                    verbose=False, **options)
         program.save(buffer)
     proto = onnx.load_from_string(buffer.getvalue())
     with torch.no_grad():
@@ -136,6 +129,19 @@ def test_exported_modules_match(name, torch_threads):
     got_ort = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     got = Forward(model_from_proto(proto)).logits(x.numpy()[:3])
     assert max_diff(got_ort, expected) < 1e-4 and max_diff(got, expected[:3]) < 1e-4
+    return proto
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_exported_modules_match(name, torch_threads):
+    """A small classifier around each module, exported by torch 2.13's default (dynamo) exporter with a free
+    batch: the engine equals onnxruntime and PyTorch."""
+    torch = torch_threads
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), MODULES[name](nn), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10)).eval()
+    _dynamo_export_matches(torch, net, torch.randn(5, 3, 16, 16))
 
 
 def test_spatial_transformer_matches(torch_threads):
@@ -213,13 +219,6 @@ def test_opset23_export_of_attention_and_new_normalizations_matches(torch_thread
     """torch 2.13's default exporter at opset 23 writes nn.MultiheadAttention as one Attention node and
     nn.GroupNorm / nn.RMSNorm as GroupNormalization / RMSNormalization: the engine equals PyTorch and
     onnxruntime, on another batch size than the export's."""
-    import io
-    import warnings
-
-    import onnx
-
-    from lancet.loader import model_from_proto
-
     torch = torch_threads
     nn = torch.nn
     torch.manual_seed(0)
@@ -236,19 +235,5 @@ def test_opset23_export_of_attention_and_new_normalizations_matches(torch_thread
             mixed, _ = self.attention(tokens, tokens, tokens, need_weights=False)
             return self.head(self.rms(mixed + tokens).mean(1))
 
-    net = Net().eval()
-    x = torch.randn(5, 1, 8, 8)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(net, (x,), dynamo=True, opset_version=23,
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
-        program.save(buffer)
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = _dynamo_export_matches(torch, Net().eval(), torch.randn(5, 1, 8, 8), opset_version=23)
     assert {"Attention", "GroupNormalization", "RMSNormalization"} <= {node.op_type for node in proto.graph.node}
-    with torch.no_grad():
-        expected = net(x).numpy()
-    session = ort_session(proto.SerializeToString())
-    got_ort = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    got = Forward(model_from_proto(proto)).logits(x.numpy()[:3])
-    assert max_diff(got_ort, expected) < 1e-4 and max_diff(got, expected[:3]) < 1e-4
