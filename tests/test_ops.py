@@ -517,3 +517,25 @@ def test_group_and_rms_normalization_match_onnxruntime():
     rms = make([helper.make_node("RMSNormalization", ["x", "s"], ["y"], axis=-2, epsilon=1e-4)], [("x", (2, 3, 4))], 23,
                [("s", rand(3, 4, seed=6))], out_shape=[2, 3, 4])
     compare(rms, {"x": rand(2, 3, 4)})
+
+
+@pytest.mark.parametrize("kernel, strides, pads", [([2, 2], [2, 2], [0, 0, 0, 0]), ([3, 3], [2, 2], [1, 1, 1, 1]),
+                                                   ([3, 3], [1, 1], [0, 0, 0, 0])])
+def test_max_pool_indices_and_max_unpool_match_onnxruntime(kernel, strides, pads):
+    """MaxPool's Indices output (flat row-major indices of each window's first maximum, ties included) and
+    MaxUnpool scattering the pooled values back, with padding and overlapping windows."""
+    shape = [2, 3, 7, 8]
+    pooled = [2, 3] + [(shape[2 + a] + pads[a] + pads[a + 2] - kernel[a]) // strides[a] + 1 for a in range(2)]
+    attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads}
+    nodes = [helper.make_node("MaxPool", ["x"], ["y0", "i"], **attrs),
+             helper.make_node("MaxUnpool", ["y0", "i", "s"], ["y1"], **attrs),
+             helper.make_node("Cast", ["i"], ["y2"], to=F)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, shape)],
+                              [helper.make_tensor_value_info("y0", F, pooled), helper.make_tensor_value_info("y1", F, shape),
+                               helper.make_tensor_value_info("y2", F, pooled)],
+                              initializer=[numpy_helper.from_array(np.array(shape, np.int64), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = rand(*shape)
+    x[0, 0, 0, :4] = 1.0  # ties within a window
+    compare(model, {"x": x}, atol=0.0)

@@ -92,6 +92,7 @@ MODULES = {  # modules whose export writes ops beyond the zoo's (Mish, Celu, Dep
     "upsample-bilinear": lambda nn: nn.Upsample(scale_factor=1.5, mode="bilinear"),
     "upsample-bicubic": lambda nn: nn.Upsample(size=(11, 21), mode="bicubic"),  # Resize cubic, a = -0.75
     "downsample-antialiased": lambda nn: _Antialiased(nn),  # Resize antialias=1, opset 18+
+    "max-pool-unpool": lambda nn: _PoolUnpool(nn),  # MaxPool's Indices output; MaxUnpool as ScatterND
 }
 
 
@@ -130,6 +131,18 @@ def _dynamo_export_matches(torch, net, x, **options):
     got = Forward(model_from_proto(proto)).logits(x.numpy()[:3])
     assert max_diff(got_ort, expected) < 1e-4 and max_diff(got, expected[:3]) < 1e-4
     return proto
+
+
+def _PoolUnpool(nn):
+    class PoolUnpool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool, self.unpool = nn.MaxPool2d(2, return_indices=True), nn.MaxUnpool2d(2)
+
+        def forward(self, x):
+            return self.unpool(*self.pool(x))
+
+    return PoolUnpool()
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

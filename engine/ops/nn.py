@@ -367,11 +367,53 @@ def _windows(x, kernel, strides, dilations, pads, fill):
 @register("MaxPool")
 def max_pool(inputs, attrs, ctx):
     x = inputs[0]
-    if ctx.num_outputs > 1:
-        raise NotImplementedError(f"MaxPool {ctx.node_name!r}: the Indices output is not supported")
     kernel, strides, dilations, padding, extra = _pool_geometry(x, attrs)
     pads = tuple((int(b), int(e + c)) for (b, e), c in zip(padding, extra))
-    return _max_pool(x, tuple(kernel), tuple(strides), tuple(dilations), pads)
+    out = _max_pool(x, tuple(kernel), tuple(strides), tuple(dilations), pads)
+    if ctx.num_outputs < 2:
+        return out
+    if attrs.get("storage_order", 0):
+        raise NotImplementedError(f"MaxPool {ctx.node_name!r}: Indices in column-major order (storage_order=1) "
+                                  "are not supported")
+    return out, _max_pool_indices(x, kernel, strides, dilations, pads)
+
+
+def _max_pool_indices(x, kernel, strides, dilations, pads):
+    """MaxPool's Indices output: per window, the flat (row-major, whole-tensor) index of its first maximum,
+    as int32 (what MaxUnpool scatters back to)."""
+    spatial = x.shape[2:]
+    positions = np.arange(int(np.prod(spatial)), dtype=np.int32).reshape((1, 1, *spatial))
+    best = index = None
+    for view, where in zip(_windows(x, kernel, strides, dilations, pads, -jnp.inf),
+                           _windows(positions, kernel, strides, dilations, pads, -1)):
+        if best is None:
+            best, index = view, jnp.broadcast_to(where, view.shape)
+            continue
+        better = view > best
+        best, index = jnp.where(better, view, best), jnp.where(better, where, index)
+    planes = (jnp.arange(x.shape[0] * x.shape[1], dtype=jnp.int32) * int(np.prod(spatial))).reshape(
+        (x.shape[0], x.shape[1]) + (1,) * len(spatial))
+    return lax.stop_gradient(index + planes)
+
+
+@register("MaxUnpool", static_inputs=(2,))
+def max_unpool(inputs, attrs, ctx):
+    """Each value of X placed at its flat index (MaxPool's Indices) in a zero tensor of output_shape, or of
+    the size the pooling came from: (in - 1) x stride + kernel - pads."""
+    x, indices = inputs[0], inputs[1]
+    output_shape = inputs[2] if len(inputs) > 2 else None
+    kernel = list(attrs["kernel_shape"])
+    rank = len(kernel)
+    strides = attrs.get("strides") or [1] * rank
+    flat_pads = attrs.get("pads") or [0] * (2 * rank)
+    if output_shape is not None:
+        shape = tuple(int(v) for v in np.asarray(output_shape).reshape(-1))
+    else:
+        shape = x.shape[:2] + tuple((size - 1) * s + k - flat_pads[a] - flat_pads[a + rank]
+                                    for a, (size, s, k) in enumerate(zip(x.shape[2:], strides, kernel)))
+    flat = jnp.zeros(int(np.prod(shape)), x.dtype).at[jnp.asarray(indices).reshape(-1).astype(jnp.int32)].set(
+        x.reshape(-1))
+    return flat.reshape(shape)
 
 
 def _max_pool_windows(x, kernel, strides, dilations, pads):
