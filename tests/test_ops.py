@@ -539,3 +539,16 @@ def test_max_pool_indices_and_max_unpool_match_onnxruntime(kernel, strides, pads
     x = rand(*shape)
     x[0, 0, 0, :4] = 1.0  # ties within a window
     compare(model, {"x": x}, atol=0.0)
+
+
+@pytest.mark.parametrize("block, strides, dilations, pads", [([3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
+                                                             ([2, 3], [1, 2], [2, 1], [0, 1, 0, 1])])
+def test_col2im_matches_onnxruntime(block, strides, dilations, pads):
+    """Col2Im (PyTorch's nn.Fold): overlapping blocks summed back, with strides, dilations and padding."""
+    image = [9, 8]
+    positions = [(image[a] + pads[a] + pads[a + 2] - dilations[a] * (block[a] - 1) - 1) // strides[a] + 1
+                 for a in range(2)]
+    shape = [2, 3 * block[0] * block[1], positions[0] * positions[1]]
+    node = helper.make_node("Col2Im", ["x", "image", "block"], ["y"], strides=strides, dilations=dilations, pads=pads)
+    model = make([node], [("x", shape)], 18, [("image", i64(*image)), ("block", i64(*block))], out_shape=[2, 3, *image])
+    compare(model, {"x": rand(*shape)})

@@ -93,6 +93,8 @@ MODULES = {  # modules whose export writes ops beyond the zoo's (Mish, Celu, Dep
     "upsample-bicubic": lambda nn: nn.Upsample(size=(11, 21), mode="bicubic"),  # Resize cubic, a = -0.75
     "downsample-antialiased": lambda nn: _Antialiased(nn),  # Resize antialias=1, opset 18+
     "max-pool-unpool": lambda nn: _PoolUnpool(nn),  # MaxPool's Indices output; MaxUnpool as ScatterND
+    "unfold-fold": lambda nn: nn.Sequential(nn.Unfold(3, padding=1, stride=2), nn.Fold((16, 16), 3, padding=1,
+                                                                                        stride=2)),  # Col2Im
 }
 
 

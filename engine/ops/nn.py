@@ -460,6 +460,29 @@ def _max_pool_bwd(kernel, strides, dilations, pads, residuals, cotangent):
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+@register("Col2Im", static_inputs=(1, 2))
+def col2im(inputs, attrs, ctx):
+    """Sum of the sliding blocks back into an image (PyTorch's nn.Fold): input [N, C x prod(block), L], the
+    block's cells varying fastest within a channel and L the block positions in row-major order."""
+    x = inputs[0]
+    image, block = int_list(inputs[1], "Col2Im's image_shape", ctx), int_list(inputs[2], "Col2Im's block_shape", ctx)
+    rank = len(block)
+    dilations = attrs.get("dilations") or [1] * rank
+    strides = attrs.get("strides") or [1] * rank
+    flat_pads = attrs.get("pads") or [0] * (2 * rank)
+    pads = [(flat_pads[a], flat_pads[a + rank]) for a in range(rank)]
+    positions = output_sizes(image, block, strides, dilations, pads)
+    batch, channels = x.shape[0], x.shape[1] // int(np.prod(block))
+    cols = x.reshape(batch, channels, *block, *positions)
+    padded = jnp.zeros((batch, channels, *(size + b + e for size, (b, e) in zip(image, pads))), x.dtype)
+    for offset in np.ndindex(*block):
+        window = tuple(slice(cell * d, cell * d + (count - 1) * s + 1, s)
+                       for cell, d, count, s in zip(offset, dilations, positions, strides))
+        padded = padded.at[(slice(None), slice(None), *window)].add(cols[(slice(None), slice(None), *offset)])
+    crop = tuple(slice(b, b + size) for size, (b, _) in zip(image, pads))
+    return padded[(slice(None), slice(None), *crop)]
+
+
 @register("AveragePool")
 def average_pool(inputs, attrs, ctx):
     x = inputs[0]
