@@ -428,7 +428,8 @@ def test_cubic_resize_options_match_onnxruntime(coefficient, exclude_outside):
     compare(make([node], [("x", (2, 3, 5, 6))], 13, initializers=list(consts.items())), {"x": rand(2, 3, 5, 6)})
 
 
-GRID_CASES = [(mode, padding, align) for mode in ("bilinear", "nearest") for padding in ("zeros", "border", "reflection")
+GRID_CASES = [(mode, padding, align) for mode in ("bilinear", "nearest", "bicubic")
+              for padding in ("zeros", "border", "reflection")
               for align in (0, 1)]
 
 

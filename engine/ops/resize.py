@@ -1,5 +1,5 @@
 """Resize (opset 10+) and Upsample (opset 7-9): nearest, linear and cubic interpolation, separable per axis;
-GridSample: bilinear or nearest sampling at data-dependent points.
+GridSample: bilinear, nearest or bicubic sampling at data-dependent points.
 
 Every output coordinate's source position is computed once from static shapes (numpy); the data is then
 gathered along each resized axis (nearest) or blended from its two (linear) or four (cubic) neighbours,
@@ -177,9 +177,17 @@ def upsample(inputs, attrs, ctx):
 def _grid_coordinate(c, size: int, align_corners: bool, padding: str):
     """Normalised grid coordinates in [-1, 1] to pixel positions, with the padding mode's rule for those
     outside (border: clamped; reflection: mirrored at the edges, then clamped; zeros: left as they are)."""
+    return _padded_coordinate(_unnormalized(c, size, align_corners), size, align_corners, padding)
+
+
+def _unnormalized(c, size: int, align_corners: bool):
+    return (c + 1) / 2 * (size - 1) if align_corners else ((c + 1) * size - 1) / 2
+
+
+def _padded_coordinate(c, size: int, align_corners: bool, padding: str):
+    """A pixel position under the padding mode's rule (see `_grid_coordinate`)."""
     import jax.numpy as jnp
 
-    c = (c + 1) / 2 * (size - 1) if align_corners else ((c + 1) * size - 1) / 2
     if padding == "reflection":
         low, span = (0.0, size - 1.0) if align_corners else (-0.5, float(size))
         if span <= 0:
@@ -201,14 +209,17 @@ def grid_sample(inputs, attrs, ctx):
     x, grid = jnp.asarray(inputs[0]), jnp.asarray(inputs[1])
     mode = {"linear": "bilinear", "cubic": "bicubic"}.get(attrs.get("mode", "bilinear"), attrs.get("mode", "bilinear"))
     padding = attrs.get("padding_mode", "zeros")
-    if mode not in ("bilinear", "nearest") or padding not in ("zeros", "border", "reflection") or x.ndim != 4:
+    if mode not in ("bilinear", "nearest", "bicubic") or padding not in ("zeros", "border", "reflection") \
+            or x.ndim != 4:
         from ..errors import BadInputError
 
         raise BadInputError(f"node {ctx.node_name!r} (GridSample): mode {mode!r}, padding {padding!r} on a "
-                            f"{x.ndim}-D input is not supported (bilinear and nearest, zeros/border/reflection, "
-                            "4-D are)")
+                            f"{x.ndim}-D input is not supported (bilinear, nearest and bicubic, "
+                            "zeros/border/reflection, 4-D are)")
     align = bool(attrs.get("align_corners", 0))
     n, _, height, width = x.shape
+    if mode == "bicubic":
+        return _grid_sample_bicubic(x, grid, align, padding)
     px = _grid_coordinate(grid[..., 0], width, align, padding)
     py = _grid_coordinate(grid[..., 1], height, align, padding)
     batch = jnp.arange(n).reshape(n, 1, 1)
@@ -226,4 +237,36 @@ def grid_sample(inputs, attrs, ctx):
         ix, iy = x0.astype(jnp.int32), y0.astype(jnp.int32)
         out = ((pixels(iy, ix) * (1 - wx) + pixels(iy, ix + 1) * wx) * (1 - wy)
                + (pixels(iy + 1, ix) * (1 - wx) + pixels(iy + 1, ix + 1) * wx) * wy)
+    return jnp.moveaxis(out, -1, 1)
+
+
+def _grid_sample_bicubic(x, grid, align: bool, padding: str):
+    """Bicubic GridSample as PyTorch and onnxruntime compute it: the 4 x 4 pixels around each point, Keys'
+    kernel with a = -0.75, each tap's position put under the padding mode on its own (zeros: 0 outside)."""
+    import jax.numpy as jnp
+
+    n, _, height, width = x.shape
+    px, py = _unnormalized(grid[..., 0], width, align), _unnormalized(grid[..., 1], height, align)
+    x0, y0 = jnp.floor(px), jnp.floor(py)
+    batch = jnp.arange(n).reshape(n, 1, 1)
+
+    def weights(t):  # the four taps' weights for a fractional offset t
+        a = -0.75
+        near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1  # noqa: E731
+        far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # noqa: E731
+        return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+    def tap(iy, ix):  # [N, Ho, Wo, C]
+        cx = _padded_coordinate(ix, width, align, padding)
+        cy = _padded_coordinate(iy, height, align, padding)
+        jx, jy = cx.astype(jnp.int32), cy.astype(jnp.int32)
+        inside = (jx >= 0) & (jx < width) & (jy >= 0) & (jy < height)
+        values = x[batch, :, jnp.clip(jy, 0, height - 1), jnp.clip(jx, 0, width - 1)]
+        return jnp.where(inside[..., None], values, 0.0)
+
+    wx, wy = weights(px - x0), weights(py - y0)
+    out = 0.0
+    for i in range(4):
+        row = sum(tap(y0 + i - 1, x0 + j - 1) * wx[j][..., None] for j in range(4))
+        out = out + row * wy[i][..., None]
     return jnp.moveaxis(out, -1, 1)
