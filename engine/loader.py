@@ -23,7 +23,7 @@ IMAGE_INT_TYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.i
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Ops whose output is known from shapes alone, whatever their input holds.
 SHAPE_ONLY_OPS = {"Shape", "Size"}
-SUBGRAPH_OPS = {"If": ("then_branch", "else_branch"), "Loop": ("body",)}  # op -> its graph attributes
+SUBGRAPH_OPS = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}  # op -> graph attributes
 
 
 def read_model_proto(path: str | Path, load_external: bool = True) -> onnx.ModelProto:

@@ -144,7 +144,7 @@ def find_layers(model: Model, weight_only: bool = False) -> list[Layer]:
         if weight_only and node.op_type in RECURRENT_OPS and len(node.inputs) > 2:
             layers += _recurrent_layers(model, node)
             continue
-        if weight_only and node.op_type == "Loop":
+        if weight_only and node.op_type in ("Loop", "Scan"):
             layers += _loop_layers(model, node)
             continue
         if weight_only and registry_key(node.op_type, node.domain) in WEIGHT_ONLY_OPS:

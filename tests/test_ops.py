@@ -553,3 +553,38 @@ def test_col2im_matches_onnxruntime(block, strides, dilations, pads):
     node = helper.make_node("Col2Im", ["x", "image", "block"], ["y"], strides=strides, dilations=dilations, pads=pads)
     model = make([node], [("x", shape)], 18, [("image", i64(*image)), ("block", i64(*block))], out_shape=[2, 3, *image])
     compare(model, {"x": rand(*shape)})
+
+
+@pytest.mark.parametrize("direction", [0, 1])
+def test_scan_matches_onnxruntime(direction):
+    """Scan, unrolled: a tanh recurrence over axis 1 of a [batch, time, features] input, its weights read
+    from the outer graph (weight-neuron layers, as a Loop's), forwards or backwards; the final state and
+    the stacked outputs equal onnxruntime, and the weights get gradients."""
+    import jax
+    import jax.numpy as jnp
+
+    from lancet.neurons import find_layers
+
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "R"], ["hr"]), helper.make_node("MatMul", ["xt", "W"], ["xw"]),
+         helper.make_node("Add", ["hr", "xw"], ["z"]), helper.make_node("Tanh", ["z"], ["h_out"]),
+         helper.make_node("Identity", ["h_out"], ["y_t"])], "body",
+        [helper.make_tensor_value_info("h", F, [2, 4]), helper.make_tensor_value_info("xt", F, [2, 3])],
+        [helper.make_tensor_value_info("h_out", F, [2, 4]), helper.make_tensor_value_info("y_t", F, [2, 4])])
+    node = helper.make_node("Scan", ["h0", "x"], ["y0", "y1"], body=body, num_scan_inputs=1,
+                            scan_input_axes=[1], scan_output_axes=[1], scan_input_directions=[direction],
+                            scan_output_directions=[direction])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("h0", F, [2, 4]),
+                                            helper.make_tensor_value_info("x", F, [2, 5, 3])],
+                              [helper.make_tensor_value_info("y0", F, [2, 4]), helper.make_tensor_value_info("y1", F, [2, 5, 4])],
+                              initializer=[numpy_helper.from_array(rand(4, 4, seed=7) * 0.5, "R"),
+                                           numpy_helper.from_array(rand(3, 4, seed=8), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+    model.ir_version = 8
+    feeds = {"h0": rand(2, 4, seed=1), "x": rand(2, 5, 3, seed=2)}
+    compare(model, feeds)
+    loaded = model_from_proto(model)
+    assert {layer.weight for layer in find_layers(loaded, weight_only=True)} == {"R", "W"}
+    forward = Forward(loaded)
+    grads = jax.grad(lambda p: jnp.sum(forward.apply(p, feeds)["y1"] ** 2))(forward.params)
+    assert all(np.abs(np.asarray(grads[name])).max() > 0 for name in ("R", "W"))

@@ -9,8 +9,8 @@ steps, with a trip count and a continue-condition computed from shapes and count
 unrolled: the body runs once per iteration with the iteration number as a constant, so its condition
 folds and the loop ends exactly where onnxruntime's does; carried values flow from one copy to the next
 and scan outputs are stacked. A trip count or condition that depends on the data is refused, naming the
-node. The loader lists the outer tensors the subgraphs read (`loader._node`), so they arrive here as
-inputs after the node's own.
+node. Scan is unrolled the same way over its scan axis (its length a shape). The loader lists the outer
+tensors the subgraphs read (`loader._node`), so they arrive here as inputs after the node's own.
 """
 from __future__ import annotations
 
@@ -74,4 +74,45 @@ def loop(inputs, attrs, ctx):
     stacked = [(np.stack if all(is_static(v) for v in column) else jnp.stack)(list(column))
                for column in zip(*scanned)] if scanned else []
     results = carried + stacked
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+@register("Scan")
+def scan(inputs, attrs, ctx):
+    """Scan (opset 9+), unrolled like Loop: the body runs once per slice of the scan inputs along their
+    scan axes (backwards for direction 1), the states carried from one copy to the next; the scan outputs'
+    slices are stacked along their axes (in reverse for direction 1). The scan length comes from a shape,
+    so the number of copies is known at trace time."""
+    from ..errors import BadInputError
+
+    body = attrs["body"]
+    count = int(attrs["num_scan_inputs"])
+    own = len(inputs) - len(attrs["outer"])
+    outer = dict(zip(attrs["outer"], inputs[own:]))
+    states, scanned_in = list(inputs[: own - count]), list(inputs[own - count:own])
+    in_axes = list(attrs.get("scan_input_axes") or [0] * count)
+    in_directions = list(attrs.get("scan_input_directions") or [0] * count)
+    lengths = {int(np.shape(value)[axis]) for value, axis in zip(scanned_in, in_axes)}
+    if len(lengths) != 1:
+        raise BadInputError(f"node {ctx.node_name!r} (Scan): scan inputs of different lengths {sorted(lengths)}")
+    length = lengths.pop()
+    outputs_per_step: list[list[Any]] = []
+    for step in range(length):
+        slices = []
+        for value, axis, direction in zip(scanned_in, in_axes, in_directions):
+            index = length - 1 - step if direction else step
+            m = np if is_static(value) else jnp
+            slices.append(m.take(value, index, axis=axis % np.ndim(value)))
+        values = _run_graph(body, {**outer, **dict(zip(body["inputs"], states + slices))}, ctx)
+        states = values[: len(states)]
+        outputs_per_step.append(values[len(states):])
+    k = len(body["outputs"]) - len(states)
+    out_axes = list(attrs.get("scan_output_axes") or [0] * k)
+    out_directions = list(attrs.get("scan_output_directions") or [0] * k)
+    stacked = []
+    for column, axis, direction in zip(zip(*outputs_per_step), out_axes, out_directions):
+        column = list(column)[::-1] if direction else list(column)
+        m = np if all(is_static(v) for v in column) else jnp
+        stacked.append(m.stack(column, axis=axis % (np.ndim(column[0]) + 1)))
+    results = states + stacked
     return results[0] if len(results) == 1 else tuple(results)
