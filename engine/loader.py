@@ -357,26 +357,22 @@ def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> 
 
 def _activation_node(activation: str, params: list[float], node_name: str, x: str, y: str,
                      tensors: dict[str, np.ndarray], sources: dict[str, str], opset: int) -> Node | None:
-    """The standard node for a fused layer's activation (x -> y), or None for one it cannot be. Clip's
-    bounds become constants named after y (attributes before opset 11)."""
-    name = f"{node_name}::activation"
-    if activation in ("Relu", "Tanh", "Sigmoid"):
-        return Node(name, activation, [x], [y], {})
-    if activation == "LeakyRelu":
-        return Node(name, activation, [x], [y], {"alpha": float(params[0]) if params else 0.01})
-    if activation == "HardSigmoid":
-        alpha, beta = (list(params) + [0.2, 0.5][len(params):])[:2]
-        return Node(name, activation, [x], [y], {"alpha": float(alpha), "beta": float(beta)})
-    if activation == "Clip":
-        if opset < 11:
-            return Node(name, "Clip", [x], [y], {k: float(v) for k, v in zip(("min", "max"), params)})
-        bounds = []
-        for bound, value in zip(("min", "max"), params):
-            tensors[f"{y}::{bound}"] = np.asarray(value, np.float32)
-            sources[f"{y}::{bound}"] = "unfused"
-            bounds.append(f"{y}::{bound}")
-        return Node(name, "Clip", [x, *bounds], [y], {})
-    return None
+    """The standard node for a fused layer's activation (x -> y, `ops.contrib.activation_op`), or None for
+    one it cannot be. Clip's bounds become constants named after y (attributes before opset 11)."""
+    from .ops.contrib import activation_op
+
+    op = activation_op(activation, params)
+    if op is None:
+        return None
+    op_type, attrs, bounds = op
+    if op_type == "Clip" and opset < 11:
+        return Node(f"{node_name}::activation", op_type, [x], [y], dict(zip(("min", "max"), bounds)))
+    names = []
+    for bound, value in zip(("min", "max"), bounds):
+        tensors[f"{y}::{bound}"] = np.asarray(value, np.float32)
+        sources[f"{y}::{bound}"] = "unfused"
+        names.append(f"{y}::{bound}")
+    return Node(f"{node_name}::activation", op_type, [x, *names], [y], attrs)
 
 
 def _unfused(nodes: list[Node], tensors: dict[str, np.ndarray], sources: dict[str, str], opset: int) -> list[Node]:
@@ -386,7 +382,7 @@ def _unfused(nodes: list[Node], tensors: dict[str, np.ndarray], sources: dict[st
     activation, where a channel edit is what negating or zeroing its weights does (channel neurons, their
     flips and the channel-pruning peers work as on the unoptimised file). The layer node keeps the fused
     node's name; the written file keeps the fused node (graph surgery rewrites initializers only). An
-    activation with no standard node stays fused (ops/contrib.py runs it)."""
+    activation with no standard node stays fused, and its handler refuses it naming the node."""
     result = []
     for node in nodes:
         if node.domain != "com.microsoft" or node.op_type not in ("FusedConv", "FusedGemm"):

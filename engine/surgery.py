@@ -20,10 +20,11 @@ from .loader import read_model_proto
 
 METADATA_PREFIX = "lancet."
 # A model that rounds computed activations to integer steps (`Model.requantizes`: QDQ, dynamic, QOperator)
-# can land an activation one step from onnxruntime's where XLA sums a float result in another order (a
-# Keras CNN's QDQ convolution a few ulps apart: 5 activations of 64 inputs a step apart, logits 3e-3) or
-# fuses a multiply-add (a dynamic LeNet-5: 5 of 5,000 inputs, 1.2e-3 of the logits' scale). Up to this share
-# of the check inputs may differ so.
+# can land an activation one step from onnxruntime's where XLA's float result is an ulp or two off (a Keras
+# CNN's QDQ convolution summed in another order: 5 activations of 64 inputs a step apart, logits 3e-3; a
+# dynamic LeNet-5's rescale-and-add of the bias one ulp off onnxruntime's two separate roundings, which XLA
+# rewrite causes it not pinned down: 5 of 5,000 inputs, 1.2e-3 of the logits' scale). Up to this share of
+# the check inputs may differ so.
 STEP_APART_SHARE = 0.05
 
 

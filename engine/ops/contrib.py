@@ -14,34 +14,41 @@ import numpy as np
 from jax import lax
 
 from ..errors import BadInputError
-from .registry import register, xp
+from .registry import register, spec_of, xp
 
 MS = "com.microsoft"
 
 
-def _activation(x, name: str, params: list[float], ctx):
-    """The activation a fused node applies to its result: Relu, LeakyRelu (alpha), Tanh, Sigmoid, Clip
-    (min, max), HardSigmoid (alpha, beta); none when the name is empty."""
+def activation_op(name, params: list[float]) -> tuple[str, dict, list[float]] | None:
+    """The standard op a fused layer's activation is: (op type, attributes, Clip's bounds as inputs), or
+    None for one with no standard op. Relu, Tanh, Sigmoid, LeakyRelu (alpha), HardSigmoid (alpha, beta),
+    Clip (min, max). The loader splits fused layers with it (`loader._unfused`), the fused ops run it."""
     name = name.decode() if isinstance(name, bytes) else str(name or "")
-    if not name:
-        return x
-    if name == "Relu":
-        return jnp.maximum(x, 0.0)
+    params = [float(p) for p in params]
+    if name in ("Relu", "Tanh", "Sigmoid"):
+        return name, {}, []
     if name == "LeakyRelu":
-        alpha = params[0] if params else 0.01
-        return jnp.where(x >= 0, x, np.float32(alpha) * x)
-    if name == "Tanh":
-        return jnp.tanh(x)
-    if name == "Sigmoid":
-        return jax.nn.sigmoid(x)
-    if name == "Clip":
-        low, high = (params + [-np.inf, np.inf][len(params):])[:2] if params else (-np.inf, np.inf)
-        return jnp.clip(x, np.float32(low), np.float32(high))
+        return name, {"alpha": params[0] if params else 0.01}, []
     if name == "HardSigmoid":
-        alpha, beta = (list(params) + [0.2, 0.5][len(params):])[:2]
-        return jnp.clip(np.float32(alpha) * x + np.float32(beta), 0.0, 1.0)
-    raise BadInputError(f"node {ctx.node_name!r}: fused activation {name!r} is not supported (Relu, LeakyRelu, "
-                        "Tanh, Sigmoid, Clip, HardSigmoid are)")
+        alpha, beta = (params + [0.2, 0.5][len(params):])[:2]
+        return name, {"alpha": alpha, "beta": beta}, []
+    if name == "Clip":
+        return name, {}, params[:2]
+    return None
+
+
+def _activation(x, name, params: list[float], ctx):
+    """The fused activation applied by its standard op's handler (none when the name is empty)."""
+    if not (name.decode() if isinstance(name, bytes) else name):
+        return x
+    op = activation_op(name, params)
+    if op is None:
+        raise BadInputError(f"node {ctx.node_name!r}: fused activation {name!r} is not supported (Relu, LeakyRelu, "
+                            "Tanh, Sigmoid, Clip, HardSigmoid are)")
+    op_type, attrs, bounds = op
+    if op_type == "Clip" and ctx.opset < 11:
+        attrs = dict(zip(("min", "max"), bounds))
+    return spec_of(op_type).fn([x, *(np.float32(b) for b in bounds)], attrs, ctx)
 
 
 @register("FusedConv", domain=MS)
@@ -182,14 +189,13 @@ def dynamic_quantize_matmul(inputs, attrs, ctx):
     rescaling and the bias): A quantized to uint8 over its own range, times the int8 B (zero point off),
     scaled by A's scale x B's (per column or per tensor), plus the bias. B folded into a float parameter
     (loader) is divided back into integer steps and rounded (straight-through gradient)."""
-    from .qlinear import _steps
-    from .quantize import dynamic_quantize_linear
+    from .quantize import dynamic_quantize_linear, integer_steps
 
     a, b = inputs[0], inputs[1]
     b_scale = np.asarray(inputs[2], np.float32)
     b_zero = inputs[3] if len(inputs) > 3 else None
     bias = inputs[4] if len(inputs) > 4 else None
     q, a_scale, a_zero = dynamic_quantize_linear([a], {}, ctx)
-    acc = jnp.matmul(q - a_zero, _steps(b, b_scale, b_zero, -1), precision=lax.Precision.HIGHEST)
+    acc = jnp.matmul(q - a_zero, integer_steps(b, b_scale, b_zero, -1), precision=lax.Precision.HIGHEST)
     out = acc * (a_scale * (b_scale.reshape(-1) if b_scale.size > 1 else b_scale.reshape(())))
     return out if bias is None else out + bias

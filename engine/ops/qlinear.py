@@ -16,8 +16,8 @@ import numpy as np
 from jax import lax
 
 from ..quantization import along_axis
-from .quantize import _divide_exactly, _straight_through_round
-from .registry import is_static, register, static_array, xp
+from .quantize import _straight_through_round, dequantize_linear, integer_steps, quantize_linear
+from .registry import register, static_array, xp
 
 MS = "com.microsoft"
 
@@ -30,18 +30,6 @@ def _integer_type(zero_point) -> np.dtype:
     return np.dtype(np.asarray(zero_point).dtype) if zero_point is not None else np.dtype(np.uint8)
 
 
-def _steps(value, scale: np.ndarray, zero_point, axis: int):
-    """A weight or bias operand in integer steps, its zero point taken off: an integer constant as it is,
-    a folded float parameter divided by its scale and rounded."""
-    m = xp(value)
-    ndim = np.ndim(value)
-    if is_static(value) and np.issubdtype(np.asarray(value).dtype, np.integer):
-        zero = along_axis(np.asarray(zero_point if zero_point is not None else 0, np.float32), axis, ndim)
-        return np.asarray(value, np.float32) - zero
-    steps = value / along_axis(scale, axis, ndim)
-    return np.round(steps) if m is np else _straight_through_round(steps)
-
-
 def _requantize(value, multiplier: np.ndarray, zero_point, axis: int):
     """value x multiplier rounded half to even, plus the zero point, saturated to the zero point's type."""
     info = np.iinfo(_integer_type(zero_point))
@@ -51,17 +39,13 @@ def _requantize(value, multiplier: np.ndarray, zero_point, axis: int):
     return xp(value).clip(rounded + zero, info.min, info.max)
 
 
-def _quantize(value, scale: np.ndarray, zero_point):
-    """QuantizeLinear of a float tensor (per tensor): value / scale rounded, plus the zero point, saturated."""
-    info = np.iinfo(_integer_type(zero_point))
-    zero = np.float32(np.asarray(zero_point if zero_point is not None else 0))
-    if xp(value) is np:
-        return np.clip(np.round(value / scale) + zero, info.min, info.max).astype(np.float32)
-    return jnp.clip(_straight_through_round(_divide_exactly(value, scale)) + zero, info.min, info.max)
+def _quantize(value, scale: np.ndarray, zero_point, ctx):
+    """QuantizeLinear of a float tensor per tensor (to the zero point's type, uint8 without one)."""
+    return quantize_linear([value, scale, zero_point], {}, ctx)
 
 
-def _dequantize(value, scale: np.ndarray, zero_point):
-    return (value - np.float32(np.asarray(zero_point if zero_point is not None else 0))) * scale
+def _dequantize(value, scale: np.ndarray, zero_point, ctx):
+    return dequantize_linear([value, scale, zero_point], {}, ctx)
 
 
 def _input(inputs, slot):
@@ -75,10 +59,10 @@ def qlinear_conv(inputs, attrs, ctx):
     x, x_scale, x_zero = inputs[0], _static(inputs[1], "the x scale", ctx), inputs[2]
     w_scale, y_scale = _static(inputs[4], "the w scale", ctx), _static(inputs[6], "the y scale", ctx)
     x_steps = x - np.float32(np.asarray(x_zero if x_zero is not None else 0))
-    acc = conv([x_steps, _steps(inputs[3], w_scale, inputs[5], 0)], attrs, ctx)
+    acc = conv([x_steps, integer_steps(inputs[3], w_scale, inputs[5], 0)], attrs, ctx)
     bias = _input(inputs, 8)
     if bias is not None:
-        acc = acc + _steps(bias, (x_scale * w_scale).astype(np.float32), None, 0).reshape((1, -1) + (1,) * (acc.ndim - 2))
+        acc = acc + integer_steps(bias, (x_scale * w_scale).astype(np.float32), None, 0).reshape((1, -1) + (1,) * (acc.ndim - 2))
     multiplier = (x_scale * w_scale / y_scale).astype(np.float32).reshape(-1)
     return _requantize(acc, multiplier if multiplier.size > 1 else multiplier[0], inputs[7], 1)
 
@@ -88,7 +72,7 @@ def qlinear_matmul(inputs, attrs, ctx):
     a, a_scale, a_zero = inputs[0], _static(inputs[1], "the a scale", ctx), inputs[2]
     b_scale, y_scale = _static(inputs[4], "the b scale", ctx), _static(inputs[6], "the y scale", ctx)
     a_steps = a - np.float32(np.asarray(a_zero if a_zero is not None else 0))
-    b_steps = _steps(inputs[3], b_scale, inputs[5], -1)
+    b_steps = integer_steps(inputs[3], b_scale, inputs[5], -1)
     acc = (np.matmul(a_steps, b_steps) if xp(a_steps, b_steps) is np
            else jnp.matmul(a_steps, b_steps, precision=lax.Precision.HIGHEST))
     multiplier = (a_scale * b_scale / y_scale).astype(np.float32).reshape(-1)
@@ -103,7 +87,7 @@ def qgemm(inputs, attrs, ctx):
     a_steps = a - np.float32(np.asarray(a_zero if a_zero is not None else 0))
     if attrs.get("transA", 0):
         a_steps = a_steps.T
-    b_steps = _steps(inputs[3], b_scale, inputs[5], 0 if trans_b else -1)
+    b_steps = integer_steps(inputs[3], b_scale, inputs[5], 0 if trans_b else -1)
     if trans_b:
         b_steps = b_steps.T
     acc = (np.matmul(a_steps, b_steps) if xp(a_steps, b_steps) is np
@@ -111,7 +95,7 @@ def qgemm(inputs, attrs, ctx):
     alpha = np.float32(attrs.get("alpha", 1.0))
     bias = _input(inputs, 6)
     if bias is not None:
-        acc = acc + _steps(bias, (a_scale * b_scale).astype(np.float32), None, -1)
+        acc = acc + integer_steps(bias, (a_scale * b_scale).astype(np.float32), None, -1)
     y_scale = _input(inputs, 7)
     if y_scale is None:  # float output
         return acc * (alpha * a_scale * b_scale).astype(np.float32).reshape(-1)
@@ -121,9 +105,9 @@ def qgemm(inputs, attrs, ctx):
 
 def _binary(fn):
     def handler(inputs, attrs, ctx):
-        a = _dequantize(inputs[0], _static(inputs[1], "the A scale", ctx), inputs[2])
-        b = _dequantize(inputs[3], _static(inputs[4], "the B scale", ctx), inputs[5])
-        return _quantize(fn(a, b), _static(inputs[6], "the C scale", ctx), _input(inputs, 7))
+        a = _dequantize(inputs[0], _static(inputs[1], "the A scale", ctx), inputs[2], ctx)
+        b = _dequantize(inputs[3], _static(inputs[4], "the B scale", ctx), inputs[5], ctx)
+        return _quantize(fn(a, b), _static(inputs[6], "the C scale", ctx), _input(inputs, 7), ctx)
 
     return handler
 
@@ -136,8 +120,8 @@ def _unary(fn_of_attrs):
     """A quantized elementwise or pooling op: dequantize x (slots 0-2), apply the float op, quantize with
     the y scale and zero point (slots 3-4)."""
     def handler(inputs, attrs, ctx):
-        x = _dequantize(inputs[0], _static(inputs[1], "the x scale", ctx), inputs[2])
-        return _quantize(fn_of_attrs(x, attrs, ctx), _static(inputs[3], "the y scale", ctx), _input(inputs, 4))
+        x = _dequantize(inputs[0], _static(inputs[1], "the x scale", ctx), inputs[2], ctx)
+        return _quantize(fn_of_attrs(x, attrs, ctx), _static(inputs[3], "the y scale", ctx), _input(inputs, 4), ctx)
 
     return handler
 
@@ -184,7 +168,8 @@ register("QLinearGlobalAveragePool", static_inputs=(1, 2, 3, 4), domain=MS)(
 @register("QLinearConcat", static_inputs=tuple(i for i in range(2 + 3 * 256) if i < 2 or (i - 2) % 3), domain=MS)
 def qlinear_concat(inputs, attrs, ctx):
     """Inputs: y scale, y zero point, then (x, x scale, x zero point) per tensor; attribute axis."""
-    parts = [_dequantize(inputs[i], _static(inputs[i + 1], "an input scale", ctx), inputs[i + 2])
+    parts = [_dequantize(inputs[i], _static(inputs[i + 1], "an input scale", ctx), inputs[i + 2], ctx)
              for i in range(2, len(inputs), 3)]
     m = xp(*parts)
-    return _quantize(m.concatenate(parts, axis=int(attrs["axis"])), _static(inputs[0], "the y scale", ctx), inputs[1])
+    return _quantize(m.concatenate(parts, axis=int(attrs["axis"])), _static(inputs[0], "the y scale", ctx), inputs[1],
+                     ctx)

@@ -40,6 +40,27 @@ def _check_blocks(attrs: dict, ctx: OpContext, op: str) -> None:
         raise BadInputError(f"node {ctx.node_name!r} ({op}): blocked quantization (block_size) is not supported")
 
 
+def _straight_through_round(value):
+    """Round half to even with the identity's gradient (quantization-aware training's estimator)."""
+    return value + lax.stop_gradient(jnp.round(value) - value)
+
+
+def integer_steps(value, scale, zero_point, axis: int):
+    """A weight (or bias) operand of an integer op in integer steps, its zero point taken off: an integer
+    tensor has the zero point subtracted; a float parameter the loader folded from one ((q - zero point) x
+    scale, `loader._fold_integer_weights`) is divided by `scale` and rounded as the file will store it
+    (`Model.stored`), the gradient straight through. `scale` and `zero_point` are per tensor, along `axis`,
+    or already of the operand's rank."""
+    ndim = np.ndim(value)
+    if scale is None or np.issubdtype(np.asarray(value).dtype if is_static(value) else np.float32, np.integer):
+        if zero_point is None:
+            return value if not is_static(value) else np.asarray(value, np.float32)
+        zero = np.asarray(zero_point, np.float32) if is_static(zero_point) else zero_point
+        return (np.asarray(value, np.float32) if is_static(value) else value) - along_axis(zero, axis, ndim)
+    steps = value / along_axis(np.asarray(scale, np.float32), axis, ndim)
+    return np.round(steps) if xp(value) is np else _straight_through_round(steps)
+
+
 def _divide_exactly(a, b):
     """a / b rounded once, as onnxruntime divides: XLA rewrites a division by a broadcast scalar into a
     product with its reciprocal (one ulp off in most elements), which a barrier on a full-shape divisor
@@ -60,7 +81,7 @@ def quantize_linear(inputs, attrs, ctx):
         return quantize_values(x, scale, zero_point, axis, dtype).astype(np.float32)
     info = np.iinfo(dtype)
     scaled = _divide_exactly(x, along_axis(scale.astype(np.float32), axis, np.ndim(x)))
-    rounded = scaled + lax.stop_gradient(jnp.round(scaled) - scaled)  # straight-through rounding
+    rounded = _straight_through_round(scaled)
     return jnp.clip(rounded + along_axis(zero_point.astype(np.float32), axis, np.ndim(x)), info.min, info.max)
 
 
@@ -75,11 +96,6 @@ def dequantize_linear(inputs, attrs, ctx):
     zero = along_axis(np.asarray(zero_point, np.float32), axis, ndim)
     m = xp(x)
     return (m.asarray(x, np.float32) - zero) * scale
-
-
-def _straight_through_round(value):
-    """Round half to even with the identity's gradient (quantization-aware training's estimator)."""
-    return value + lax.stop_gradient(jnp.round(value) - value)
 
 
 @register("DynamicQuantizeLinear")
@@ -103,20 +119,6 @@ def dynamic_quantize_linear(inputs, attrs, ctx):
     return jnp.clip(_straight_through_round(_divide_exactly(x, scale)) + zero, 0.0, 255.0), scale, zero
 
 
-def _integer_weight(w, zero_point, attrs, ndim_axis: int):
-    """The weight operand in integer steps minus its zero point. A weight the loader folded into a float
-    parameter ((q - zero point) x its scale, `loader._fold_integer_weights`) is divided by that scale
-    (`attrs['weight_unit']`) and rounded; an integer constant has its zero point subtracted."""
-    unit = attrs.get("weight_unit")
-    if unit is not None:  # rounded as the file will store it (`Model.stored`), the gradient straight through
-        steps = w / along_axis(np.asarray(unit, np.float32), ndim_axis, np.ndim(w))
-        return np.round(steps) if xp(w) is np else _straight_through_round(steps)
-    if zero_point is None:
-        return w
-    return w - along_axis(np.asarray(zero_point, np.float32) if is_static(zero_point) else zero_point,
-                          ndim_axis, np.ndim(w))
-
-
 @register("MatMulInteger")
 def matmul_integer(inputs, attrs, ctx):
     """(A - a_zero_point) @ (B - b_zero_point), in float32 holding the int32 result (exact while partial
@@ -126,7 +128,7 @@ def matmul_integer(inputs, attrs, ctx):
     b_zero = inputs[3] if len(inputs) > 3 else None
     if a_zero is not None:
         a = a - (a_zero if np.ndim(a_zero) == 0 else xp(a_zero).reshape(a_zero, (-1, 1)))
-    b = _integer_weight(b, b_zero, attrs, -1)
+    b = integer_steps(b, attrs.get("weight_unit"), b_zero, -1)
     if xp(a, b) is np:
         return np.matmul(a, b).astype(np.float32)
     return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
@@ -144,4 +146,4 @@ def conv_integer(inputs, attrs, ctx):
     if x_zero is not None:
         x = x - x_zero
     conv_attrs = {k: v for k, v in attrs.items() if k != "weight_unit"}
-    return conv([x, _integer_weight(w, w_zero, attrs, 0)], conv_attrs, ctx)
+    return conv([x, integer_steps(w, attrs.get("weight_unit"), w_zero, 0)], conv_attrs, ctx)

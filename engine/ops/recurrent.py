@@ -212,18 +212,16 @@ def dynamic_quantize_lstm(inputs, attrs, ctx):
     projection the whole input sequence once, the recurrent product the hidden state at every step; the
     int32 products are scaled by input scale x weight scale. Weights the loader folded into float parameters
     are divided back into integer steps and rounded (straight-through gradient)."""
-    from .quantize import _straight_through_round, dynamic_quantize_linear
+    from .quantize import dynamic_quantize_linear, integer_steps
 
     def steps_and_scale(weight, scale, zero):
-        """The weight in integer steps, zero point off, and its scale, both shaped [D, 1, 4H or 1]."""
+        """The weight in integer steps, zero point off, and its scale shaped [D, 1, 4H or 1]."""
         directions = np.shape(weight)[0]
-        scale = np.asarray(scale, np.float32).reshape(directions, 1, -1) if np.size(scale) > 1 else \
-            np.full((directions, 1, 1), np.asarray(scale, np.float32).reshape(()), np.float32)
-        if isinstance(weight, np.ndarray) and np.issubdtype(weight.dtype, np.integer):
-            zero = np.asarray(zero if zero is not None else 0, np.float32)
-            zero = zero.reshape(directions, 1, -1) if zero.size > 1 else zero.reshape(())
-            return weight.astype(np.float32) - zero, scale
-        return _straight_through_round(jnp.asarray(weight) / scale), scale
+        scale = np.asarray(scale, np.float32)
+        scale = scale.reshape(directions, 1, -1) if scale.size > 1 else np.full((directions, 1, 1), scale.reshape(()))
+        if zero is not None and np.size(zero) > 1:
+            zero = np.asarray(zero).reshape(directions, 1, -1)
+        return integer_steps(weight, scale, zero, 0), scale
 
     w_steps, w_scale = steps_and_scale(inputs[1], inputs[8], inputs[9] if len(inputs) > 9 else None)
     r_steps, r_scale = steps_and_scale(inputs[2], inputs[10], inputs[11] if len(inputs) > 11 else None)
