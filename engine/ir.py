@@ -33,9 +33,10 @@ class Node:
 
 @dataclass(frozen=True)
 class QuantizedParam:
-    """A parameter the file stores quantized: `source` (an integer initializer) read by a DequantizeLinear
-    whose output the engine holds as the float parameter, value = (q - zero_point) * scale, the scale and
-    zero point per tensor or along `axis`."""
+    """A parameter the file stores quantized: `source`, an integer initializer read by a DequantizeLinear
+    (QDQ; the engine holds the float value under the DequantizeLinear's output) or directly by an integer op
+    (dynamic quantization, QOperator; held under the initializer's own name), value = (q - zero_point) *
+    scale, the scale and zero point per tensor, along `axis`, or of the weight's rank."""
 
     source: str
     scale: np.ndarray
@@ -76,8 +77,7 @@ class Model:
     # Parameters the file stores in another float type (float16, float64): `params` holds them as float32,
     # the precision the engine computes in; written back in their own type (`stored`).
     param_dtypes: dict[str, np.dtype] = field(default_factory=dict)
-    # Parameters the file stores as integers behind a DequantizeLinear (a QDQ-quantized model's weights and
-    # biases): `params` holds them dequantized under the DequantizeLinear's output name.
+    # Parameters the file stores as integers (`QuantizedParam`): `params` holds them dequantized.
     quantized: dict[str, QuantizedParam] = field(default_factory=dict)
 
     @property
@@ -107,7 +107,7 @@ class Model:
 
     @property
     def is_quantized(self) -> bool:
-        """Whether the file stores parameters as integers (QDQ, or dynamic quantization's integer weights):
+        """Whether the file stores parameters as integers (QDQ, QOperator, dynamic quantization):
         its onnxruntime kernels compute in integers, so its outputs match the engine's float emulation to a
         quantization step, not to 1e-4."""
         return bool(self.quantized)
@@ -126,9 +126,8 @@ class Model:
         """Whether the graph rounds computed activations to integer steps (QuantizeLinear on a computed
         tensor, dynamic quantization, quantized operators): a float result a few ulps from onnxruntime's
         (another summation order) can then land one step apart there."""
-        steps = {"QuantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul"}
-        return any(node.op_type in steps or node.op_type.startswith("QLinear") or node.op_type == "QGemm"
-                   for node in self.nodes)
+        return self.per_input_ranges or any(node.op_type in ("QuantizeLinear", "QGemm")
+                                            or node.op_type.startswith("QLinear") for node in self.nodes)
 
     @property
     def half_precision(self) -> bool:
