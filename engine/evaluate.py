@@ -70,7 +70,7 @@ class OrtPredictor:
         self.input_name = model.input.name
         self.output_names = [model.output.name]  # the class scores, whatever the file's output order
         self.input_dtype = model.input.dtype  # float16 or integer pixels in the file; the case holds float32
-        self.fixed = static_batch(model) or (1 if model.per_input_ranges else None)
+        self.fixed = static_batch(model) or (1 if model.batch_coupled else None)
         self.batch = self.fixed or 256
         self.threshold = label_threshold(model)
 

@@ -82,7 +82,7 @@ def build_apply(model: Model, start: int = 0,
     for a graph that hard-codes its file's fixed batch (`over_fixed_batch`).
     """
     fixed = static_batch(model)
-    if model.per_input_ranges:  # each input quantized over its own range: groups of one (or the file's batch)
+    if model.batch_coupled:  # each input alone (its own quantization range or branch): groups of one
         return over_fixed_batch(_graph_apply(model, start, static, fuse=False), fixed or 1)
     if fixed is None or not hard_codes_batch(model):
         return _graph_apply(model, start, static)

@@ -79,6 +79,8 @@ class Model:
     param_dtypes: dict[str, np.dtype] = field(default_factory=dict)
     # Parameters the file stores as integers (`QuantizedParam`): `params` holds them dequantized.
     quantized: dict[str, QuantizedParam] = field(default_factory=dict)
+    # If nodes whose condition depends on the input data (torch.cond): one condition for the whole batch.
+    data_branches: tuple[str, ...] = ()
 
     @property
     def input(self) -> TensorInfo:
@@ -116,10 +118,17 @@ class Model:
     def per_input_ranges(self) -> bool:
         """Whether the graph quantizes activations over their own range at run time (DynamicQuantizeLinear,
         a dynamically quantized model): the range spans the whole tensor, so an input's result depends on
-        the inputs sharing its batch. The engine and its onnxruntime reference then run each input alone,
-        as a service answering one request at a time does (`forward.build_apply`, `evaluate.OrtPredictor`)."""
+        the inputs sharing its batch (`batch_coupled`)."""
         return any(node.op_type in ("DynamicQuantizeLinear", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul")
                    for node in self.nodes)
+
+    @property
+    def batch_coupled(self) -> bool:
+        """Whether an input's result depends on the other inputs of its batch: activations quantized over
+        the whole tensor (`per_input_ranges`) or an If whose one condition is computed from the batch's
+        data (`data_branches`). The engine and its onnxruntime reference then run each input alone, as a
+        service answering one request at a time does (`forward.build_apply`, `evaluate.OrtPredictor`)."""
+        return self.per_input_ranges or bool(self.data_branches)
 
     @property
     def requantizes(self) -> bool:

@@ -492,7 +492,9 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None, output: s
         raise BadInputError(f"{where} has no float or 8/16-bit integer image input: a classifier takes a "
                             f"float tensor or pixels (inputs: {[(i.name, str(i.dtype)) for i in inputs]})")
     ordered = _topological(kept, set(tensors) | {i.name for i in inputs})
-    params, constants = _split_params(ordered, tensors, _dynamic_tensors(ordered, inputs))
+    dynamic = _dynamic_tensors(ordered, inputs)
+    params, constants = _split_params(ordered, tensors, dynamic)
+    data_branches = tuple(node.name for node in ordered if node.op_type == "If" and node.inputs[0] in dynamic)
     param_dtypes = {name: value.dtype for name, value in params.items() if value.dtype != np.float32}
     params = {name: value.astype(np.float32) for name, value in params.items()}  # computed in float32
     value_info = {v.name: _tensor_info(v) for v in list(inferred.graph.value_info) + list(graph.output)}
@@ -500,4 +502,5 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None, output: s
                  outputs=outputs, value_info=value_info,
                  param_sources={name: sources[name] for name in params},
                  producer=f"{proto.producer_name} {proto.producer_version}".strip(), scores_output=scores_output,
-                 param_dtypes=param_dtypes, quantized={name: q for name, q in quantized.items() if name in params})
+                 param_dtypes=param_dtypes, quantized={name: q for name, q in quantized.items() if name in params},
+                 data_branches=data_branches)

@@ -106,8 +106,9 @@ def _recurrent_layers(model: Model, node: Node) -> list[Layer]:
 
 
 def _loop_layers(model: Model, node: Node) -> list[Layer]:
-    """The weight matrices a Loop's body reads (tf2onnx passes a Keras GRU's kernel, recurrent kernel and
-    bias into its Loop): each a weight-neuron layer."""
+    """The weight matrices a control-flow node's subgraphs read (tf2onnx passes a Keras GRU's kernel,
+    recurrent kernel and bias into its Loop; torch.cond's branches read their layers' weights from the
+    outer graph): each a weight-neuron layer."""
     layers = []
     for name in dict.fromkeys(node.inputs):
         value = model.params.get(name)
@@ -136,7 +137,7 @@ def _weight_only_layer(model: Model, node: Node) -> list[Layer]:
 
 def find_layers(model: Model, weight_only: bool = False) -> list[Layer]:
     """All neuron layers of the model, in graph order; with `weight_only`, the layers with weight neurons
-    only too (recurrent nodes' W and R, the weight matrices a Loop reads, quantized-operator layers: weight
+    only too (recurrent nodes' W and R, the weight matrices an If, Loop or Scan reads, quantized-operator layers: weight
     granularity)."""
     consumers = model.consumers_of()
     layers = []
@@ -144,7 +145,7 @@ def find_layers(model: Model, weight_only: bool = False) -> list[Layer]:
         if weight_only and node.op_type in RECURRENT_OPS and len(node.inputs) > 2:
             layers += _recurrent_layers(model, node)
             continue
-        if weight_only and node.op_type in ("Loop", "Scan"):
+        if weight_only and node.op_type in ("If", "Loop", "Scan"):
             layers += _loop_layers(model, node)
             continue
         if weight_only and registry_key(node.op_type, node.domain) in WEIGHT_ONLY_OPS:
@@ -238,9 +239,12 @@ def _quantization_format(model: Model) -> str | None:
 
 
 def _batch_summary(model: Model) -> dict:
-    """The input batch the file fixes (None: free) and whether the graph computes with it (then the engine
-    runs it vmapped over groups of that size; forward.over_fixed_batch)."""
+    """The input batch the file fixes (None: free), whether the graph computes with it (then the engine
+    runs it vmapped over groups of that size; forward.over_fixed_batch), and why an input's result depends
+    on its batch, if it does (then each input runs alone; `Model.batch_coupled`)."""
     from .forward import hard_codes_batch, static_batch
 
     fixed = static_batch(model)
-    return {"fixed": fixed, "hard_coded": bool(fixed) and hard_codes_batch(model)}
+    coupled = (f"If on the data ({', '.join(model.data_branches)})" if model.data_branches else
+               "activations quantized over the batch's range" if model.per_input_ranges else None)
+    return {"fixed": fixed, "hard_coded": bool(fixed) and hard_codes_batch(model), "coupled_by": coupled}

@@ -58,9 +58,11 @@ def inspect_tables(info: dict, console) -> None:
         "weight neurons": info["weight_neurons"],
         "parameters outside layers": _outside_line(info["outside_layers"]),
         "int8 format": QUANTIZATION_LINES.get(info["quantization"], "none (float)"),
-        "batch": "free" if not info["batch"]["fixed"] else
-        f"fixed at {info['batch']['fixed']}" + (" and written into the graph (runs vmapped over groups of it)"
-                                                 if info["batch"]["hard_coded"] else " (runs on any batch)"),
+        "batch": ("free" if not info["batch"]["fixed"] else
+                  f"fixed at {info['batch']['fixed']}" + (" and written into the graph (runs vmapped over groups of it)"
+                                                           if info["batch"]["hard_coded"] else " (runs on any batch)"))
+        + (f"; each input runs alone: {info['batch']['coupled_by']} couples a batch's inputs"
+           if info["batch"].get("coupled_by") else ""),
     }
     key_value_table("model", facts, console)
     layers = Table(title="neuron layers")

@@ -2,7 +2,9 @@
 
 onnx-graphsurgeon imports the original model; the changed parameters (initializers, or weights that the
 exporter stored as Constant nodes) get their new values; the graph is exported and put back into a copy of
-the original ModelProto (opset, IR version, producer and metadata kept). Before anything is written the
+the original ModelProto (opset, IR version, producer and metadata kept). A graph whose subgraphs read
+main-graph initializers (torch.cond's branches) is edited in place instead, since onnx-graphsurgeon's export
+would move those initializers into the subgraphs (`_outer_reads_from_subgraphs`). Before anything is written the
 result must pass `onnx.checker`, keep the node list, op types, graph inputs and outputs, and every other
 initializer bit for bit, load and run in onnxruntime, and match the JAX forward of the repaired params.
 """
@@ -49,16 +51,30 @@ def _tensors(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
 def replace_parameters(source: str | Path, changed: Mapping[str, np.ndarray],
                        metadata: Mapping[str, Any] | None = None) -> onnx.ModelProto:
     """A copy of the model at `source` with the `changed` parameter values, checked structurally."""
+    original = read_model_proto(source)
+    if _outer_reads_from_subgraphs(original.graph):
+        repaired = _replaced_in_place(original, changed)
+    else:
+        repaired = _replaced_by_graphsurgeon(original, changed)
+    for key, value in (metadata or {}).items():
+        entry = next((p for p in repaired.metadata_props if p.key == METADATA_PREFIX + key), None)
+        entry = entry or repaired.metadata_props.add()
+        entry.key, entry.value = METADATA_PREFIX + key, str(value)
+    _check_same_graph(original, repaired, set(changed))
+    return repaired
+
+
+def _replaced_by_graphsurgeon(original: onnx.ModelProto, changed: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """onnx-graphsurgeon imports the graph, the changed initializers and Constant-node weights get their new
+    values, the graph is exported into a copy of the original ModelProto."""
     import onnx_graphsurgeon as gs
 
-    original = read_model_proto(source)
     graph = gs.import_onnx(original)
     tensors = graph.tensors()
     for name, value in changed.items():  # keyed and typed as the file holds them (`Model.file_values`)
         tensor = tensors.get(name)
         if isinstance(tensor, gs.Constant):
-            if tuple(tensor.shape) != tuple(value.shape):
-                raise RepairRejectedError(f"parameter {name!r}: new shape {value.shape} != {tuple(tensor.shape)}")
+            _check_shape(name, value, tuple(tensor.shape))
             tensor.values = np.asarray(value, dtype=tensor.dtype)
         elif tensor is not None and tensor.inputs and tensor.inputs[0].op == "Constant":
             node = tensor.inputs[0]
@@ -70,12 +86,45 @@ def replace_parameters(source: str | Path, changed: Mapping[str, np.ndarray],
     repaired = onnx.ModelProto()
     repaired.CopyFrom(original)
     repaired.graph.CopyFrom(exported.graph)
-    for key, value in (metadata or {}).items():
-        entry = next((p for p in repaired.metadata_props if p.key == METADATA_PREFIX + key), None)
-        entry = entry or repaired.metadata_props.add()
-        entry.key, entry.value = METADATA_PREFIX + key, str(value)
-    _check_same_graph(original, repaired, set(changed))
     return repaired
+
+
+def _outer_reads_from_subgraphs(graph: onnx.GraphProto) -> bool:
+    """Whether a subgraph (If branch, Loop or Scan body) reads an initializer of the main graph. onnx-graphsurgeon
+    exports such an initializer into every subgraph reading it and drops it from the main graph where no
+    main-graph node reads it (measured on torch.cond's export: both branches' weights moved), which changes the
+    file's structure; those files are edited in place instead."""
+    names = {init.name for init in graph.initializer}
+
+    def reads(subgraph: onnx.GraphProto) -> bool:
+        return any(name in names for node in subgraph.node for name in node.input) or any(
+            reads(attr.g) for node in subgraph.node for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
+
+    return any(reads(attr.g) for node in graph.node for attr in node.attribute
+               if attr.type == onnx.AttributeProto.GRAPH)
+
+
+def _replaced_in_place(original: onnx.ModelProto, changed: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of the original ModelProto whose changed initializers and Constant-node weights of the main
+    graph hold their new values, in their own type; nothing else is touched."""
+    repaired = onnx.ModelProto()
+    repaired.CopyFrom(original)
+    initializers = {init.name: init for init in repaired.graph.initializer}
+    constants = {node.output[0]: attr for node in repaired.graph.node if node.op_type == "Constant"
+                 for attr in node.attribute if attr.name == "value"}
+    for name, value in changed.items():
+        target = initializers[name] if name in initializers else constants[name].t if name in constants else None
+        if target is None:
+            raise RepairRejectedError(f"parameter {name!r} is neither an initializer nor a Constant node output")
+        old = onnx.numpy_helper.to_array(target)
+        _check_shape(name, value, old.shape)
+        target.CopyFrom(onnx.numpy_helper.from_array(np.asarray(value, dtype=old.dtype), target.name))
+    return repaired
+
+
+def _check_shape(name: str, value: np.ndarray, shape: tuple) -> None:
+    if tuple(np.shape(value)) != tuple(shape):
+        raise RepairRejectedError(f"parameter {name!r}: new shape {np.shape(value)} != {tuple(shape)}")
 
 
 def _check_same_graph(original: onnx.ModelProto, repaired: onnx.ModelProto, changed: set[str]) -> None:

@@ -151,11 +151,12 @@ def test_node_that_cannot_run_is_named(tmp_path):
                          "node 'head' (Gemm)", "(6, 4), (5, 3)")
 
 
-def test_if_on_the_data_is_refused(tmp_path):
-    """An If whose condition depends on the input's values cannot be one jitted graph: exit 2 naming it."""
+def test_if_on_the_data_with_unlike_branches_is_refused(tmp_path):
+    """An If whose condition depends on the input's values runs both branches and selects; branches whose
+    outputs differ in shape cannot be selected between: exit 2 naming the node and both shapes."""
     then_graph = helper.make_graph([helper.make_node("Identity", ["x4"], ["t"])], "then", [],
                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
-    else_graph = helper.make_graph([helper.make_node("Neg", ["x4"], ["e"])], "else", [],
+    else_graph = helper.make_graph([helper.make_node("Flatten", ["x4"], ["e"])], "else", [],
                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
     nodes = [helper.make_node("ReduceSum", ["x4"], ["total"], keepdims=0),
              helper.make_node("Greater", ["total", "zero"], ["positive"]),
@@ -172,4 +173,4 @@ def test_if_on_the_data_is_refused(tmp_path):
     case = tmp_path / "case.npz"
     np.savez(case, x_clean=np.ones((2, 1, 2, 2), np.float32), y_clean=np.zeros(2, np.int64))
     assert_clean_failure(*run_cli("eval", path, "--data", case, "--backend", "jax"), "sign_switch",
-                         "If condition", "depends on the input data")
+                         "differs between the branches", "(1, 1, 2, 2)", "(1, 4)")

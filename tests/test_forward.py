@@ -178,8 +178,8 @@ def test_fixed_batch_graph_runs_on_any_batch(batch):
     assert hard_codes_batch(fixed) and not hard_codes_batch(free)
     from lancet.neurons import summary  # what `lancet inspect` says
 
-    assert summary(fixed)["batch"] == {"fixed": batch, "hard_coded": True}
-    assert summary(free)["batch"] == {"fixed": batch, "hard_coded": False}
+    assert summary(fixed)["batch"] == {"fixed": batch, "hard_coded": True, "coupled_by": None}
+    assert summary(free)["batch"] == {"fixed": batch, "hard_coded": False, "coupled_by": None}
     x = np.random.default_rng(2).normal(size=(7, 2, 5, 5)).astype(np.float32)  # 7: not a multiple of 2
     session = ort_session(proto.SerializeToString())
     padded = np.concatenate([x, np.zeros(((batch - 7 % batch) % batch, 2, 5, 5), np.float32)])

@@ -132,8 +132,8 @@ class Ablator:
         at `start`."""
         x = self.x[self.parts[part]]
         key = (start, part)
-        if start == 0 or key in self._run_whole or self.forward.model.per_input_ranges:
-            return x  # (per-input ranges: the prefix's range scalars are per input, which `_batched` cannot see)
+        if start == 0 or key in self._run_whole or self.forward.model.batch_coupled:
+            return x  # (batch-coupled: the prefix holds per-input scalars (ranges, conditions) `_batched` cannot see)
         if key not in self._prefix:
             live = live_tensors(self.forward.model, start)
             size = self.size

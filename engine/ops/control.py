@@ -1,8 +1,8 @@
-"""Control flow whose path is known at trace time: If on a shape-derived condition, Loop with a static trip.
+"""Control flow: If, and Loop and Scan unrolled where their number of iterations is known at trace time.
 
-Exporters write such Ifs around shape checks (TorchScript's LocalResponseNorm tests the input's rank); the
-condition then folds to a constant from shapes alone and jit sees one straight-line graph. A condition
-that depends on the input data is refused, naming the node.
+Exporters write Ifs around shape checks (TorchScript's LocalResponseNorm tests the input's rank); the
+condition then folds to a constant from shapes alone and jit sees one straight-line graph. An If on the
+data (torch.cond) runs both branches and selects their outputs (`if_`).
 
 tf2onnx writes a Keras recurrent layer it has no rewrite for (GRU, SimpleRNN) as a Loop over the time
 steps, with a trip count and a continue-condition computed from shapes and counters. Such a Loop is
@@ -36,10 +36,34 @@ def _run_graph(graph: dict, env: dict[str, Any], ctx: OpContext) -> list[Any]:
 
 @register("If", static_inputs=(0,))
 def if_(inputs, attrs, ctx):
-    condition = static_array(inputs[0], "the If condition", ctx)
-    branch = attrs["then_branch" if bool(condition.reshape(-1)[0]) else "else_branch"]
-    values = _run_graph(branch, dict(zip(attrs["outer"], inputs[1:])), ctx)
-    return values[0] if len(values) == 1 else tuple(values)
+    """If. A condition known at trace time runs its branch alone. One that depends on the data (PyTorch's
+    torch.cond, as its dynamo exporter writes it) runs both branches and selects each output with
+    `jnp.where`, which equals the taken branch and differentiates through it; this needs both branches'
+    outputs of one shape and dtype, else the node is refused, naming it."""
+    outer = dict(zip(attrs["outer"], inputs[1:]))
+    condition = inputs[0]
+    if is_static(condition):
+        branch = attrs["then_branch" if bool(np.asarray(condition).reshape(-1)[0]) else "else_branch"]
+        values = _run_graph(branch, outer, ctx)
+        return values[0] if len(values) == 1 else tuple(values)
+    from ..errors import BadInputError
+
+    if int(np.size(condition)) != 1:
+        raise BadInputError(f"node {ctx.node_name!r} (If): its condition has shape {tuple(np.shape(condition))}; "
+                            "ONNX needs a single element")
+    taken = jnp.reshape(condition, ()).astype(bool)
+    then_values = _run_graph(attrs["then_branch"], outer, ctx)
+    else_values = _run_graph(attrs["else_branch"], outer, ctx)
+    selected = []
+    for index, (a, b) in enumerate(zip(then_values, else_values)):
+        if np.shape(a) != np.shape(b) or jnp.result_type(a) != jnp.result_type(b):
+            raise BadInputError(
+                f"node {ctx.node_name!r} (If): its condition depends on the input data and its output {index} "
+                f"differs between the branches (then {tuple(np.shape(a))} {jnp.result_type(a)}, else "
+                f"{tuple(np.shape(b))} {jnp.result_type(b)}); the engine runs such an If only when both "
+                "branches give outputs of one shape and dtype")
+        selected.append(jnp.where(taken, a, b))
+    return selected[0] if len(selected) == 1 else tuple(selected)
 
 
 @register("Loop", static_inputs=(0, 1))
