@@ -210,7 +210,7 @@ def _lancet_details(result) -> dict:
     """Which neurons an AI-Lancet repair changed: the fine-tuned scope and set size, or the flip choice."""
     details = {k: result.details[k] for k in ("finetune_scope", "finetune_neurons") if k in result.details}
     if "flip" in result.details:
-        details["flip"] = {k: result.details["flip"].get(k) for k in ("scope", "margin", "neurons")}
+        details["flip"] = {k: result.details["flip"].get(k) for k in ("scope", "margin", "neurons", "options")}
     if "finetune_tried" in result.details:  # every candidate set, with its held-out figures (see run_setting)
         details["finetune_tried"] = [
             {**{k: attempt.get(k) for k in ("scope", "depth", "reads_pixels", "neurons", "margin", "start", "accepted",
@@ -221,8 +221,10 @@ def _lancet_details(result) -> dict:
     return details
 
 
-def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, progress) -> list[dict]:
-    """Every method on one row and setting; returns one record per method."""
+def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, progress,
+                max_acc_drop: float = 2.0) -> list[dict]:
+    """Every method on one row and setting; returns one record per method. `max_acc_drop`: the AI-Lancet
+    repairs' accuracy bound (`lancet repair --max-acc-drop`), on the defender's clean images."""
     import jax.numpy as jnp
 
     from lancet.defences import DEFENCES
@@ -245,7 +247,7 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
                 attempt["heldout"] = row.figures(candidate_params)
 
             result = repair(row.built.model, case, None, method=method.split("-", 1)[1], seed=seed, progress=False,
-                            reuse=located, observe=score_candidate,
+                            max_acc_drop=max_acc_drop, reuse=located, observe=score_candidate,
                             restore=row.restore if setting == "clean" else None)
             reused = located is not None
             located = located or result.locate_result
@@ -253,7 +255,7 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
                 row.restore, row.restore_seconds = located.restore, located.seconds.get("restore", 0.0)
                 row.save_restore(seed)
             params = result.repaired_params
-            record.update(status=result.status, accepted=result.accepted, eins=len(result.eins),
+            record.update(status=result.status, accepted=result.accepted, eins=len(result.eins), max_acc_drop=max_acc_drop,
                           changed=int(sum(result.changed_parameters.values())), reasons=result.reasons,
                           details=_lancet_details(result))
             seconds = time.perf_counter() - start + (sum(located.seconds.get(k, 0.0) for k in shared) if reused else 0.0)
@@ -424,6 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe-seed", type=int, default=0,
                         help="train the rows' models with this seed instead (rows named NAME-sN): fresh models of "
                              "the same recipes, to check that the table's figures are not one model's luck")
+    parser.add_argument("--max-acc-drop", type=float, default=2.0,
+                        help="AI-Lancet's accuracy bound in points on the defender's clean images (the tool's default 2)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/repair[-quick or -seedN].json)")
     parser.add_argument("--markdown", default=None, help="markdown path (default docs/repair-benchmark[-quick or -seedN].md)")
     parser.add_argument("--plot", default=None, help="PNG path (default next to the JSON)")
@@ -444,7 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
         f" --rows {' '.join(args.rows)}" if args.rows else "") + (
         f" --settings {' '.join(args.settings)}" if tuple(args.settings) != SETTINGS else "") + (
         f" --methods {' '.join(args.methods)}" if tuple(args.methods) != METHODS else "") + (
-        f" --recipe-seed {args.recipe_seed}" if args.recipe_seed else "")
+        f" --recipe-seed {args.recipe_seed}" if args.recipe_seed else "") + (
+        f" --max-acc-drop {args.max_acc_drop:g}" if args.max_acc_drop != 2.0 else "")
     data = {"quick": args.quick, "command": command, "environment": environment(), "rows": {}, "seconds": 0.0}
     start = time.perf_counter()
     bar = tqdm(total=len(rows) * len(args.settings) * len(args.methods), desc="repair benchmark")
@@ -459,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.write(f"{row.name:32s} {setting:5s} {record['method']:16s} C-Acc {_pct(record['after']['c_acc']):>5s} "
                           f"ASR {_pct(record['after']['asr']):>5s} R-Acc {_pct(record['after']['r_acc']):>5s} "
                           f"{record['seconds']:7.1f} s")
-            records = run_setting(row, setting, tuple(args.methods), args.seed, progress)
+            records = run_setting(row, setting, tuple(args.methods), args.seed, progress, args.max_acc_drop)
             # Merged tables mix runs: each cell names the code that produced it and the CPU its model was
             # trained on (a recipe trains different models on AVX2 and AVX-512 machines).
             entry["records"] += [{**record, "code": data["environment"]["code"], "cpu": data["environment"]["cpu"]}
