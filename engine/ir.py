@@ -79,8 +79,9 @@ class Model:
     param_dtypes: dict[str, np.dtype] = field(default_factory=dict)
     # Parameters the file stores as integers (`QuantizedParam`): `params` holds them dequantized.
     quantized: dict[str, QuantizedParam] = field(default_factory=dict)
-    # If nodes whose condition depends on the input data (torch.cond): one condition for the whole batch.
-    data_branches: tuple[str, ...] = ()
+    # If and Loop nodes whose condition depends on the input data (torch.cond, torch.while_loop): one
+    # condition for the whole batch.
+    data_control: tuple[str, ...] = ()
 
     @property
     def input(self) -> TensorInfo:
@@ -125,10 +126,10 @@ class Model:
     @property
     def batch_coupled(self) -> bool:
         """Whether an input's result depends on the other inputs of its batch: activations quantized over
-        the whole tensor (`per_input_ranges`) or an If whose one condition is computed from the batch's
-        data (`data_branches`). The engine and its onnxruntime reference then run each input alone, as a
+        the whole tensor (`per_input_ranges`) or an If or Loop whose one condition is computed from the
+        batch's data (`data_control`). The engine and its onnxruntime reference then run each input alone, as a
         service answering one request at a time does (`forward.build_apply`, `evaluate.OrtPredictor`)."""
-        return self.per_input_ranges or bool(self.data_branches)
+        return self.per_input_ranges or bool(self.data_control)
 
     @property
     def requantizes(self) -> bool:

@@ -168,6 +168,29 @@ def _dynamic_tensors(nodes: list[Node], inputs: list[TensorInfo]) -> set[str]:
     return dynamic
 
 
+def _controlled_by_data(node: Node, dynamic: set[str]) -> bool:
+    """Whether an If's condition, or a Loop's initial or continue-condition, depends on the input data. A
+    Loop body's carried values count as data once any copy's value does (followed to a fixed point)."""
+    if node.op_type == "If":
+        return node.inputs[0] in dynamic
+    if node.op_type != "Loop":
+        return False
+    if len(node.inputs) > 1 and node.inputs[1] in dynamic:
+        return True
+    body = node.attrs["body"]
+    own = len(node.inputs) - len(node.attrs["outer"])
+    carried = node.inputs[2:own]
+    data = [name in dynamic for name in carried]
+    outer = {name for name in node.attrs["outer"] if name in dynamic}
+    while True:
+        seeds = outer | {formal for formal, is_data in zip(body["inputs"][2:], data) if is_data}
+        inner = _dynamic_tensors(body["nodes"], [TensorInfo(name, None, np.dtype(np.float32)) for name in seeds])
+        grown = [is_data or out in inner for is_data, out in zip(data, body["outputs"][1:])]
+        if grown == data:
+            return body["outputs"][0] in inner
+        data = grown
+
+
 def _split_params(nodes, tensors: dict[str, np.ndarray], dynamic: set[str]):
     """Float tensors read by data-dependent computation (outside static slots) are parameters."""
     params, constants = {}, {}
@@ -494,7 +517,7 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None, output: s
     ordered = _topological(kept, set(tensors) | {i.name for i in inputs})
     dynamic = _dynamic_tensors(ordered, inputs)
     params, constants = _split_params(ordered, tensors, dynamic)
-    data_branches = tuple(node.name for node in ordered if node.op_type == "If" and node.inputs[0] in dynamic)
+    data_control = tuple(node.name for node in ordered if _controlled_by_data(node, dynamic))
     param_dtypes = {name: value.dtype for name, value in params.items() if value.dtype != np.float32}
     params = {name: value.astype(np.float32) for name, value in params.items()}  # computed in float32
     value_info = {v.name: _tensor_info(v) for v in list(inferred.graph.value_info) + list(graph.output)}
@@ -503,4 +526,4 @@ def model_from_proto(proto: onnx.ModelProto, path: Path | None = None, output: s
                  param_sources={name: sources[name] for name in params},
                  producer=f"{proto.producer_name} {proto.producer_version}".strip(), scores_output=scores_output,
                  param_dtypes=param_dtypes, quantized={name: q for name, q in quantized.items() if name in params},
-                 data_branches=data_branches)
+                 data_control=data_control)

@@ -245,6 +245,6 @@ def _batch_summary(model: Model) -> dict:
     from .forward import hard_codes_batch, static_batch
 
     fixed = static_batch(model)
-    coupled = (f"If on the data ({', '.join(model.data_branches)})" if model.data_branches else
+    coupled = (f"control flow on the data ({', '.join(model.data_control)})" if model.data_control else
                "activations quantized over the batch's range" if model.per_input_ranges else None)
     return {"fixed": fixed, "hard_coded": bool(fixed) and hard_codes_batch(model), "coupled_by": coupled}

@@ -8,8 +8,8 @@ tf2onnx writes a Keras recurrent layer it has no rewrite for (GRU, SimpleRNN) as
 steps, with a trip count and a continue-condition computed from shapes and counters. Such a Loop is
 unrolled: the body runs once per iteration with the iteration number as a constant, so its condition
 folds and the loop ends exactly where onnxruntime's does; carried values flow from one copy to the next
-and scan outputs are stacked. A trip count or condition that depends on the data is refused, naming the
-node. Scan is unrolled the same way over its scan axis (its length a shape). The loader lists the outer
+and scan outputs are stacked. A condition on the data (torch.while_loop) is followed with a running flag
+(`loop`); a trip count on the data is refused, naming the node. Scan is unrolled the same way over its scan axis (its length a shape). The loader lists the outer
 tensors the subgraphs read (`loader._node`), so they arrive here as inputs after the node's own.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 from .registry import OpContext, is_static, register, spec_of, static_array
 
 MAX_UNROLLED_ITERATIONS = 10_000  # a Loop on a condition alone that never folds to false is refused past this
+MAX_DATA_ITERATIONS = 1_000  # copies unrolled once the condition reads the data (each one compiled)
 
 
 def _run_graph(graph: dict, env: dict[str, Any], ctx: OpContext) -> list[Any]:
@@ -66,39 +67,65 @@ def if_(inputs, attrs, ctx):
     return selected[0] if len(selected) == 1 else tuple(selected)
 
 
-@register("Loop", static_inputs=(0, 1))
+@register("Loop", static_inputs=(0,))
 def loop(inputs, attrs, ctx):
+    """Loop, unrolled. While the continue-condition is known at trace time the body runs as is. Once it
+    depends on the data (torch.while_loop's test on a carried tensor) each further copy's carried values
+    are selected with `jnp.where`: the new ones while the loop still runs, the old ones once it has stopped,
+    so the result equals onnxruntime's stopping point. Copies go on until the trip count, or until the
+    condition folds to false from counters alone (`elementwise._logical`); a loop on the data with neither
+    bound, or with scan outputs (their length would depend on the data), is refused, naming the node."""
     from ..errors import BadInputError
 
     body = attrs["body"]
     own = len(inputs) - len(attrs["outer"])
     outer = dict(zip(attrs["outer"], inputs[own:]))
     trips = None if inputs[0] is None else int(static_array(inputs[0], "the Loop trip count", ctx).reshape(-1)[0])
-    keep_going = True if own < 2 or inputs[1] is None else bool(
-        static_array(inputs[1], "the Loop's initial condition", ctx).reshape(-1)[0])
-    carried = list(inputs[2:own])
+    condition = True if own < 2 or inputs[1] is None else inputs[1]
+    running = _known(condition)  # True / False at trace time, or a traced boolean scalar
+    carried = final = list(inputs[2:own])
+    scan_count = len(body["outputs"]) - 1 - len(carried)
     scanned: list[list[Any]] = []
     iteration = 0
-    while keep_going and (trips is None or iteration < trips):
+    while running is not False and (trips is None or iteration < trips):
         if trips is None and iteration >= MAX_UNROLLED_ITERATIONS:
             raise BadInputError(f"node {ctx.node_name!r} (Loop): no trip count and its condition still holds "
                                 f"after {MAX_UNROLLED_ITERATIONS} iterations")
-        formal = [np.array(iteration, np.int64), np.array(keep_going)] + carried
-        values = _run_graph(body, {**outer, **dict(zip(body["inputs"], formal))}, ctx)
-        if not is_static(values[0]):
+        if running is not True and iteration >= MAX_DATA_ITERATIONS and (trips is None or trips > MAX_DATA_ITERATIONS):
+            raise BadInputError(f"node {ctx.node_name!r} (Loop): its continue-condition depends on the input data "
+                                f"and no trip count or counter ends it within {MAX_DATA_ITERATIONS} iterations; the "
+                                "engine unrolls loops, each iteration a copy of the body")
+        if running is not True and scan_count:
             raise BadInputError(f"node {ctx.node_name!r} (Loop): its continue-condition depends on the input "
-                                "data; the engine runs Loops whose iterations are known from shapes and counters")
-        keep_going = bool(np.asarray(values[0]).reshape(-1)[0])
-        carried = values[1:1 + len(carried)]
+                                "data and it has scan outputs, whose length would depend on the data too")
+        formal = [np.array(iteration, np.int64), np.array(True) if running is True else running] + carried
+        values = _run_graph(body, {**outer, **dict(zip(body["inputs"], formal))}, ctx)
+        new = values[1:1 + len(carried)]
+        if running is True:
+            carried = final = new
+        else:  # once stopped, a copy keeps the values it had; counters (static) feed on unmasked, so the
+            # condition can still fold from them, while the result takes the value at the stop
+            final = [jnp.where(running, n, f) for n, f in zip(new, final)]
+            carried = [n if is_static(n) and is_static(c) else f for n, c, f in zip(new, carried, final)]
         scanned.append(values[1 + len(carried):])
+        step = _known(values[0])
+        running = step if running is True or step is False else (
+            running if step is True else jnp.logical_and(running, jnp.reshape(values[0], ()).astype(bool)))
         iteration += 1
-    if not scanned and len(body["outputs"]) > 1 + len(carried):
+    if not scanned and scan_count:
         raise BadInputError(f"node {ctx.node_name!r} (Loop): runs no iteration, so its scan outputs have no "
                             "known shape")
     stacked = [(np.stack if all(is_static(v) for v in column) else jnp.stack)(list(column))
                for column in zip(*scanned)] if scanned else []
-    results = carried + stacked
+    results = list(final) + stacked
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def _known(condition: Any) -> Any:
+    """A Loop condition as Python True / False when known at trace time, else as a traced boolean scalar."""
+    if is_static(condition):
+        return bool(np.asarray(condition).reshape(-1)[0])
+    return jnp.reshape(condition, ()).astype(bool)
 
 
 @register("Scan")

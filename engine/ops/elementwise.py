@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .registry import register, xp
+from .registry import is_static, register, xp
 
 
 def _binary(fn_name: str):
@@ -21,9 +21,26 @@ def _binary(fn_name: str):
 
 for _op, _fn in [("Add", "add"), ("Sub", "subtract"), ("Mul", "multiply"), ("Equal", "equal"),
                  ("Less", "less"), ("Greater", "greater"), ("LessOrEqual", "less_equal"),
-                 ("GreaterOrEqual", "greater_equal"), ("And", "logical_and"), ("Or", "logical_or"),
-                 ("Xor", "logical_xor"), ("BitShift", "left_shift")]:
+                 ("GreaterOrEqual", "greater_equal"), ("Xor", "logical_xor"), ("BitShift", "left_shift")]:
     register(_op)(_binary(_fn))
+
+
+def _logical(fn_name: str, deciding: bool):
+    """And / Or, folded to a constant where a static operand decides the result alone (And with all False,
+    Or with all True): a Loop's continue-condition `counter < n and <test on the data>` then ends the loop
+    at trace time (`control.loop`)."""
+    def handler(inputs, attrs, ctx):
+        a, b = inputs
+        for value in (a, b):
+            if is_static(value) and np.all(np.asarray(value) == deciding):
+                return np.full(np.broadcast_shapes(np.shape(a), np.shape(b)), deciding)
+        return getattr(xp(a, b), fn_name)(a, b)
+
+    return handler
+
+
+register("And")(_logical("logical_and", False))
+register("Or")(_logical("logical_or", True))
 
 
 @register("Div")
