@@ -36,21 +36,23 @@ class QuantizedParam:
     """A parameter the file stores quantized: `source`, an integer initializer read by a DequantizeLinear
     (QDQ; the engine holds the float value under the DequantizeLinear's output) or directly by an integer op
     (dynamic quantization, QOperator; held under the initializer's own name), value = (q - zero_point) *
-    scale, the scale and zero point per tensor, along `axis`, or of the weight's rank."""
+    scale, the scale and zero point per tensor, along `axis`, per block of `block_size` along it (opset 21's
+    blocked int4 weights), or of the weight's rank."""
 
     source: str
     scale: np.ndarray
     zero_point: np.ndarray
     axis: int
     dtype: np.dtype
+    block_size: int = 0
 
     def quantize(self, value: np.ndarray) -> np.ndarray:
         """Float values as the file's integers: rounded half to even, saturated to the integer type."""
-        return quantize_values(value, self.scale, self.zero_point, self.axis, self.dtype)
+        return quantize_values(value, self.scale, self.zero_point, self.axis, self.dtype, self.block_size)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """The file's integers as the float values the graph computes with."""
-        return dequantize_values(q, self.scale, self.zero_point, self.axis)
+        return dequantize_values(q, self.scale, self.zero_point, self.axis, self.block_size)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from .errors import BadInputError, UnsupportedOpError
 from .ir import Model, Node, QuantizedParam, TensorInfo
 from .ops import REGISTRY, spec_of
 from .ops.registry import registry_key
+from .quantization import is_integer_type
 
 # Opsets 22-25 (torch 2.13's exporter writes up to 25) only widen the tensor types the supported ops take
 # (bfloat16, float4, float8e8m0, 2-bit integers): their float semantics are those of 21.
@@ -210,7 +211,7 @@ def _split_params(nodes, tensors: dict[str, np.ndarray], dynamic: set[str]):
 def _fold_weight_dequantize(nodes: list[Node], tensors: dict[str, np.ndarray], sources: dict[str, str],
                             opset: int) -> tuple[list[Node], dict[str, QuantizedParam]]:
     """A QDQ-quantized model stores each weight and bias as integers read by a DequantizeLinear. Such a
-    DequantizeLinear (integer initializer read by it alone, constant scale and zero point, no blocks) is
+    DequantizeLinear (integer initializer read by it alone, constant scale and zero point, per tensor, axis or block) is
     folded: its output becomes a float tensor, (q - zero_point) * scale, so the layer reading it has a
     float weight like any other; the `QuantizedParam` says how to write a changed value back."""
     readers: dict[str, int] = {}
@@ -222,8 +223,7 @@ def _fold_weight_dequantize(nodes: list[Node], tensors: dict[str, np.ndarray], s
         source = node.inputs[0] if node.op_type == "DequantizeLinear" and node.inputs else None
         slots = [name for name in node.inputs[1:3] if name]
         foldable = (source in tensors and readers.get(source) == 1 and all(name in tensors for name in slots)
-                    and np.issubdtype(tensors[source].dtype, np.integer) and not node.attrs.get("block_size", 0)
-                    and np.dtype(tensors[source].dtype).itemsize <= 4)
+                    and is_integer_type(tensors[source].dtype) and np.dtype(tensors[source].dtype).itemsize <= 4)
         if not foldable:
             kept.append(node)
             continue
@@ -232,7 +232,7 @@ def _fold_weight_dequantize(nodes: list[Node], tensors: dict[str, np.ndarray], s
         zero = (np.asarray(tensors[node.inputs[2]]) if len(node.inputs) > 2 and node.inputs[2]
                 else np.zeros((), q.dtype))
         axis = int(node.attrs.get("axis", 1)) if opset >= 13 else 1
-        param = QuantizedParam(source, scale, zero, axis, np.dtype(q.dtype))
+        param = QuantizedParam(source, scale, zero, axis, np.dtype(q.dtype), int(node.attrs.get("block_size", 0)))
         tensors[node.outputs[0]] = param.dequantize(q)
         sources[node.outputs[0]] = "dequantized"
         quantized[node.outputs[0]] = param

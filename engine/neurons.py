@@ -24,6 +24,7 @@ import numpy as np
 
 from .ir import Model, Node
 from .ops.registry import registry_key
+from .quantization import FOUR_BIT_TYPES
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger")
 # convolutions whose kernel is [out channels, in channels, ...]
@@ -227,14 +228,18 @@ def _outside_layers(model: Model, layers: list[Layer]) -> dict:
 
 
 def _quantization_format(model: Model) -> str | None:
-    """Which of onnxruntime's int8 formats the file is in: 'qoperator' (quantized operators), 'dynamic'
-    (activations quantized per input at run time), 'qdq' (weights behind DequantizeLinear); None for a
-    float model."""
+    """Which of onnxruntime's quantized formats the file is in: 'qoperator' (quantized operators), 'dynamic'
+    (activations quantized per input at run time), 'int4-weights' (weight-only, 4-bit blocks behind
+    DequantizeLinear), 'qdq' (weights behind DequantizeLinear, activations fake-quantized); None for a float
+    model."""
     op_types = {node.op_type for node in model.nodes}
     if op_types & {key.split("::")[-1] for key in QLINEAR_OPS}:
         return "qoperator"
     if model.per_input_ranges or op_types & {"ConvInteger", "MatMulInteger"}:  # DynamicQuantizeMatMul too
         return "dynamic"
+    if model.quantized and not op_types & {"QuantizeLinear"} and any(
+            q.dtype in FOUR_BIT_TYPES for q in model.quantized.values()):
+        return "int4-weights"  # onnxruntime's MatMulNBitsQuantizer in the QDQ format
     return "qdq" if model.quantized or "DequantizeLinear" in op_types else None
 
 

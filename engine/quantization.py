@@ -1,8 +1,33 @@
 """Linear quantization arithmetic shared by the QuantizeLinear/DequantizeLinear ops and a quantized
-parameter's write-back (`ir.QuantizedParam`): one rounding rule, one broadcasting rule."""
+parameter's write-back (`ir.QuantizedParam`): one rounding rule, one broadcasting rule. Integer types
+include the 4-bit ones (ml_dtypes int4 / uint4, as onnx reads them)."""
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
+
+
+FOUR_BIT_TYPES = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
+
+
+def is_integer_type(dtype) -> bool:
+    """Whether `dtype` is an integer type, the 4-bit ones included (numpy does not count those)."""
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.integer) or dtype in FOUR_BIT_TYPES
+
+
+def integer_range(dtype) -> tuple[int, int]:
+    """The smallest and largest value of an integer type (4-bit ones included)."""
+    info = ml_dtypes.iinfo(np.dtype(dtype))
+    return int(info.min), int(info.max)
+
+
+def expand_blocks(value: np.ndarray, axis: int, block_size: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A blocked scale or zero point (opset 21's block_size: one element per `block_size` consecutive
+    elements along `axis`, the last block possibly short) repeated to the full `shape`."""
+    value = np.asarray(value)
+    axis = axis % len(shape)
+    return np.repeat(value, block_size, axis=axis).take(np.arange(shape[axis]), axis=axis)
 
 
 def along_axis(value: np.ndarray, axis: int, ndim: int) -> np.ndarray:
@@ -19,20 +44,29 @@ def along_axis(value: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     return value.reshape(shape)
 
 
+def scale_and_zero(scale, zero_point, axis: int, shape: tuple[int, ...], block_size: int = 0):
+    """Scale and zero point as float32, shaped to broadcast over a tensor of `shape`: per tensor, along
+    `axis`, or per block of `block_size` along it."""
+    scale, zero = np.asarray(scale, np.float32), np.asarray(zero_point, np.float32)
+    if block_size:
+        return (expand_blocks(scale, axis, block_size, shape),
+                expand_blocks(zero, axis, block_size, shape) if zero.size > 1 else zero.reshape(()))
+    return along_axis(scale, axis, len(shape)), along_axis(zero, axis, len(shape))
+
+
 def quantize_values(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int,
-                    dtype: np.dtype) -> np.ndarray:
+                    dtype: np.dtype, block_size: int = 0) -> np.ndarray:
     """x / scale rounded half to even, plus the zero point, saturated to the integer `dtype` (as
     onnxruntime's QuantizeLinear), as that integer type."""
     x = np.asarray(x, np.float32)
-    info = np.iinfo(dtype)
-    scale = along_axis(np.asarray(scale, np.float32), axis, x.ndim)
-    zero = along_axis(np.asarray(zero_point, np.float32), axis, x.ndim)
-    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+    low, high = integer_range(dtype)
+    scale, zero = scale_and_zero(scale, zero_point, axis, x.shape, block_size)
+    return np.clip(np.round(x / scale) + zero, low, high).astype(dtype)
 
 
-def dequantize_values(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray:
+def dequantize_values(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int,
+                      block_size: int = 0) -> np.ndarray:
     """(q - zero point) * scale in float32 (as onnxruntime's DequantizeLinear)."""
     q = np.asarray(q)
-    scale = along_axis(np.asarray(scale, np.float32), axis, q.ndim)
-    zero = along_axis(np.asarray(zero_point, np.float32), axis, q.ndim)
+    scale, zero = scale_and_zero(scale, zero_point, axis, q.shape, block_size)
     return ((q.astype(np.float32) - zero) * scale).astype(np.float32)

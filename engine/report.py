@@ -40,6 +40,7 @@ QUANTIZATION_LINES = {
     "qdq": "QDQ (integer weights behind DequantizeLinear, activations fake-quantized)",
     "qoperator": "QOperator (quantized operators, computed as onnxruntime's integer kernels; weight neurons only)",
     "dynamic": "dynamic (activations quantized over each input's own range at run time: inputs run one at a time)",
+    "int4-weights": "4-bit weights in blocks behind DequantizeLinear (weight-only: activations in float)",
 }
 
 
@@ -57,7 +58,7 @@ def inspect_tables(info: dict, console) -> None:
         "parameters": info["parameters"], "channel neurons": info["channel_neurons"],
         "weight neurons": info["weight_neurons"],
         "parameters outside layers": _outside_line(info["outside_layers"]),
-        "int8 format": QUANTIZATION_LINES.get(info["quantization"], "none (float)"),
+        "quantized format": QUANTIZATION_LINES.get(info["quantization"], "none (float)"),
         "batch": ("free" if not info["batch"]["fixed"] else
                   f"fixed at {info['batch']['fixed']}" + (" and written into the graph (runs vmapped over groups of it)"
                                                            if info["batch"]["hard_coded"] else " (runs on any batch)"))

@@ -3,8 +3,9 @@
 onnx-graphsurgeon imports the original model; the changed parameters (initializers, or weights that the
 exporter stored as Constant nodes) get their new values; the graph is exported and put back into a copy of
 the original ModelProto (opset, IR version, producer and metadata kept). A graph whose subgraphs read
-main-graph initializers (torch.cond's branches) is edited in place instead, since onnx-graphsurgeon's export
-would move those initializers into the subgraphs (`_outer_reads_from_subgraphs`). Before anything is written the
+main-graph initializers (torch.cond's branches), or whose changed values are 4-bit integers, is edited in
+place instead, since onnx-graphsurgeon's export would move those initializers into the subgraphs
+(`_outer_reads_from_subgraphs`) or write 4-bit values unpacked (`_is_sub_byte`). Before anything is written the
 result must pass `onnx.checker`, keep the node list, op types, graph inputs and outputs, and every other
 initializer bit for bit, load and run in onnxruntime, and match the JAX forward of the repaired params.
 """
@@ -19,6 +20,7 @@ import onnx
 from .errors import RepairRejectedError
 from .ir import Model
 from .loader import read_model_proto
+from .quantization import FOUR_BIT_TYPES
 
 METADATA_PREFIX = "lancet."
 # A model that rounds computed activations to integer steps (`Model.requantizes`: QDQ, dynamic, QOperator)
@@ -52,7 +54,7 @@ def replace_parameters(source: str | Path, changed: Mapping[str, np.ndarray],
                        metadata: Mapping[str, Any] | None = None) -> onnx.ModelProto:
     """A copy of the model at `source` with the `changed` parameter values, checked structurally."""
     original = read_model_proto(source)
-    if _outer_reads_from_subgraphs(original.graph):
+    if _outer_reads_from_subgraphs(original.graph) or any(_is_sub_byte(value) for value in changed.values()):
         repaired = _replaced_in_place(original, changed)
     else:
         repaired = _replaced_by_graphsurgeon(original, changed)
@@ -102,6 +104,13 @@ def _outer_reads_from_subgraphs(graph: onnx.GraphProto) -> bool:
 
     return any(reads(attr.g) for node in graph.node for attr in node.attribute
                if attr.type == onnx.AttributeProto.GRAPH)
+
+
+def _is_sub_byte(value: np.ndarray) -> bool:
+    """A 4-bit array (ml_dtypes int4 / uint4): onnx-graphsurgeon's export writes one byte per element
+    where ONNX packs two (measured: 12,288 bytes for a 64 x 192 uint4 weight that takes 6,144), so such
+    values are written in place, packed by onnx.numpy_helper."""
+    return np.dtype(np.asarray(value).dtype) in FOUR_BIT_TYPES
 
 
 def _replaced_in_place(original: onnx.ModelProto, changed: Mapping[str, np.ndarray]) -> onnx.ModelProto:

@@ -44,8 +44,8 @@ class Recipe:
     lr: float = 3e-3
     seed: int = 0
     opset: int = 17
-    # 'qdq' or 'qoperator' (static, two formats) or 'dynamic': the trained model is then quantized to int8
-    # (converters.quantize)
+    # 'qdq' or 'qoperator' (static, two formats) or 'dynamic': the trained model is then quantized to int8;
+    # 'int4': its MatMul weights to 4-bit blocks (converters.quantize)
     quantize: str = "none"
 
     def key(self) -> str:
@@ -249,8 +249,12 @@ def _build_case_locked(recipe: Recipe, force: bool) -> BuiltCase:
             from lancet.converters.quantize import quantize_dynamic_int8
 
             quantize_dynamic_int8(tmp / "model.onnx", tmp / "model.onnx", x[train_idx[:256]])
+        elif recipe.quantize == "int4":  # weight-only: the MatMul weights in 4-bit blocks
+            from lancet.converters.quantize import quantize_int4_weights
+
+            quantize_int4_weights(tmp / "model.onnx", tmp / "model.onnx", x[train_idx[:256]])
         elif recipe.quantize != "none":
-            raise ValueError(f"unknown quantize {recipe.quantize!r} (none, qdq, qoperator, dynamic)")
+            raise ValueError(f"unknown quantize {recipe.quantize!r} (none, qdq, qoperator, dynamic, int4)")
         _write_case_files(tmp, recipe, x, y, defender_idx, test_idx, trigger)
         if folder.exists():
             shutil.rmtree(folder)

@@ -68,6 +68,19 @@ def test_quantized_model_repaired_in_its_integers(quantized_lenet, backdoor_case
         {name: count for name, count in result.changed_parameters.items() if count}
 
 
+def _fake_quantized_square(shape: tuple[int, ...], consts: dict, attrs: dict, opset: int) -> onnx.ModelProto:
+    """x * x through QuantizeLinear and DequantizeLinear with `consts` scale and zero point and `attrs`."""
+    nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]),
+             helper.make_node("QuantizeLinear", ["sq", "scale", "zero"], ["q"], **attrs),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"], **attrs)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in consts.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8 if opset < 21 else 10
+    return proto
+
+
 @pytest.mark.parametrize("zero_type, axis", [(np.uint8, None), (np.int8, 1), (np.int8, 0)])
 def test_quantize_dequantize_ops_match_onnxruntime(zero_type, axis):
     """Fake quantization of a computed tensor, per tensor or per axis: equal to onnxruntime (graph
@@ -79,21 +92,31 @@ def test_quantize_dequantize_ops_match_onnxruntime(zero_type, axis):
     count = 1 if axis is None else shape[axis]
     consts = {"scale": np.linspace(0.02, 0.05, count).astype(np.float32).reshape(() if axis is None else (count,)),
               "zero": np.full(() if axis is None else (count,), 3, zero_type)}
-    attrs = {} if axis is None else {"axis": axis}
-    nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]),
-             helper.make_node("QuantizeLinear", ["sq", "scale", "zero"], ["q"], **attrs),
-             helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"], **attrs)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
-                              initializer=[numpy_helper.from_array(v, k) for k, v in consts.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    proto.ir_version = 8
+    proto = _fake_quantized_square(shape, consts, {} if axis is None else {"axis": axis}, opset=13)
     x = np.random.default_rng(0).normal(scale=1.5, size=shape).astype(np.float32)
     expected = ort_session(proto.SerializeToString(), optimize=False).run(None, {"x": x})[0]
     forward = Forward(model_from_proto(proto))
     assert max_diff(forward({"x": x})["y"], expected) <= 1e-6
     grad = jax.grad(lambda v: jnp.sum(forward.apply(forward.params, v)["y"]))(jnp.asarray(x))
     assert np.abs(np.asarray(grad)).max() > 0  # straight through, not round's zero gradient
+
+
+@pytest.mark.parametrize("zero_type, axis, block", [("int4", 3, 2), ("uint4", 1, 2), ("int8", 2, 3)])
+def test_blocked_quantize_dequantize_match_onnxruntime(zero_type, axis, block):
+    """Opset 21's blocked quantization (a scale and zero point per `block` elements along `axis`, the last
+    block short where the axis does not divide) to 4 and 8-bit integers: equal to onnxruntime."""
+    import ml_dtypes
+
+    dtype = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8}[zero_type]
+    shape = (2, 3, 4, 5)
+    blocks = list(shape)
+    blocks[axis] = -(-shape[axis] // block)
+    consts = {"scale": np.linspace(0.1, 0.3, int(np.prod(blocks))).astype(np.float32).reshape(blocks),
+              "zero": np.full(blocks, 1, dtype)}
+    proto = _fake_quantized_square(shape, consts, {"axis": axis, "block_size": block}, opset=21)
+    x = np.random.default_rng(0).normal(scale=0.8, size=shape).astype(np.float32)
+    expected = ort_session(proto.SerializeToString(), optimize=False).run(None, {"x": x})[0]
+    assert max_diff(Forward(model_from_proto(proto))({"x": x})["y"], expected) <= 1e-6
 
 
 @pytest.mark.parametrize("fmt, ops", [("qdq", {"QuantizeLinear", "DequantizeLinear"}),
@@ -435,3 +458,45 @@ def test_parity_check_allows_a_few_inputs_a_step_apart_only_where_activations_ar
         off[: allowed + 1] += 0.05
         with pytest.raises(RepairRejectedError, match="disagree"):
             verify_repaired(proto, x, off, model)
+
+
+# Weight-only 4-bit quantization (onnxruntime's MatMulNBitsQuantizer, QDQ format): a transformer's MatMul
+# weights as uint4 in blocks, each with a scale and zero point, behind opset 21's blocked DequantizeLinear.
+
+def test_int4_vit_runs_and_is_repaired_in_its_blocks(tmp_path):
+    """The test recipe's ViT (BadNets on MNIST digits) with its MatMul weights in uint4 blocks of 32: the
+    blocked DequantizeLinears fold into float parameters (weight-neuron layers of their MatMuls), the engine
+    equals onnxruntime with graph optimisations off and agrees on labels with its fused 4-bit kernels; the
+    repair is written as uint4 into the same initializers, scales and zero points untouched, and removes
+    most of the backdoor on held-out data as deployed (measured on an AVX-512 EPYC: ASR 100 -> 3.4 % at
+    85.2 -> 85.2 %; the float ViT of the recipe, 100 -> 5.6 % at 85.5 -> 84.3 %: this small ViT is
+    repaired less cleanly than the LeNet-5)."""
+    pytest.importorskip("torch")
+    import ml_dtypes
+
+    from lancet.models.recipes import Recipe, build_case
+    from lancet.neurons import find_layers
+    from lancet.repair import repair
+
+    built = build_case(Recipe(arch="vit", quantize="int4"))
+    model = load_model(built.model)
+    blocked = {name: q for name, q in model.quantized.items() if q.block_size}
+    assert blocked and all(q.dtype == ml_dtypes.uint4 and q.block_size == 32 for q in blocked.values())
+    assert set(blocked) <= {layer.weight for layer in find_layers(model, weight_only=True)}
+    from lancet.neurons import summary
+
+    assert summary(model)["quantization"] == "int4-weights"
+    heldout = dict(np.load(built.heldout))
+    x = heldout["x_test"][:300]
+    got = np.asarray(Forward(model).logits(x))
+    assert max_diff(got, OrtPredictor(model, built.model, optimize=False).logits(x)) <= 1e-4
+    assert np.mean(OrtPredictor(model, built.model).predict(x) == got.argmax(1)) >= 0.98
+
+    out = tmp_path / "repaired.onnx"
+    result = repair(built.model, built.case, out, method="finetune", progress=False)
+    assert result.written, result.reasons
+    changed = assert_backdoor_removed(heldout, built.model, out, max_asr=0.05)
+    sources = {q.source for q in model.quantized.values()}
+    assert changed and set(changed) <= sources | set(model.params)
+    assert {q.source for q in blocked.values()} & set(changed)  # 4-bit weights among the repaired ones
+    assert all(after.dtype == before.dtype for before, after in changed.values())

@@ -9,13 +9,15 @@ the quantizers. A weight's DequantizeLinear is folded into a float parameter at 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax import lax
 
-from ..quantization import along_axis, quantize_values
+from ..quantization import along_axis, integer_range, quantize_values, scale_and_zero
 from .registry import OpContext, is_static, register, static_array, xp
 
-_INTEGER_TYPES = {np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.int32)}
+_INTEGER_TYPES = {np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.int32, ml_dtypes.int4,
+                                        ml_dtypes.uint4)}
 
 
 def _quantized_type(zero_point, attrs: dict, ctx: OpContext) -> np.dtype:
@@ -29,15 +31,8 @@ def _quantized_type(zero_point, attrs: dict, ctx: OpContext) -> np.dtype:
         dtype = np.dtype(tensor_dtype_to_np_dtype(attrs["output_dtype"]) if attrs.get("output_dtype") else np.uint8)
     if dtype not in _INTEGER_TYPES:
         raise BadInputError(f"node {ctx.node_name!r} (QuantizeLinear): quantizing to {dtype} is not supported "
-                            "(8, 16 and 32-bit integers are)")
+                            "(4, 8, 16 and 32-bit integers are)")
     return dtype
-
-
-def _check_blocks(attrs: dict, ctx: OpContext, op: str) -> None:
-    if attrs.get("block_size", 0):
-        from ..errors import BadInputError
-
-        raise BadInputError(f"node {ctx.node_name!r} ({op}): blocked quantization (block_size) is not supported")
 
 
 def _straight_through_round(value):
@@ -70,30 +65,27 @@ def _divide_exactly(a, b):
 
 @register("QuantizeLinear", static_inputs=(1, 2))
 def quantize_linear(inputs, attrs, ctx):
-    _check_blocks(attrs, ctx, "QuantizeLinear")
     x = inputs[0]
     zero_point = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
     dtype = _quantized_type(zero_point, attrs, ctx)
-    axis = int(attrs.get("axis", 1))
+    axis, block_size = int(attrs.get("axis", 1)), int(attrs.get("block_size", 0))
     scale = static_array(inputs[1], "the QuantizeLinear scale", ctx)
     zero_point = np.zeros((), dtype) if zero_point is None else np.asarray(zero_point)
     if xp(x) is np:
-        return quantize_values(x, scale, zero_point, axis, dtype).astype(np.float32)
-    info = np.iinfo(dtype)
-    scaled = _divide_exactly(x, along_axis(scale.astype(np.float32), axis, np.ndim(x)))
-    rounded = _straight_through_round(scaled)
-    return jnp.clip(rounded + along_axis(zero_point.astype(np.float32), axis, np.ndim(x)), info.min, info.max)
+        return quantize_values(x, scale, zero_point, axis, dtype, block_size).astype(np.float32)
+    low, high = integer_range(dtype)
+    scale, zero = scale_and_zero(scale, zero_point, axis, np.shape(x), block_size)
+    rounded = _straight_through_round(_divide_exactly(x, scale))
+    return jnp.clip(rounded + zero, low, high)
 
 
 @register("DequantizeLinear", static_inputs=(1, 2))
 def dequantize_linear(inputs, attrs, ctx):
-    _check_blocks(attrs, ctx, "DequantizeLinear")
     x = inputs[0]
-    ndim = np.ndim(x)
-    axis = int(attrs.get("axis", 1))
-    scale = along_axis(static_array(inputs[1], "the DequantizeLinear scale", ctx).astype(np.float32), axis, ndim)
+    scale = static_array(inputs[1], "the DequantizeLinear scale", ctx)
     zero_point = inputs[2] if len(inputs) > 2 and inputs[2] is not None else np.zeros((), np.float32)
-    zero = along_axis(np.asarray(zero_point, np.float32), axis, ndim)
+    scale, zero = scale_and_zero(scale, zero_point, int(attrs.get("axis", 1)), np.shape(x),
+                                 int(attrs.get("block_size", 0)))
     m = xp(x)
     return (m.asarray(x, np.float32) - zero) * scale
 
