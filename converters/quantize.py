@@ -12,8 +12,8 @@ onnxruntime's quantizers:
   (DynamicQuantizeLinear), float biases; no calibration;
 * `quantize_int4_weights`: weight-only 4-bit quantization of MatMul weights (onnxruntime's
   MatMulNBitsQuantizer, as transformer models are shrunk): uint4 weights in blocks along the input
-  dimension, each block with its scale and zero point, behind an opset-21 DequantizeLinear (QDQ format);
-  activations stay float.
+  dimension, each block with its scale and zero point, behind an opset-21 DequantizeLinear (QDQ format)
+  or in com.microsoft MatMulNBits; activations stay float.
 
 Checked before it is written: the quantized model's labels agree with the float model's on the given
 images (at least `min_agreement`).
@@ -120,23 +120,29 @@ def quantize_dynamic_int8(source: str | Path, path: str | Path, check: np.ndarra
 
 
 def quantize_int4_weights(source: str | Path, path: str | Path, check: np.ndarray, *, block_size: int = 32,
-                          min_agreement: float = 0.9) -> Path:
+                          quant_format: str = "qdq", min_agreement: float = 0.9) -> Path:
     """Write `source` with its MatMul weights quantized to uint4 in blocks of `block_size` along the input
-    dimension (asymmetric: a scale and zero point per block and output column), in the QDQ format
-    (DequantizeLinear with block_size, opset 21), to `path` (atomically); labels checked on `check` images.
-    Gemm layers are left in float, as onnxruntime's quantizer leaves them."""
+    dimension (asymmetric: a scale and zero point per block and output column) to `path` (atomically);
+    labels checked on `check` images. `quant_format`: 'qdq' (DequantizeLinear with block_size, opset 21)
+    or 'nbits' (com.microsoft MatMulNBits, the quantizer's default). Gemm layers are left in float, as
+    onnxruntime's quantizer leaves them."""
     import onnx
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    formats = {"qdq": (QuantFormat.QDQ, "DequantizeLinear"), "nbits": (QuantFormat.QOperator, "MatMulNBits")}
+    if quant_format not in formats:
+        raise ValueError(f"unknown quant_format {quant_format!r} ({', '.join(formats)})")
+    fmt, written_op = formats[quant_format]
+
     def quantize(source: Path, tmp: Path, input_name: str) -> None:
         quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=block_size, is_symmetric=False,
-                                         quant_format=QuantFormat.QDQ)
+                                         quant_format=fmt)
         quantizer.process()
-        if not any(node.op_type == "DequantizeLinear" for node in quantizer.model.model.graph.node):
+        if not any(node.op_type == written_op for node in quantizer.model.model.graph.node):
             raise ConversionError(f"{source} has no MatMul weight to quantize to 4 bits (Gemm layers are left "
                                   "in float)")
         quantizer.model.save_model_to_file(str(tmp), False)
 
-    return _quantized_checked(Path(source), Path(path), check, min_agreement, f"int4 blocks of {block_size}",
-                              quantize)
+    return _quantized_checked(Path(source), Path(path), check, min_agreement,
+                              f"int4 blocks of {block_size}, {quant_format}", quantize)

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .quantization import dequantize_values, quantize_values
+from .quantization import dequantize_values, pack_4bit, quantize_values, unpack_4bit
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,33 @@ class QuantizedParam:
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """The file's integers as the float values the graph computes with."""
         return dequantize_values(q, self.scale, self.zero_point, self.axis, self.block_size)
+
+
+@dataclass(frozen=True)
+class NBitsParam(QuantizedParam):
+    """A com.microsoft MatMulNBits weight: the file stores B as bytes [N, blocks, block_size / 2], two
+    4-bit values each, for the weight's transpose [N, K] padded to whole blocks, with a scale and zero
+    point per row and block (`scale`, `zero_point`: [N, blocks], unpacked). The engine holds the float
+    weight as a MatMul's [K, N]; `padded` keeps the file's values past K, written back as they were."""
+
+    k: int = 0
+    padded: np.ndarray | None = None  # the file's unpacked 4-bit values [N, blocks x block_size]
+
+    def _full(self, value: np.ndarray) -> np.ndarray:
+        return np.repeat(np.asarray(value, np.float32), self.block_size, axis=1)[:, : self.k]
+
+    def quantize(self, value: np.ndarray) -> np.ndarray:
+        """A [K, N] float weight as the file's packed bytes (rounded half to even, saturated to 0..15)."""
+        q = np.array(self.padded, np.uint8, copy=True)
+        # zero points may be float here: round after adding them
+        steps = np.round(np.asarray(value, np.float32).T / self._full(self.scale) + self._full(self.zero_point))
+        q[:, : self.k] = np.clip(steps, 0, 15).astype(np.uint8)
+        return pack_4bit(q).reshape(q.shape[0], -1, self.block_size // 2)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """The file's packed bytes as the [K, N] float weight the layer computes with."""
+        values = unpack_4bit(np.asarray(q).reshape(np.shape(q)[0], -1))[:, : self.k].astype(np.float32)
+        return ((values - self._full(self.zero_point)) * self._full(self.scale)).T.astype(np.float32)
 
 
 @dataclass

@@ -10,9 +10,10 @@ from onnx import numpy_helper
 from onnx.helper import get_attribute_value, tensor_dtype_to_np_dtype
 
 from .errors import BadInputError, UnsupportedOpError
-from .ir import Model, Node, QuantizedParam, TensorInfo
+from .ir import Model, NBitsParam, Node, QuantizedParam, TensorInfo
 from .ops import REGISTRY, spec_of
 from .ops.registry import registry_key
+from .ops.nbits import nbits_param, nbits_scales_and_zeros
 from .quantization import is_integer_type
 
 # Opsets 22-25 (torch 2.13's exporter writes up to 25) only widen the tensor types the supported ops take
@@ -301,6 +302,24 @@ def _folded(tensors: dict[str, np.ndarray], name: str, scale: np.ndarray, zero: 
     return param
 
 
+def _folded_nbits(node: Node, tensors: dict[str, np.ndarray], readers: dict[str, int]) -> NBitsParam | None:
+    """A MatMulNBits node's packed 4-bit B (read by it alone, constant scales and zero points, no g_idx) as
+    a float [K, N] parameter under B's name; its NBitsParam, or None when it does not qualify."""
+    b, scales, zeros = _slot(node, 1), _slot(node, 2), _slot(node, 3)
+    if (b not in tensors or readers.get(b) != 1 or tensors[b].dtype != np.uint8 or scales not in tensors
+            or (zeros is not None and zeros not in tensors) or _slot(node, 4) is not None
+            or int(node.attrs.get("bits", 4)) != 4):
+        return None
+    k, n, block_size = int(node.attrs["K"]), int(node.attrs["N"]), int(node.attrs["block_size"])
+    blocks = -(-k // block_size)
+    if tensors[b].size * 2 != n * blocks * block_size:
+        return None
+    scale, zero = nbits_scales_and_zeros(tensors[scales], tensors.get(zeros) if zeros else None, n, blocks)
+    param = nbits_param(b, tensors[b], scale, zero, k, block_size)
+    tensors[b] = param.dequantize(tensors[b])
+    return param
+
+
 def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> dict[str, QuantizedParam]:
     """Integer weights read directly by the ops that compute with them, made float parameters under their own
     names, (q - zero point) x scale, so the layer has real-valued weights to score, flip and train:
@@ -310,7 +329,9 @@ def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> 
       steps again, ops/quantize.py);
     * the QOperator format: a QLinearConv, QLinearMatMul or QGemm weight with the scale and zero point
       beside it, and its int32 bias (scale: input scale x weight scale); the ops divide by those scales
-      (ops/qlinear.py).
+      (ops/qlinear.py);
+    * 4-bit weight-only quantization: a com.microsoft MatMulNBits weight, unpacked from its blocks
+      (`_folded_nbits`; the op multiplies by it as it is, ops/nbits.py).
     The weight is read by that node alone, its zero point and scales constant."""
     readers: dict[str, int] = {}
     for node in nodes:
@@ -356,6 +377,10 @@ def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> 
                 param = _folded(tensors, weight, shaped, zero_shaped, 0, readers)
                 if param is not None:
                     quantized[weight] = param
+        elif node.op_type == "MatMulNBits":
+            param = _folded_nbits(node, tensors, readers)
+            if param is not None:
+                quantized[param.source] = param
         elif node.op_type in QLINEAR_WEIGHT_OPS:
             weight_slot, bias_slot = QLINEAR_WEIGHT_OPS[node.op_type]
             names = [_slot(node, slot) for slot in (1, weight_slot, weight_slot + 1, weight_slot + 2)]

@@ -40,7 +40,9 @@ QLINEAR_OPS = {"QLinearConv": (3, 8), "QLinearMatMul": (3, None), "com.microsoft
 FUSED_OPS = {"com.microsoft::FusedConv": (1, 2), "com.microsoft::FusedGemm": (1, 2),
              "com.microsoft::FusedMatMul": (1, None), "com.microsoft::Attention": (1, 2),
              "com.microsoft::DynamicQuantizeMatMul": (1, 4)}
-WEIGHT_ONLY_OPS = {**QLINEAR_OPS, **FUSED_OPS}
+# 4-bit weight-only MatMul (its B folded into a float [K, N] weight; ops/nbits.py)
+NBITS_OPS = {"com.microsoft::MatMulNBits": (1, 5)}
+WEIGHT_ONLY_OPS = {**QLINEAR_OPS, **FUSED_OPS, **NBITS_OPS}
 RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
 
 
@@ -237,8 +239,8 @@ def _quantization_format(model: Model) -> str | None:
         return "qoperator"
     if model.per_input_ranges or op_types & {"ConvInteger", "MatMulInteger"}:  # DynamicQuantizeMatMul too
         return "dynamic"
-    if model.quantized and not op_types & {"QuantizeLinear"} and any(
-            q.dtype in FOUR_BIT_TYPES for q in model.quantized.values()):
+    if "MatMulNBits" in op_types or (model.quantized and not op_types & {"QuantizeLinear"} and any(
+            q.dtype in FOUR_BIT_TYPES for q in model.quantized.values())):
         return "int4-weights"  # onnxruntime's MatMulNBitsQuantizer in the QDQ format
     return "qdq" if model.quantized or "DequantizeLinear" in op_types else None
 

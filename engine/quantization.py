@@ -70,3 +70,16 @@ def dequantize_values(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, 
     q = np.asarray(q)
     scale, zero = scale_and_zero(scale, zero_point, axis, q.shape, block_size)
     return ((q.astype(np.float32) - zero) * scale).astype(np.float32)
+
+
+def unpack_4bit(packed: np.ndarray) -> np.ndarray:
+    """uint8 bytes holding two 4-bit values each (the low nibble first, as MatMulNBits stores its weights
+    and zero points) -> uint8 values, twice as many along the last axis."""
+    packed = np.asarray(packed, np.uint8)
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def pack_4bit(values: np.ndarray) -> np.ndarray:
+    """The inverse of `unpack_4bit`: pairs of 4-bit values (an even count along the last axis) into bytes."""
+    values = np.asarray(values, np.uint8)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)

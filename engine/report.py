@@ -40,7 +40,7 @@ QUANTIZATION_LINES = {
     "qdq": "QDQ (integer weights behind DequantizeLinear, activations fake-quantized)",
     "qoperator": "QOperator (quantized operators, computed as onnxruntime's integer kernels; weight neurons only)",
     "dynamic": "dynamic (activations quantized over each input's own range at run time: inputs run one at a time)",
-    "int4-weights": "4-bit weights in blocks behind DequantizeLinear (weight-only: activations in float)",
+    "int4-weights": "4-bit weights in blocks (DequantizeLinear or MatMulNBits; weight-only: activations in float)",
 }
 
 

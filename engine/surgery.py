@@ -136,6 +136,22 @@ def _check_shape(name: str, value: np.ndarray, shape: tuple) -> None:
         raise RepairRejectedError(f"parameter {name!r}: new shape {np.shape(value)} != {tuple(shape)}")
 
 
+def _in_float(proto: onnx.ModelProto) -> bytes:
+    """The serialized model, its MatMulNBits nodes at accuracy_level 0 (dequantized weights, float products:
+    what the engine computes; level 4 rounds activations to int8 in onnxruntime's fused kernel, as the QDQ
+    format's fused kernels do when optimised)."""
+    if not any(node.op_type == "MatMulNBits" for node in proto.graph.node):
+        return proto.SerializeToString()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for node in copy.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [attr for attr in node.attribute if attr.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [onnx.helper.make_attribute("accuracy_level", 0)])
+    return copy.SerializeToString()
+
+
 def _check_same_graph(original: onnx.ModelProto, repaired: onnx.ModelProto, changed: set[str]) -> None:
     before, after = _structure(original.graph), _structure(repaired.graph)
     for part in ("nodes", "inputs", "outputs"):
@@ -158,7 +174,8 @@ def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np
     fed in the file's input type and batch, read from its class-scores output as [n, classes] float32. A
     quantized model must run as deployed (optimised: fused integer kernels, whose requantization rounds a
     few activations a step away from the float emulation) and match the engine as written (graph
-    optimisations off: its Quantize/Dequantize nodes in float, as the engine computes them). Returns the
+    optimisations off: its Quantize/Dequantize nodes in float, as the engine computes them; MatMulNBits at
+    accuracy_level 0, `_in_float`). Returns the
     largest difference of any input's outputs; for a model that requantizes activations up to
     STEP_APART_SHARE of the inputs may exceed `atol`."""
     from .evaluate import OrtPredictor
@@ -170,7 +187,8 @@ def verify_repaired(repaired: onnx.ModelProto, x_check: np.ndarray, expected: np
     try:
         data = repaired.SerializeToString()
         deployed = OrtPredictor(model, data).logits(x_check)
-        got = OrtPredictor(model, data, optimize=False).logits(x_check) if model.is_quantized else deployed
+        got = OrtPredictor(model, _in_float(repaired), optimize=False).logits(x_check) if model.is_quantized \
+            else deployed
     except Exception as exc:
         raise RepairRejectedError(f"onnxruntime cannot run the repaired model: {exc}") from exc
     if not (np.all(np.isfinite(got)) and np.all(np.isfinite(deployed))):

@@ -500,3 +500,71 @@ def test_int4_vit_runs_and_is_repaired_in_its_blocks(tmp_path):
     assert changed and set(changed) <= sources | set(model.params)
     assert {q.source for q in blocked.values()} & set(changed)  # 4-bit weights among the repaired ones
     assert all(after.dtype == before.dtype for before, after in changed.values())
+
+
+@pytest.mark.parametrize("zero_points, k", [("packed", 70), ("none", 64), ("float", 40)])
+def test_matmul_nbits_matches_onnxruntime(zero_points, k):
+    """com.microsoft MatMulNBits (4-bit blocks of 32 along K, the low nibble first; zero points packed,
+    absent (8) or float; K not a multiple of the block): its B folds into a float [K, N] weight that writes
+    back to the same bytes, and the engine equals onnxruntime at accuracy_level 0."""
+    from lancet.ops.nbits import MS
+
+    rng = np.random.default_rng(0)
+    n, block = 6, 32
+    blocks = -(-k // block)
+    q = rng.integers(0, 16, (n, blocks * block)).astype(np.uint8)
+    scales = rng.uniform(0.01, 0.1, (n, blocks)).astype(np.float32)
+    inits = {"B": (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, blocks, block // 2), "scales": scales.reshape(-1)}
+    if zero_points == "packed":
+        zq = np.zeros((n, 2 * -(-blocks // 2)), np.uint8)
+        zq[:, :blocks] = rng.integers(0, 16, (n, blocks))
+        inits["zeros"] = (zq[:, 0::2] | (zq[:, 1::2] << 4)).reshape(-1)
+    elif zero_points == "float":
+        inits["zeros"] = rng.uniform(6, 9, n * blocks).astype(np.float32)
+    inits["bias"] = rng.normal(size=n).astype(np.float32)
+    inputs = ["a", "B", "scales", "zeros" if "zeros" in inits else "", "", "bias"]
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain=MS, K=k, N=n, bits=4, block_size=block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+                              initializer=[numpy_helper.from_array(v, name) for name, v in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
+    proto.ir_version = 8
+    model = model_from_proto(proto)
+    assert model.params["B"].shape == (k, n) and "B" in model.quantized
+    assert np.array_equal(model.quantized["B"].quantize(model.params["B"]), inits["B"])
+    a = rng.normal(size=(5, k)).astype(np.float32)
+    expected = ort_session(proto.SerializeToString()).run(None, {"a": a})[0]
+    assert max_diff(Forward(model)({"a": a})["y"], expected) <= 1e-5
+
+
+def test_optimised_int4_vit_in_matmul_nbits_is_repaired(tmp_path):
+    """The int4 ViT saved after onnxruntime's optimisation holds MatMulNBits (accuracy_level 4: its kernel
+    rounds activations to int8 per block); the engine computes in float and equals onnxruntime at
+    accuracy_level 0, agrees on labels as deployed; the repair writes the packed 4-bit bytes and removes the
+    backdoor as deployed."""
+    pytest.importorskip("torch")
+    from lancet.converters.optimize import ort_optimized
+    from lancet.models.recipes import Recipe, build_case
+    from lancet.neurons import find_layers, summary
+    from lancet.repair import repair
+    from lancet.surgery import _in_float
+
+    built = build_case(Recipe(arch="vit", quantize="int4"))
+    heldout = dict(np.load(built.heldout))
+    x = heldout["x_test"][:300]
+    path = ort_optimized(built.model, tmp_path / "optimised.onnx", x[:64])
+    model = load_model(path)
+    nbits = [node for node in onnx.load(path).graph.node if node.op_type == "MatMulNBits"]
+    assert nbits and all(node.input[1] in model.quantized for node in nbits)
+    assert summary(model)["quantization"] == "int4-weights"
+    assert {node.name for node in nbits} <= {layer.node for layer in find_layers(model, weight_only=True)}
+    got = np.asarray(Forward(model).logits(x))
+    assert max_diff(got, OrtPredictor(model, _in_float(onnx.load(path)), optimize=False).logits(x)) <= 1e-4
+    assert np.mean(OrtPredictor(model, path).predict(x) == got.argmax(1)) >= 0.98
+
+    out = tmp_path / "repaired.onnx"
+    result = repair(path, built.case, out, method="finetune", progress=False)
+    assert result.written, result.reasons
+    changed = assert_backdoor_removed(heldout, path, out, max_asr=0.05)
+    assert {node.input[1] for node in nbits} & set(changed)
+    assert all(after.dtype == before.dtype and after.shape == before.shape for before, after in changed.values())
