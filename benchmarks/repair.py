@@ -89,6 +89,10 @@ ROWS = {
                              "and recurrent weights are weight-neuron candidates and plain fine-tuning / NC train them too"),
     "fashion-mlp_deep-badnets": (dict(FASHION, arch="mlp_deep", attack="badnets"),
                                  "MLP (784-256-128-64), BadNets, all-to-one"),
+    "fashion-vit-badnets-int4": (dict(FASHION_SMALL, arch="vit", attack="badnets", quantize="int4"),
+                                 "ViT-small (patch 4) with 4-bit weights (onnxruntime's MatMulNBitsQuantizer, QDQ: "
+                                 "the attention and MLP MatMuls in uint4 blocks of 32), BadNets, all-to-one; every "
+                                 "method judged on its weights rounded to their 4-bit steps"),
 }
 QUICK_ROWS = ("fashion-lenet5-badnets",)
 SETTINGS = ("clean", "error")

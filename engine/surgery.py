@@ -5,9 +5,10 @@ exporter stored as Constant nodes) get their new values; the graph is exported a
 the original ModelProto (opset, IR version, producer and metadata kept). A graph whose subgraphs read
 main-graph initializers (torch.cond's branches), or whose changed values are 4-bit integers, is edited in
 place instead, since onnx-graphsurgeon's export would move those initializers into the subgraphs
-(`_outer_reads_from_subgraphs`) or write 4-bit values unpacked (`_is_sub_byte`). Before anything is written the
-result must pass `onnx.checker`, keep the node list, op types, graph inputs and outputs, and every other
-initializer bit for bit, load and run in onnxruntime, and match the JAX forward of the repaired params.
+(`_outer_reads_from_subgraphs`) or write 4-bit values unpacked (`_is_sub_byte`). Before anything is
+written the result must pass `onnx.checker`, keep the node list, op types, graph inputs and outputs, and
+every other initializer bit for bit, load and run in onnxruntime, and match the JAX forward of the
+repaired params.
 """
 from __future__ import annotations
 
@@ -92,10 +93,10 @@ def _replaced_by_graphsurgeon(original: onnx.ModelProto, changed: Mapping[str, n
 
 
 def _outer_reads_from_subgraphs(graph: onnx.GraphProto) -> bool:
-    """Whether a subgraph (If branch, Loop or Scan body) reads an initializer of the main graph. onnx-graphsurgeon
-    exports such an initializer into every subgraph reading it and drops it from the main graph where no
-    main-graph node reads it (measured on torch.cond's export: both branches' weights moved), which changes the
-    file's structure; those files are edited in place instead."""
+    """Whether a subgraph (If branch, Loop or Scan body) reads an initializer of the main graph.
+    onnx-graphsurgeon exports such an initializer into every subgraph reading it and drops it from the main
+    graph where no main-graph node reads it (measured on torch.cond's export: both branches' weights moved),
+    which changes the file's structure; those files are edited in place instead."""
     names = {init.name for init in graph.initializer}
 
     def reads(subgraph: onnx.GraphProto) -> bool:

@@ -9,8 +9,9 @@ steps, with a trip count and a continue-condition computed from shapes and count
 unrolled: the body runs once per iteration with the iteration number as a constant, so its condition
 folds and the loop ends exactly where onnxruntime's does; carried values flow from one copy to the next
 and scan outputs are stacked. A condition on the data (torch.while_loop) is followed with a running flag
-(`loop`); a trip count on the data is refused, naming the node. Scan is unrolled the same way over its scan axis (its length a shape). The loader lists the outer
-tensors the subgraphs read (`loader._node`), so they arrive here as inputs after the node's own.
+(`loop`); a trip count on the data is refused, naming the node. Scan is unrolled the same way over its
+scan axis (its length a shape). The loader lists the outer tensors the subgraphs read (`loader._node`),
+so they arrive here as inputs after the node's own.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def loop(inputs, attrs, ctx):
         if trips is None and iteration >= MAX_UNROLLED_ITERATIONS:
             raise BadInputError(f"node {ctx.node_name!r} (Loop): no trip count and its condition still holds "
                                 f"after {MAX_UNROLLED_ITERATIONS} iterations")
-        if running is not True and iteration >= MAX_DATA_ITERATIONS and (trips is None or trips > MAX_DATA_ITERATIONS):
+        if running is not True and iteration >= MAX_DATA_ITERATIONS:
             raise BadInputError(f"node {ctx.node_name!r} (Loop): its continue-condition depends on the input data "
                                 f"and no trip count or counter ends it within {MAX_DATA_ITERATIONS} iterations; the "
                                 "engine unrolls loops, each iteration a copy of the body")
