@@ -395,7 +395,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     """Locate, fix, export and evaluate; write `out` only when accepted (or `force`) and verified.
 
     `method`: "finetune" (the default: on the repair benchmark's held-out data it meets the goal, ASR <= 2 %
-    and accuracy drop <= 1 point, in 35 of 44 cells where "flip" meets it in 12) or "flip" (no training,
+    and accuracy drop <= 1 point, in 36 of 46 cells where "flip" meets it in 12) or "flip" (no training,
     faster; it takes the target class's accuracy down most).
 
     `max_class_drop`: largest accuracy drop (points) accepted on any single class of x_clean (default: no
