@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .quantization import dequantize_values, pack_4bit, quantize_values, unpack_4bit
+from .quantization import dequantize_values, expand_blocks, pack_4bit, quantize_values, unpack_4bit
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ class NBitsParam(QuantizedParam):
     padded: np.ndarray | None = None  # the file's unpacked 4-bit values [N, blocks x block_size]
 
     def _full(self, value: np.ndarray) -> np.ndarray:
-        return np.repeat(np.asarray(value, np.float32), self.block_size, axis=1)[:, : self.k]
+        """A per-row-and-block scale or zero point [N, blocks] over the weight's transpose [N, K]."""
+        return expand_blocks(np.asarray(value, np.float32), 1, self.block_size, (len(value), self.k))
 
     def quantize(self, value: np.ndarray) -> np.ndarray:
         """A [K, N] float weight as the file's packed bytes (rounded half to even, saturated to 0..15)."""
@@ -78,8 +79,8 @@ class NBitsParam(QuantizedParam):
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """The file's packed bytes as the [K, N] float weight the layer computes with."""
-        values = unpack_4bit(np.asarray(q).reshape(np.shape(q)[0], -1))[:, : self.k].astype(np.float32)
-        return ((values - self._full(self.zero_point)) * self._full(self.scale)).T.astype(np.float32)
+        values = unpack_4bit(np.asarray(q).reshape(np.shape(q)[0], -1))[:, : self.k]
+        return dequantize_values(values, self.scale, self.zero_point, 1, self.block_size).T
 
 
 @dataclass

@@ -108,7 +108,7 @@ def _recurrent_layers(model: Model, node: Node) -> list[Layer]:
     return layers
 
 
-def _loop_layers(model: Model, node: Node) -> list[Layer]:
+def _subgraph_layers(model: Model, node: Node) -> list[Layer]:
     """The weight matrices a control-flow node's subgraphs read (tf2onnx passes a Keras GRU's kernel,
     recurrent kernel and bias into its Loop; torch.cond's branches read their layers' weights from the
     outer graph): each a weight-neuron layer."""
@@ -140,8 +140,8 @@ def _weight_only_layer(model: Model, node: Node) -> list[Layer]:
 
 def find_layers(model: Model, weight_only: bool = False) -> list[Layer]:
     """All neuron layers of the model, in graph order; with `weight_only`, the layers with weight neurons
-    only too (recurrent nodes' W and R, the weight matrices an If, Loop or Scan reads, quantized-operator layers: weight
-    granularity)."""
+    only too (recurrent nodes' W and R, the weight matrices an If, Loop or Scan reads, quantized-operator
+    and 4-bit layers: weight granularity)."""
     consumers = model.consumers_of()
     layers = []
     for node in model.nodes:
@@ -149,7 +149,7 @@ def find_layers(model: Model, weight_only: bool = False) -> list[Layer]:
             layers += _recurrent_layers(model, node)
             continue
         if weight_only and node.op_type in ("If", "Loop", "Scan"):
-            layers += _loop_layers(model, node)
+            layers += _subgraph_layers(model, node)
             continue
         if weight_only and registry_key(node.op_type, node.domain) in WEIGHT_ONLY_OPS:
             layers += _weight_only_layer(model, node)
@@ -241,7 +241,7 @@ def _quantization_format(model: Model) -> str | None:
         return "dynamic"
     if "MatMulNBits" in op_types or (model.quantized and not op_types & {"QuantizeLinear"} and any(
             q.dtype in FOUR_BIT_TYPES for q in model.quantized.values())):
-        return "int4-weights"  # onnxruntime's MatMulNBitsQuantizer in the QDQ format
+        return "int4-weights"  # onnxruntime's MatMulNBitsQuantizer, either format
     return "qdq" if model.quantized or "DequantizeLinear" in op_types else None
 
 

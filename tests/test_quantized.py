@@ -502,11 +502,12 @@ def test_int4_vit_runs_and_is_repaired_in_its_blocks(tmp_path):
     assert all(after.dtype == before.dtype for before, after in changed.values())
 
 
-@pytest.mark.parametrize("zero_points, k", [("packed", 70), ("none", 64), ("float", 40)])
+@pytest.mark.parametrize("zero_points, k", [("packed", 70), ("none", 64), ("float", 40), ("shared", 48)])
 def test_matmul_nbits_matches_onnxruntime(zero_points, k):
     """com.microsoft MatMulNBits (4-bit blocks of 32 along K, the low nibble first; zero points packed,
     absent (8) or float; K not a multiple of the block): its B folds into a float [K, N] weight that writes
-    back to the same bytes, and the engine equals onnxruntime at accuracy_level 0."""
+    back to the same bytes, and the engine equals onnxruntime at accuracy_level 0. A B read by two nodes
+    ('shared') is not folded but unpacked in the op, with the same result."""
     from lancet.ops.nbits import MS
 
     rng = np.random.default_rng(0)
@@ -523,15 +524,21 @@ def test_matmul_nbits_matches_onnxruntime(zero_points, k):
         inits["zeros"] = rng.uniform(6, 9, n * blocks).astype(np.float32)
     inits["bias"] = rng.normal(size=n).astype(np.float32)
     inputs = ["a", "B", "scales", "zeros" if "zeros" in inits else "", "", "bias"]
-    node = helper.make_node("MatMulNBits", inputs, ["y"], domain=MS, K=k, N=n, bits=4, block_size=block)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["M", k])],
+    nodes = [helper.make_node("MatMulNBits", inputs, ["y"], domain=MS, K=k, N=n, bits=4, block_size=block)]
+    if zero_points == "shared":
+        nodes = [helper.make_node("MatMulNBits", inputs, [out], domain=MS, K=k, N=n, bits=4, block_size=block)
+                 for out in ("y1", "y2")] + [helper.make_node("Add", ["y1", "y2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["M", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
                               initializer=[numpy_helper.from_array(v, name) for name, v in inits.items()])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
     proto.ir_version = 8
     model = model_from_proto(proto)
-    assert model.params["B"].shape == (k, n) and "B" in model.quantized
-    assert np.array_equal(model.quantized["B"].quantize(model.params["B"]), inits["B"])
+    if zero_points == "shared":
+        assert "B" not in model.params and "B" not in model.quantized
+    else:
+        assert model.params["B"].shape == (k, n) and "B" in model.quantized
+        assert np.array_equal(model.quantized["B"].quantize(model.params["B"]), inits["B"])
     a = rng.normal(size=(5, k)).astype(np.float32)
     expected = ort_session(proto.SerializeToString()).run(None, {"a": a})[0]
     assert max_diff(Forward(model)({"a": a})["y"], expected) <= 1e-5
