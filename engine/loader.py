@@ -243,6 +243,8 @@ def _fold_weight_dequantize(nodes: list[Node], tensors: dict[str, np.ndarray], s
 # Ops computing with an integer weight in slot 1 (zero point in slot 3), and the weight axis a per-channel
 # scale runs along: onnxruntime's dynamic quantization writes these.
 INTEGER_WEIGHT_OPS = {"MatMulInteger": -1, "ConvInteger": 0}
+# onnxruntime's dynamically quantized fusions with an int8 weight in slot 1: its scale and zero point slots.
+SCALED_WEIGHT_OPS = {"DynamicQuantizeMatMul": (2, 3), "QAttention": (4, 7)}
 # Quantized operators (onnxruntime's QOperator format): weight slot (its scale and zero point follow it),
 # bias slot (int32, scale input scale x weight scale) or None.
 QLINEAR_WEIGHT_OPS = {"QLinearConv": (3, 8), "QLinearMatMul": (3, None), "QGemm": (3, 6)}
@@ -326,7 +328,8 @@ def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> 
 
     * dynamic quantization (onnxruntime's quantize_dynamic): a ConvInteger or MatMulInteger weight, its
       scale found by `_integer_weight_scale` (the node gets it as `weight_unit` to compute in integer
-      steps again, ops/quantize.py);
+      steps again, ops/quantize.py); onnxruntime's fusions DynamicQuantizeMatMul and QAttention (the packed
+      self-attention's weight) with the scale and zero point beside it;
     * the QOperator format: a QLinearConv, QLinearMatMul or QGemm weight with the scale and zero point
       beside it, and its int32 bias (scale: input scale x weight scale); the ops divide by those scales
       (ops/qlinear.py);
@@ -354,8 +357,8 @@ def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> 
             if param is not None:
                 node.attrs = {**node.attrs, "weight_unit": param.scale}
                 quantized[param.source] = param
-        elif node.op_type == "DynamicQuantizeMatMul":  # onnxruntime's fusion: B, its scale, zero point, bias
-            scale, zero = _slot(node, 2), _slot(node, 3)
+        elif node.op_type in SCALED_WEIGHT_OPS:  # B or the packed QKV weight, its scale and zero point
+            scale, zero = (_slot(node, slot) for slot in SCALED_WEIGHT_OPS[node.op_type])
             if scale in tensors and (zero is None or zero in tensors) and len(node.inputs) > 1:
                 param = _folded(tensors, node.inputs[1], tensors[scale], tensors.get(zero) if zero else None, -1,
                                 readers)

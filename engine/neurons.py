@@ -36,10 +36,10 @@ QLINEAR_OPS = {"QLinearConv": (3, 8), "QLinearMatMul": (3, None), "com.microsoft
 # onnxruntime's fused layers the loader could not split into layer and activation (`loader._unfused`: an
 # activation with no standard node; FusedMatMul): weight neurons only, as their output is past the
 # activation, where scaling a channel is not what negating its weights does.
-# onnxruntime's packed self-attention keeps the Q, K and V projections in one weight.
+# onnxruntime's packed self-attention keeps the Q, K and V projections in one weight (QAttention: in int8).
 FUSED_OPS = {"com.microsoft::FusedConv": (1, 2), "com.microsoft::FusedGemm": (1, 2),
              "com.microsoft::FusedMatMul": (1, None), "com.microsoft::Attention": (1, 2),
-             "com.microsoft::DynamicQuantizeMatMul": (1, 4)}
+             "com.microsoft::DynamicQuantizeMatMul": (1, 4), "com.microsoft::QAttention": (1, 2)}
 # 4-bit weight-only MatMul (its B folded into a float [K, N] weight; ops/nbits.py)
 NBITS_OPS = {"com.microsoft::MatMulNBits": (1, 5)}
 WEIGHT_ONLY_OPS = {**QLINEAR_OPS, **FUSED_OPS, **NBITS_OPS}

@@ -487,6 +487,10 @@ ATTENTION_CASES = {
     "4d-bool-mask-scale-softcap": ({"scale": 0.3, "softcap": 2.0}, (1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8),
                                    {"attn_mask": np.array([[1, 1, 0, 1, 0]] * 4, bool)}, 1),
     "4d-float-mask": ({}, (1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4), {"attn_mask": rand(3, 5, seed=7)}, 1),
+    "4d-nonpad-float-mask": ({}, (2, 2, 3, 4), (2, 2, 5, 4), (2, 2, 5, 4),
+                             {"attn_mask": rand(3, 5, seed=8), "nonpad_kv_seqlen": np.array([2, 5], np.int64)}, 1),
+    "3d-nonpad-causal": ({"is_causal": 1, "q_num_heads": 2, "kv_num_heads": 2}, (2, 3, 8), (2, 6, 8), (2, 6, 8),
+                         {"nonpad_kv_seqlen": np.array([4, 6], np.int64)}, 1),
 }
 
 
@@ -494,15 +498,17 @@ ATTENTION_CASES = {
 def test_attention_matches_onnxruntime(name):
     """The standard Attention op (opset 23, PyTorch's export of nn.MultiheadAttention at that opset): grouped
     key/value heads, 3-D inputs, causal masking after a past key and value, boolean and float masks, scale
-    and softcap, the present key and value outputs."""
+    and softcap, the present key and value outputs; opset 24's nonpad_kv_seqlen (keys per input), also causal
+    (each input's queries end at its last valid key)."""
     attrs, q_shape, k_shape, v_shape, extra, n_out = ATTENTION_CASES[name]
-    slots = ["Q", "K", "V", "attn_mask", "past_key", "past_value"]
+    slots = ["Q", "K", "V", "attn_mask", "past_key", "past_value", "nonpad_kv_seqlen"]
     names = [s if s in ("Q", "K", "V") or s in extra else "" for s in slots]
     while names and not names[-1]:
         names.pop()
     node = helper.make_node("Attention", names, [f"y{i}" for i in range(n_out)] if n_out > 1 else ["y"], **attrs)
     inits = [(k, v) for k, v in extra.items()]
-    model = make([node], [("Q", q_shape), ("K", k_shape), ("V", v_shape)], 23, inits, n_outputs=n_out)
+    opset = 24 if "nonpad_kv_seqlen" in extra else 23
+    model = make([node], [("Q", q_shape), ("K", k_shape), ("V", v_shape)], opset, inits, n_outputs=n_out)
     compare(model, {"Q": rand(*q_shape, seed=1), "K": rand(*k_shape, seed=2), "V": rand(*v_shape, seed=3)})
 
 
@@ -540,6 +546,24 @@ def test_max_pool_indices_and_max_unpool_match_onnxruntime(kernel, strides, pads
     x = rand(*shape)
     x[0, 0, 0, :4] = 1.0  # ties within a window
     compare(model, {"x": x}, atol=0.0)
+
+
+@pytest.mark.parametrize("shape, kernel, strides, pads", [([2, 3, 9], [3], [2], [1, 1]),
+                                                          ([2, 3, 7, 8], [3, 3], [2, 2], [1, 1, 1, 1]),
+                                                          ([2, 2, 5, 6, 7], [2, 3, 2], [2, 1, 2], [0, 1, 0, 0, 1, 1])])
+def test_max_pool_column_major_indices_match_onnxruntime(shape, kernel, strides, pads):
+    """MaxPool's Indices with storage_order=1: each window's first maximum counted column-major within its
+    (n, c) plane (the first spatial axis fastest), for one, two and three spatial axes."""
+    rank = len(kernel)
+    pooled = shape[:2] + [(shape[2 + a] + pads[a] + pads[a + rank] - kernel[a]) // strides[a] + 1 for a in range(rank)]
+    nodes = [helper.make_node("MaxPool", ["x"], ["y0", "i"], kernel_shape=kernel, strides=strides, pads=pads,
+                              storage_order=1),
+             helper.make_node("Cast", ["i"], ["y1"], to=F)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, shape)],
+                              [helper.make_tensor_value_info(name, F, pooled) for name in ("y0", "y1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    compare(model, {"x": rand(*shape)}, atol=0.0)
 
 
 @pytest.mark.parametrize("block, strides, dilations, pads", [([3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),

@@ -24,16 +24,18 @@ def _heads(x, heads: int):
 def attention(inputs, attrs, ctx):
     """softmax(softcap(Q K^T x scale) + mask) V over heads (query heads grouped over fewer key/value heads,
     each repeated), 3-D inputs split into heads by q_num_heads / kv_num_heads; a past key and value are
-    prepended (present_key, present_value); is_causal masks keys after each query's position (offset by
-    the past length); a boolean mask attends where True, a float one is added; a query row with every key
+    prepended (present_key, present_value); nonpad_kv_seqlen (keys per input) masks the keys after an
+    input's count; is_causal masks keys after each query's position (offset by the past length, or with
+    nonpad_kv_seqlen by the input's count less the query length); a boolean mask attends where True, a float one is added; a query row with every key
     masked gives zeros. Scale (default 1/sqrt(head size)) multiplies Q and K by its square root each.
     Outputs Y, present_key, present_value and the QK product (qk_matmul_output_mode 0-3)."""
     q, k, v = inputs[0], inputs[1], inputs[2]
     mask = inputs[3] if len(inputs) > 3 else None
     past_key = inputs[4] if len(inputs) > 4 else None
     past_value = inputs[5] if len(inputs) > 5 else None
-    if len(inputs) > 6 and inputs[6] is not None:
-        raise BadInputError(f"node {ctx.node_name!r} (Attention): nonpad_kv_seqlen is not supported")
+    nonpad = inputs[6] if len(inputs) > 6 else None
+    if nonpad is not None and past_key is not None:
+        raise BadInputError(f"node {ctx.node_name!r} (Attention): nonpad_kv_seqlen with a past key and value")
     three_d = q.ndim == 3
     if three_d:
         if not attrs.get("q_num_heads") or not attrs.get("kv_num_heads"):
@@ -53,8 +55,14 @@ def attention(inputs, attrs, ctx):
         if pad > 0:
             mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)], constant_values=False if is_bool else -np.inf)
         bias = bias + (jnp.where(mask, 0.0, -jnp.inf) if is_bool else mask)
+    if nonpad is not None:  # per input, keys from its count on are padding: bias [batch, 1, queries, keys]
+        counts = jnp.asarray(nonpad).reshape(-1, 1, 1, 1)
+        bias = jnp.where(jnp.arange(kv_len) < counts, bias, -jnp.inf)
     if attrs.get("is_causal", 0):
+        # each query sees the keys up to its own position, counted from the last valid key (a static cache)
         offset = past_key.shape[2] if past_key is not None else 0
+        if nonpad is not None:
+            offset = jnp.asarray(nonpad).reshape(-1, 1, 1, 1) - q_len
         allowed = jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None] + offset
         bias = jnp.where(allowed, bias, -jnp.inf)
     if q.shape[1] != k.shape[1]:

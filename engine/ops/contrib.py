@@ -2,7 +2,9 @@
 after optimisation (`SessionOptions.optimized_model_filepath`, level extended): a convolution or Gemm with
 its activation (FusedConv, FusedGemm), MatMul with transposes and a scale (FusedMatMul), and the GELU
 family (Gelu, BiasGelu, FastGelu, QuickGelu), and from its transformer optimiser the residual Add with the
-LayerNormalization after it (SkipLayerNormalization). Each computes what the unfused ops did.
+LayerNormalization after it (SkipLayerNormalization) and self-attention with Q, K and V packed in one weight
+(Attention) or projected apart (MultiHeadAttention); the packed attention dynamically quantized (QAttention)
+and DynamicQuantizeMatMul. Each computes what the unfused ops did.
 """
 from __future__ import annotations
 
@@ -134,53 +136,140 @@ def skip_layer_norm(inputs, attrs, ctx):
     return result[: ctx.num_outputs] if ctx.num_outputs > 1 else result[0]
 
 
-@register("Attention", domain=MS)
-def packed_attention(inputs, attrs, ctx):
-    """onnxruntime's self-attention with the Q, K and V projections packed in one weight (its transformer
-    optimiser's fusion): QKV = input @ weights + bias, split by `qkv_hidden_sizes` (default three equal
-    parts), num_heads heads, scores Q K^T x scale (default 1/sqrt(head size)), `unidirectional` masking
-    later keys, a mask_index of key lengths [batch] or of 0/1 per key [batch, keys] masking with
-    mask_filter_value (default -10000), an attention_bias added; output [batch, sequence, v hidden]."""
-    x, weights = inputs[0], inputs[1]
-    bias = inputs[2] if len(inputs) > 2 else None
-    mask = inputs[3] if len(inputs) > 3 else None
-    if len(inputs) > 4 and inputs[4] is not None:
-        raise BadInputError(f"node {ctx.node_name!r} (com.microsoft Attention): a past state is not supported")
-    attention_bias = inputs[5] if len(inputs) > 5 else None
-    if attrs.get("do_rotary", 0):
-        raise BadInputError(f"node {ctx.node_name!r} (com.microsoft Attention): do_rotary is not supported")
-    heads = int(attrs["num_heads"])
-    qkv = jnp.matmul(x, weights, precision=lax.Precision.HIGHEST)
-    if bias is not None:
-        qkv = qkv + bias
-    sizes = [int(s) for s in attrs.get("qkv_hidden_sizes") or [qkv.shape[-1] // 3] * 3]
-    q, k, v = jnp.split(qkv, np.cumsum(sizes)[:2], axis=-1)
-    batch, length = x.shape[0], x.shape[1]
-
-    def split_heads(t):
-        return jnp.transpose(t.reshape(batch, length, heads, -1), (0, 2, 1, 3))
-
-    q, k, v = split_heads(q), split_heads(k), split_heads(v)
+def _attend(q, k, v, attrs, ctx, op: str, key_mask=None, attention_bias=None):
+    """onnxruntime's CPU attention over heads split already, q [batch, heads, queries, size], k and v
+    [batch, heads, keys, size]: scores Q K^T x scale (default 1/sqrt(head size)); a key mask of key lengths
+    [batch] (right padding) or of 0/1 per key [batch, keys] adds mask_filter_value (default -10000) where it
+    masks, `unidirectional` masks later keys, an attention_bias is added; softmax; output [batch, queries,
+    heads x v size]."""
+    batch, queries, keys = q.shape[0], q.shape[2], k.shape[2]
     scale = attrs.get("scale") or 1.0 / np.sqrt(q.shape[-1])
     scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2), precision=lax.Precision.HIGHEST) * np.float32(scale)
     filler = np.float32(attrs.get("mask_filter_value", -10000.0))
-    if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.ndim == 1:  # key lengths (right padding)
-            keep = jnp.arange(length)[None, :] < mask[:, None]
-        elif mask.ndim == 2:
-            keep = mask > 0
+    if key_mask is not None:
+        key_mask = jnp.asarray(key_mask)
+        if key_mask.ndim == 1 and key_mask.shape[0] == batch:  # key lengths (right padding)
+            keep = jnp.arange(keys)[None, :] < key_mask[:, None]
+        elif key_mask.ndim == 2 and key_mask.shape == (batch, keys):
+            keep = key_mask > 0
         else:
-            raise BadInputError(f"node {ctx.node_name!r} (com.microsoft Attention): a {mask.ndim}-D mask_index "
-                                "is not supported (key lengths [batch] or 0/1 per key [batch, keys] are)")
+            raise BadInputError(f"node {ctx.node_name!r} ({op}): a key mask of shape {tuple(key_mask.shape)} is not "
+                                f"supported (key lengths [batch] or 0/1 per key [batch, keys] are)")
         scores = scores + jnp.where(keep, 0.0, filler)[:, None, None, :]
     if attrs.get("unidirectional", 0):
-        later = jnp.arange(length)[None, :] > jnp.arange(length)[:, None]
+        later = jnp.arange(keys)[None, :] > jnp.arange(queries)[:, None] + (keys - queries)
         scores = jnp.where(later, filler, scores)
     if attention_bias is not None:
         scores = scores + attention_bias
     y = jnp.matmul(jax.nn.softmax(scores, axis=-1), v, precision=lax.Precision.HIGHEST)
-    return jnp.transpose(y, (0, 2, 1, 3)).reshape(batch, length, -1)
+    return jnp.transpose(y, (0, 2, 1, 3)).reshape(batch, queries, -1)
+
+
+def _split_heads(t, heads: int):
+    """[batch, length, heads x size] -> [batch, heads, length, size]."""
+    return jnp.transpose(t.reshape(t.shape[0], t.shape[1], heads, -1), (0, 2, 1, 3))
+
+
+def _split_qkv(qkv, bias, attrs):
+    """Q, K and V split into heads from one projection (plus its bias), cut by `qkv_hidden_sizes` (default
+    three equal parts)."""
+    heads = int(attrs["num_heads"])
+    if bias is not None:
+        qkv = qkv + bias
+    sizes = [int(s) for s in attrs.get("qkv_hidden_sizes") or [qkv.shape[-1] // 3] * 3]
+    return [_split_heads(t, heads) for t in jnp.split(qkv, np.cumsum(sizes)[:2], axis=-1)]
+
+
+def _optional(inputs, slot: int):
+    return inputs[slot] if len(inputs) > slot else None
+
+
+@register("Attention", domain=MS)
+def packed_attention(inputs, attrs, ctx):
+    """onnxruntime's self-attention with the Q, K and V projections packed in one weight (its transformer
+    optimiser's fusion): `_split_qkv`, then `_attend` with num_heads heads, a mask_index of key lengths
+    or of 0/1 per key and an attention_bias; output [batch, sequence, v hidden]."""
+    op = "com.microsoft Attention"
+    if _optional(inputs, 4) is not None:
+        raise BadInputError(f"node {ctx.node_name!r} ({op}): a past state is not supported")
+    if attrs.get("do_rotary", 0):
+        raise BadInputError(f"node {ctx.node_name!r} ({op}): do_rotary is not supported")
+    qkv = jnp.matmul(inputs[0], inputs[1], precision=lax.Precision.HIGHEST)
+    q, k, v = _split_qkv(qkv, _optional(inputs, 2), attrs)
+    return _attend(q, k, v, attrs, ctx, op, _optional(inputs, 3), _optional(inputs, 5))
+
+
+@register("QAttention", static_inputs=(4, 7), domain=MS)
+def quantized_attention(inputs, attrs, ctx):
+    """onnxruntime's dynamically quantized packed self-attention (quantize_dynamic on a file with the
+    packed Attention): the uint8 input less its zero point times the int8 weight less its zero point, in
+    integers, scaled by input scale x weight scale (per tensor or per column), plus the float bias; then as
+    Attention. The weight folded into a float parameter (loader) is divided back into integer steps and
+    rounded (straight-through gradient), as DynamicQuantizeMatMul's."""
+    from .quantize import integer_steps
+
+    op = "com.microsoft QAttention"
+    if _optional(inputs, 8) is not None:
+        raise BadInputError(f"node {ctx.node_name!r} ({op}): a past state is not supported")
+    if attrs.get("do_rotary", 0):
+        raise BadInputError(f"node {ctx.node_name!r} ({op}): do_rotary is not supported")
+    x, weight, bias = inputs[0], inputs[1], inputs[2]
+    x_scale, w_scale = inputs[3], np.asarray(inputs[4], np.float32)
+    x_zero, w_zero = _optional(inputs, 6), _optional(inputs, 7)
+    steps = jnp.asarray(x, jnp.float32) - (0.0 if x_zero is None else jnp.asarray(x_zero, jnp.float32))
+    acc = jnp.matmul(steps, integer_steps(weight, w_scale, w_zero, -1), precision=lax.Precision.HIGHEST)
+    projected = acc * (jnp.reshape(x_scale, ()) * (w_scale.reshape(-1) if w_scale.size > 1 else w_scale.reshape(())))
+    q, k, v = _split_qkv(projected, bias, attrs)
+    return _attend(q, k, v, attrs, ctx, op, _optional(inputs, 5))
+
+
+@register("MultiHeadAttention", domain=MS)
+def multi_head_attention(inputs, attrs, ctx):
+    """onnxruntime's multi-head self or cross attention on projected Q, K and V (its transformer optimiser's
+    fusion with use_multi_head_attention; diffusion and CLIP models): query [batch, sequence, hidden] with key
+    and value [batch, keys, hidden] or already in heads [batch, heads, keys, size], or packed QKV [batch,
+    sequence, heads, 3, size], or packed KV [batch, keys, heads, 2, size] (re-laid only: onnxruntime's CPU
+    kernel refuses packing, so a bias with them, whose use there could not be checked, is refused); the
+    projections' bias [Q | K | V] added to 3-D parts; then `_attend` with the key padding mask and attention
+    bias. Outputs: the result and present_key / present_value (K and V in heads). Past states and the qk
+    output are refused."""
+    op = "com.microsoft MultiHeadAttention"
+    if any(_optional(inputs, slot) is not None for slot in (6, 7, 8, 9)):
+        raise BadInputError(f"node {ctx.node_name!r} ({op}): past key/value, past_sequence_length and "
+                            "cache_indirection are not supported")
+    if ctx.num_outputs > 3:
+        raise BadInputError(f"node {ctx.node_name!r} ({op}): the qk output is not supported")
+    heads = int(attrs["num_heads"])
+    query, key, value, bias = (_optional(inputs, slot) for slot in range(4))
+    if query.ndim == 5:  # packed QKV [batch, sequence, heads, 3, size]
+        if key is not None or value is not None:
+            raise BadInputError(f"node {ctx.node_name!r} ({op}): packed QKV with a separate key or value")
+        if bias is not None:
+            raise BadInputError(f"node {ctx.node_name!r} ({op}): packed QKV with a bias is not supported")
+        q, k, v = (jnp.transpose(query[:, :, :, i], (0, 2, 1, 3)) for i in range(3))
+    else:
+        if query.ndim != 3 or key is None:
+            raise BadInputError(f"node {ctx.node_name!r} ({op}): a query of shape {tuple(query.shape)} without a key "
+                                "is not supported")
+        hidden = query.shape[-1]
+        q_bias = k_bias = v_bias = None
+        if bias is not None:
+            q_bias, k_bias, v_bias = bias[:hidden], bias[hidden:2 * hidden], bias[2 * hidden:]
+        q = _split_heads(query if q_bias is None else query + q_bias, heads)
+        if key.ndim == 5:  # packed KV [batch, keys, heads, 2, size]
+            if value is not None:
+                raise BadInputError(f"node {ctx.node_name!r} ({op}): packed KV with a separate value")
+            if bias is not None:
+                raise BadInputError(f"node {ctx.node_name!r} ({op}): packed KV with a bias is not supported")
+            k, v = (jnp.transpose(key[:, :, :, i], (0, 2, 1, 3)) for i in range(2))
+        elif key.ndim == 4:  # already in heads [batch, heads, keys, size]: no bias is added to them
+            k, v = key, value
+        else:
+            k = _split_heads(key if k_bias is None else key + k_bias, heads)
+            v = _split_heads(value if v_bias is None else value + v_bias, heads)
+    y = _attend(q, k, v, attrs, ctx, op, _optional(inputs, 4), _optional(inputs, 5))
+    outputs = (y, k, v)
+    return outputs[: ctx.num_outputs] if ctx.num_outputs > 1 else y
 
 
 @register("DynamicQuantizeMatMul", static_inputs=(2, 3), domain=MS)

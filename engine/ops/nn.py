@@ -372,17 +372,20 @@ def max_pool(inputs, attrs, ctx):
     out = _max_pool(x, tuple(kernel), tuple(strides), tuple(dilations), pads)
     if ctx.num_outputs < 2:
         return out
-    if attrs.get("storage_order", 0):
-        raise NotImplementedError(f"MaxPool {ctx.node_name!r}: Indices in column-major order (storage_order=1) "
-                                  "are not supported")
-    return out, _max_pool_indices(x, kernel, strides, dilations, pads)
+    return out, _max_pool_indices(x, kernel, strides, dilations, pads, bool(attrs.get("storage_order", 0)))
 
 
-def _max_pool_indices(x, kernel, strides, dilations, pads):
-    """MaxPool's Indices output: per window, the flat (row-major, whole-tensor) index of its first maximum,
-    as int32 (what MaxUnpool scatters back to)."""
+def _max_pool_indices(x, kernel, strides, dilations, pads, column_major: bool = False):
+    """MaxPool's Indices output: per window, the flat (whole-tensor) index of its first maximum, as int32
+    (what MaxUnpool scatters back to). Within an (n, c) plane the spatial position counts row-major, or
+    column-major with storage_order=1 (the first spatial axis fastest: h + w x H), as the specification's
+    reference and onnxruntime do; the plane offset is (n x C + c) x plane size either way."""
     spatial = x.shape[2:]
-    positions = np.arange(int(np.prod(spatial)), dtype=np.int32).reshape((1, 1, *spatial))
+    size = int(np.prod(spatial))
+    if column_major:
+        positions = np.arange(size, dtype=np.int32).reshape(spatial[::-1]).transpose().reshape((1, 1, *spatial))
+    else:
+        positions = np.arange(size, dtype=np.int32).reshape((1, 1, *spatial))
     best = index = None
     for view, where in zip(_windows(x, kernel, strides, dilations, pads, -jnp.inf),
                            _windows(positions, kernel, strides, dilations, pads, -1)):
