@@ -46,6 +46,18 @@ def read_model_proto(path: str | Path, load_external: bool = True) -> onnx.Model
     return proto
 
 
+def external_data_files(path: str | Path) -> list[Path]:
+    """The external-data files the ONNX file at `path` keeps its tensors in (none: everything inline), e.g.
+    the `.onnx.data` file torch.onnx.export's default (dynamo) exporter writes beside the model."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    path = Path(path)
+    proto = read_model_proto(path, load_external=False)
+    found = {path.parent / ExternalDataInfo(tensor).location for tensor in _get_all_tensors(proto)
+             if uses_external_data(tensor)}
+    return sorted(found)
+
+
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 

@@ -21,8 +21,8 @@ from .errors import BadInputError, RepairRejectedError
 from .evaluate import class_accuracy, error_rate_upper_bound, largest_class_drop, static_batch
 from .fix import ein_masks, finetune, flip
 from .forward import Forward
-from .io import check_output_path, write_bytes_atomic
-from .loader import load_model
+from .io import check_output_path, external_data_path, write_model_atomic
+from .loader import external_data_files, load_model
 from .locate.common import predict_labels
 from .locate.pipeline import LocateResult, locate
 from .locate.restore import RestoreResult, residual_trigger
@@ -419,8 +419,11 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     model_path = Path(model_path)
+    external = external_data_files(model_path) if out is not None else []
     if out is not None:
-        check_output_path(Path(out), inputs=(model_path,))
+        check_output_path(Path(out), inputs=(model_path, *external))
+        if external:
+            check_output_path(external_data_path(Path(out)), inputs=(model_path, *external))
     model = reuse.model if reuse is not None else load_model(model_path, output=output)
     case = data if isinstance(data, Case) else load_case(data, model)
     forward = reuse.forward if reuse is not None else Forward(model)
@@ -558,7 +561,9 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
         details["parity_max_abs_diff"] = verify_repaired(
             proto, x_check, expected, model, atol=PARITY_ATOL_HALF if model.half_precision else PARITY_ATOL)
         if accepted or force:
-            write_bytes_atomic(Path(out), proto.SerializeToString())
+            # the input's layout kept: tensors in an external-data file when the input has one (torch's
+            # default exporter writes one beside every model)
+            details["files_written"] = [str(p) for p in write_model_atomic(Path(out), proto, external=bool(external))]
             written = True
     seconds["export"] = time.perf_counter() - tick
     seconds["total"] = time.perf_counter() - start

@@ -160,7 +160,8 @@ def repair_tables(report: dict, console) -> None:
                                                             residual["anomaly_indices"]))
     facts |= {"changed parameters": report["changed_parameter_count"],
               "pairs": f"{report['pairs_used']} used, {report['pairs_dropped']} dropped",
-              "output": report["output"] if report["written"] else "not written",
+              "output": (" + ".join(report.get("files_written") or [report["output"]]) if report["written"]
+                         else "not written"),
               "seconds": _stage_line(report["seconds"])}
     if report["reasons"]:
         facts["reasons"] = "; ".join(report["reasons"])
