@@ -112,6 +112,10 @@ def inspect(model_path: str, output_name: str | None, as_json: bool) -> None:
             emit_json({"path": model_path, "supported": False, "unsupported_ops": exc.unsupported})
         raise
     info = summary(model)
+    from .loader import external_data_files
+
+    info["external_data"] = [{"file": str(path), "bytes": path.stat().st_size}
+                             for path in external_data_files(model_path)]
     info["supported"] = True
     if as_json:
         emit_json(info)

@@ -1,6 +1,7 @@
 """Readable tables for people (rich); JSON is produced by the callers."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 MAX_DICT_ITEMS = 12  # a table cell shows at most this many entries of a dict (of 1,000 classes: the lowest)
@@ -49,7 +50,10 @@ def inspect_tables(info: dict, console) -> None:
     from rich.table import Table
 
     facts = {
-        "file": info["path"], "producer": info["producer"], "opset": info["opset"], "nodes": info["nodes"],
+        "file": info["path"],
+        "external data": ", ".join(f"{Path(e['file']).name} ({e['bytes'] / 2**20:.1f} MiB)"
+                                   for e in info.get("external_data", [])) or "none (tensors inline)",
+        "producer": info["producer"], "opset": info["opset"], "nodes": info["nodes"],
         "inputs": ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in info["inputs"]),
         "outputs": ", ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in info["outputs"]),
         "class scores": info["scores_output"],

@@ -71,3 +71,21 @@ def test_failed_write_leaves_no_file(backdoor_case, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_model_atomic(tmp_path / "out.onnx", proto, external=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_lists_the_external_data(backdoor_case, tmp_path):
+    """`lancet inspect` names the external-data file and its size (JSON and table); inline: none."""
+    import json
+
+    from click.testing import CliRunner
+
+    from lancet.cli import main
+
+    source = save_external(backdoor_case.model, tmp_path / "model.onnx", "model.onnx.data")
+    run = CliRunner().invoke(main, ["inspect", str(source), "--json"])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.output)["external_data"] == [
+        {"file": str(tmp_path / "model.onnx.data"), "bytes": (tmp_path / "model.onnx.data").stat().st_size}]
+    assert "model.onnx.data (" in CliRunner().invoke(main, ["inspect", str(source)]).output
+    inline = CliRunner().invoke(main, ["inspect", str(backdoor_case.model), "--json"])
+    assert json.loads(inline.output)["external_data"] == []
