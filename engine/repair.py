@@ -299,11 +299,13 @@ def _pick_flip(options: list[FlipOption], max_acc_drop: float, target_fix: float
 
 
 def _flip_set(forward: Forward, located: LocateResult, case: Case, max_acc_drop: float,
-              max_class_drop: float | None, class_accuracy_before: Mapping[str, float]) -> tuple[list[dict], dict]:
+              max_class_drop: float | None, class_accuracy_before: Mapping[str, float],
+              observe: Callable[[dict, Mapping[str, Any]], None] | None = None) -> tuple[list[dict], dict]:
     """The neurons to flip and how they were chosen: FLIP_MARGINS x k of every successful scope, each
     flipped and evaluated on the pairs and x_clean in one batched call per scope, picked by `_pick_flip`
     (each option's largest class drop measured against `class_accuracy_before`). Without a successful
-    scope, the located EINs as they are."""
+    scope, the located EINs as they are. `observe`: called with each option's entry and its flipped
+    parameters (as `repair`'s)."""
     good = [r for r in located.scopes if r.success and r.k]
     fallback = (located.eins, {"scope": located.chosen.scope if located.chosen else None, "margin": 1.0,
                                "neurons": len(located.eins), "options": []})
@@ -329,11 +331,17 @@ def _flip_set(forward: Forward, located: LocateResult, case: Case, max_acc_drop:
                                       100.0 * (located.base_accuracy - float(run.accuracy[i])),
                                       float(class_drops[i])))
     picked = _pick_flip(options, max_acc_drop, SEARCH_TARGET["flip"], max_class_drop)
+    entries = [vars(o) for o in options]
+    if observe is not None:
+        layers = find_layers(forward.model)
+        for option, entry in zip(options, entries):
+            changed = forward.model.stored(flip(forward.model, forward.model.params, layers,
+                                                ablator.eins(ranks_of[option.scope], option.k), located.granularity))
+            observe(entry, {**forward.params, **{k: jnp.asarray(v) for k, v in changed.items()}})
     if picked is None:
-        return fallback
+        return fallback[0], {**fallback[1], "options": entries}
     eins = ablator.eins(ranks_of[picked.scope], picked.k)
-    return eins, {"scope": picked.scope, "margin": picked.margin, "neurons": len(eins),
-                  "options": [vars(o) for o in options]}
+    return eins, {"scope": picked.scope, "margin": picked.margin, "neurons": len(eins), "options": entries}
 
 
 def _judge(forward: Forward, repaired, case: Case, x_error, y_error, before: dict, before_pred,
@@ -409,8 +417,9 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     docs/fine-tuning-pick.md).
     `output`: the graph output holding the class scores (default: the first float one; `load_model`).
     `observe`: called with each fine-tuned candidate's entry of `details["finetune_tried"]` and its
-    parameters, after the residual check; what it adds to the entry goes into the report (the repair
-    benchmark scores every candidate on held-out data, where the report keeps only the chosen one).
+    parameters, after the residual check, or with each flip option's entry of `details["flip"]["options"]`
+    and its flipped parameters; what it adds to the entry goes into the report (the repair benchmark scores
+    every candidate on held-out data, where the report keeps only the chosen one).
     """
     if method not in METHODS:
         raise BadInputError(f"unknown method {method!r}; use one of {METHODS}")
@@ -466,7 +475,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
 
     if method == "flip":
         flipped, details["flip"] = _flip_set(forward, located, case, max_acc_drop, max_class_drop,
-                                             before["clean_class_accuracy"])
+                                             before["clean_class_accuracy"], observe)
         changed, repaired = checked(flip(model, model.params, layers, flipped, granularity))
         after, reasons = _judge(forward, repaired, case, x_error, y_error, before, before_pred, max_acc_drop,
                                 target_fix, max_class_drop)
