@@ -668,3 +668,26 @@ def test_sklearn_digits_mlp_backdoor_repaired(method, tmp_path):
     acc_before, asr_before = heldout_figures(built.model, heldout)
     acc_after, asr_after = heldout_figures(out, heldout)
     assert asr_before > 0.9 and asr_after <= 0.02 and acc_before - acc_after <= 0.02, (acc_after, asr_after)
+
+
+def test_flip_options_are_observed_with_their_own_parameters(backdoor_case):
+    """`observe` sees every flip option with its flipped parameters: each one's clean accuracy is the drop
+    the option records, and the picked option's parameters are the repair's."""
+    model = load_model(backdoor_case.model)
+    case, forward = load_case(backdoor_case.case, model), Forward(model)
+    base = float(np.mean(predict_labels(forward, case.x_clean) == case.y_clean))
+    seen = []
+
+    def observe(option, params):
+        option["observed_drop"] = 100.0 * (base - float(np.mean(predict_labels(forward, case.x_clean, params=params)
+                                                                 == case.y_clean)))
+        seen.append((option, params))
+
+    result = repair(backdoor_case.model, case, method="flip", progress=False, observe=observe)
+    options = result.details["flip"]["options"]
+    assert len(seen) == len(options) > 1
+    assert [o["observed_drop"] for o in options] == pytest.approx([o["drop_points"] for o in options], abs=1e-6)
+    picked = [params for option, params in seen
+              if (option["scope"], option["margin"]) == (result.details["flip"]["scope"], result.details["flip"]["margin"])]
+    assert picked and all(np.array_equal(np.asarray(picked[0][k]), np.asarray(v))
+                          for k, v in result.repaired_params.items())
