@@ -75,10 +75,10 @@ def test_transformer_optimised_vit_runs_as_onnxruntime_does(tmp_path):
     assert max_diff(Forward(model).logits(x), expected) <= 1e-5 * max(1.0, float(np.abs(expected).max()))
 
 
-@pytest.mark.parametrize("case", ["plain", "key-lengths", "raw-mask", "unidirectional"])
+@pytest.mark.parametrize("case", ["plain", "key-lengths", "raw-mask", "query-key-mask", "unidirectional"])
 def test_packed_attention_matches_onnxruntime(case):
     """com.microsoft Attention (the transformer optimiser's self-attention with Q, K and V packed in one
-    weight): without a mask, with key lengths, with a 0/1 mask per key, causal; equal to onnxruntime, and its
+    weight): without a mask, with key lengths, with a 0/1 mask per key or per query and key, causal; equal to onnxruntime, and its
     packed weight is a weight-neuron layer."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -95,6 +95,8 @@ def test_packed_attention_matches_onnxruntime(case):
         inits["m"], names = np.array([3, 5], np.int32), names + ["m"]
     if case == "raw-mask":
         inits["m"], names = np.array([[1, 1, 0, 1, 1], [1, 0, 1, 1, 1]], np.int32), names + ["m"]
+    if case == "query-key-mask":  # 0/1 per query and key [batch, queries, keys]
+        inits["m"], names = (rng.random((batch, length, length)) > 0.3).astype(np.int32), names + ["m"]
     if case == "unidirectional":
         attrs["unidirectional"] = 1
     graph = helper.make_graph([helper.make_node("Attention", names, ["y"], domain="com.microsoft", **attrs)], "g",
@@ -125,8 +127,8 @@ def _contrib_model(nodes, inputs, outputs, inits):
     return proto
 
 
-@pytest.mark.parametrize("case", ["self", "cross-mask", "key-lengths", "unidirectional", "attention-bias",
-                                  "heads-kv", "packed-qkv", "packed-kv"])
+@pytest.mark.parametrize("case", ["self", "cross-mask", "query-key-mask", "key-lengths", "unidirectional",
+                                  "attention-bias", "heads-kv", "packed-qkv", "packed-kv"])
 def test_multi_head_attention_matches_onnxruntime(case):
     """com.microsoft MultiHeadAttention (the transformer optimiser's attention on projected Q, K and V): Q, K
     and V apart with the projections' bias, cross attention over another length with a 0/1 key padding
@@ -141,13 +143,16 @@ def test_multi_head_attention_matches_onnxruntime(case):
     rng = np.random.default_rng(1)
     batch, length, keys, heads, size = 2, 5, 7, 4, 4
     hidden = heads * size
-    kv_length = keys if case in ("cross-mask", "heads-kv", "packed-kv") else length
+    kv_length = keys if case in ("cross-mask", "query-key-mask", "heads-kv", "packed-kv") else length
     feeds = {"q": rng.normal(size=(batch, length, hidden)), "k": rng.normal(size=(batch, kv_length, hidden)),
              "v": rng.normal(size=(batch, kv_length, hidden))}
     inits = {"bias": rng.normal(scale=0.3, size=3 * hidden).astype(np.float32)}
     names, attrs = ["q", "k", "v", "bias"], {"num_heads": heads}
     if case == "cross-mask":
         inits["mask"] = np.array([[1, 1, 0, 1, 1, 1, 0], [1, 0, 1, 1, 1, 1, 1]], np.int32)
+        names.append("mask")
+    if case == "query-key-mask":
+        inits["mask"] = (rng.random((batch, length, kv_length)) > 0.3).astype(np.int32)
         names.append("mask")
     if case == "key-lengths":
         inits["mask"] = np.array([3, 5], np.int32)

@@ -139,8 +139,8 @@ def skip_layer_norm(inputs, attrs, ctx):
 def _attend(q, k, v, attrs, ctx, op: str, key_mask=None, attention_bias=None):
     """onnxruntime's CPU attention over heads split already, q [batch, heads, queries, size], k and v
     [batch, heads, keys, size]: scores Q K^T x scale (default 1/sqrt(head size)); a key mask of key lengths
-    [batch] (right padding) or of 0/1 per key [batch, keys] adds mask_filter_value (default -10000) where it
-    masks, `unidirectional` masks later keys, an attention_bias is added; softmax; output [batch, queries,
+    [batch] (right padding), of 0/1 per key [batch, keys] or per query and key [batch, queries, keys] adds
+    mask_filter_value (default -10000) where it masks, `unidirectional` masks later keys, an attention_bias is added; softmax; output [batch, queries,
     heads x v size]."""
     batch, queries, keys = q.shape[0], q.shape[2], k.shape[2]
     scale = attrs.get("scale") or 1.0 / np.sqrt(q.shape[-1])
@@ -149,13 +149,16 @@ def _attend(q, k, v, attrs, ctx, op: str, key_mask=None, attention_bias=None):
     if key_mask is not None:
         key_mask = jnp.asarray(key_mask)
         if key_mask.ndim == 1 and key_mask.shape[0] == batch:  # key lengths (right padding)
-            keep = jnp.arange(keys)[None, :] < key_mask[:, None]
+            keep = (jnp.arange(keys)[None, :] < key_mask[:, None])[:, None, :]
         elif key_mask.ndim == 2 and key_mask.shape == (batch, keys):
+            keep = (key_mask > 0)[:, None, :]
+        elif key_mask.ndim == 3 and key_mask.shape == (batch, queries, keys):
             keep = key_mask > 0
         else:
             raise BadInputError(f"node {ctx.node_name!r} ({op}): a key mask of shape {tuple(key_mask.shape)} is not "
-                                f"supported (key lengths [batch] or 0/1 per key [batch, keys] are)")
-        scores = scores + jnp.where(keep, 0.0, filler)[:, None, None, :]
+                                f"supported (key lengths [batch], 0/1 per key [batch, keys] or per query and key "
+                                f"[batch, queries, keys] are)")
+        scores = scores + jnp.where(keep, 0.0, filler)[:, None, :, :]
     if attrs.get("unidirectional", 0):
         later = jnp.arange(keys)[None, :] > jnp.arange(queries)[:, None] + (keys - queries)
         scores = jnp.where(later, filler, scores)
@@ -230,8 +233,8 @@ def multi_head_attention(inputs, attrs, ctx):
     and value [batch, keys, hidden] or already in heads [batch, heads, keys, size], or packed QKV [batch,
     sequence, heads, 3, size], or packed KV [batch, keys, heads, 2, size] (re-laid only: onnxruntime's CPU
     kernel refuses packing, so a bias with them, whose use there could not be checked, is refused); the
-    projections' bias [Q | K | V] added to 3-D parts; then `_attend` with the key padding mask and attention
-    bias. Outputs: the result and present_key / present_value (K and V in heads). Past states and the qk
+    projections' bias [Q | K | V] added to 3-D parts; then `_attend` with the key padding mask (lengths, or
+    0/1 per key or per query and key) and attention bias. Outputs: the result and present_key / present_value (K and V in heads). Past states and the qk
     output are refused."""
     op = "com.microsoft MultiHeadAttention"
     if any(_optional(inputs, slot) is not None for slot in (6, 7, 8, 9)):
