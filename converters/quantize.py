@@ -120,11 +120,12 @@ def quantize_dynamic_int8(source: str | Path, path: str | Path, check: np.ndarra
 
 
 def quantize_int4_weights(source: str | Path, path: str | Path, check: np.ndarray, *, block_size: int = 32,
-                          quant_format: str = "qdq", min_agreement: float = 0.9) -> Path:
+                          quant_format: str = "qdq", min_agreement: float = 0.9, bits: int = 4) -> Path:
     """Write `source` with its MatMul weights quantized to uint4 in blocks of `block_size` along the input
     dimension (asymmetric: a scale and zero point per block and output column) to `path` (atomically);
     labels checked on `check` images. `quant_format`: 'qdq' (DequantizeLinear with block_size, opset 21)
-    or 'nbits' (com.microsoft MatMulNBits, the quantizer's default). Gemm layers are left in float, as
+    or 'nbits' (com.microsoft MatMulNBits, the quantizer's default). `bits`: 2 or 8 instead of 4 (the
+    'nbits' format only: onnxruntime's QDQ format takes 4 bits only). Gemm layers are left in float, as
     onnxruntime's quantizer leaves them."""
     import onnx
     from onnxruntime.quantization import QuantFormat
@@ -134,15 +135,18 @@ def quantize_int4_weights(source: str | Path, path: str | Path, check: np.ndarra
     if quant_format not in formats:
         raise ValueError(f"unknown quant_format {quant_format!r} ({', '.join(formats)})")
     fmt, written_op = formats[quant_format]
+    if bits not in (2, 4, 8) or (bits != 4 and quant_format != "nbits"):
+        raise ValueError(f"bits={bits} with quant_format {quant_format!r}: 4 bits in either format, 2 or 8 in "
+                         "'nbits' only")
 
     def quantize(source: Path, tmp: Path, input_name: str) -> None:
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=block_size, is_symmetric=False,
-                                         quant_format=fmt)
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=bits, block_size=block_size,
+                                         is_symmetric=False, quant_format=fmt)
         quantizer.process()
         if not any(node.op_type == written_op for node in quantizer.model.model.graph.node):
-            raise ConversionError(f"{source} has no MatMul weight to quantize to 4 bits (Gemm layers are left "
-                                  "in float)")
+            raise ConversionError(f"{source} has no MatMul weight to quantize to {bits} bits (Gemm layers are "
+                                  "left in float)")
         quantizer.model.save_model_to_file(str(tmp), False)
 
     return _quantized_checked(Path(source), Path(path), check, min_agreement,
-                              f"int4 blocks of {block_size}, {quant_format}", quantize)
+                              f"int{bits} blocks of {block_size}, {quant_format}", quantize)

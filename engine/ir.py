@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .quantization import dequantize_values, expand_blocks, pack_4bit, quantize_values, unpack_4bit
+from .quantization import dequantize_values, expand_blocks, pack_bits, quantize_values, unpack_bits
 
 
 @dataclass(frozen=True)
@@ -57,29 +57,32 @@ class QuantizedParam:
 
 @dataclass(frozen=True)
 class NBitsParam(QuantizedParam):
-    """A com.microsoft MatMulNBits weight: the file stores B as bytes [N, blocks, block_size / 2], two
-    4-bit values each, for the weight's transpose [N, K] padded to whole blocks, with a scale and zero
-    point per row and block (`scale`, `zero_point`: [N, blocks], unpacked). The engine holds the float
-    weight as a MatMul's [K, N]; `padded` keeps the file's values past K, written back as they were."""
+    """A com.microsoft MatMulNBits weight: the file stores B as bytes [N, blocks, block_size x bits / 8],
+    8 / bits values each (2, 4 or 8 bits), for the weight's transpose [N, K] padded to whole blocks, with a
+    scale and zero point per row and block (`scale`, `zero_point`: [N, blocks], unpacked). The engine holds
+    the float weight as a MatMul's [K, N]; `padded` keeps the file's values past K, written back as they
+    were."""
 
     k: int = 0
-    padded: np.ndarray | None = None  # the file's unpacked 4-bit values [N, blocks x block_size]
+    padded: np.ndarray | None = None  # the file's unpacked values [N, blocks x block_size]
+    bits: int = 4
 
     def _full(self, value: np.ndarray) -> np.ndarray:
         """A per-row-and-block scale or zero point [N, blocks] over the weight's transpose [N, K]."""
         return expand_blocks(np.asarray(value, np.float32), 1, self.block_size, (len(value), self.k))
 
     def quantize(self, value: np.ndarray) -> np.ndarray:
-        """A [K, N] float weight as the file's packed bytes (rounded half to even, saturated to 0..15)."""
+        """A [K, N] float weight as the file's packed bytes (rounded half to even, saturated to
+        0..2^bits - 1)."""
         q = np.array(self.padded, np.uint8, copy=True)
         # zero points may be float here: round after adding them
         steps = np.round(np.asarray(value, np.float32).T / self._full(self.scale) + self._full(self.zero_point))
-        q[:, : self.k] = np.clip(steps, 0, 15).astype(np.uint8)
-        return pack_4bit(q).reshape(q.shape[0], -1, self.block_size // 2)
+        q[:, : self.k] = np.clip(steps, 0, (1 << self.bits) - 1).astype(np.uint8)
+        return pack_bits(q, self.bits).reshape(q.shape[0], -1, self.block_size * self.bits // 8)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """The file's packed bytes as the [K, N] float weight the layer computes with."""
-        values = unpack_4bit(np.asarray(q).reshape(np.shape(q)[0], -1))[:, : self.k]
+        values = unpack_bits(np.asarray(q).reshape(np.shape(q)[0], -1), self.bits)[:, : self.k]
         return dequantize_values(values, self.scale, self.zero_point, 1, self.block_size).T
 
 

@@ -13,7 +13,7 @@ from .errors import BadInputError, UnsupportedOpError
 from .ir import Model, NBitsParam, Node, QuantizedParam, TensorInfo
 from .ops import REGISTRY, spec_of
 from .ops.registry import registry_key
-from .ops.nbits import nbits_param, nbits_scales_and_zeros
+from .ops.nbits import NBITS, nbits_param, nbits_scales_and_zeros
 from .quantization import is_integer_type
 
 # Opsets 22-25 (torch 2.13's exporter writes up to 25) only widen the tensor types the supported ops take
@@ -317,19 +317,19 @@ def _folded(tensors: dict[str, np.ndarray], name: str, scale: np.ndarray, zero: 
 
 
 def _folded_nbits(node: Node, tensors: dict[str, np.ndarray], readers: dict[str, int]) -> NBitsParam | None:
-    """A MatMulNBits node's packed 4-bit B (read by it alone, constant scales and zero points, no g_idx) as
+    """A MatMulNBits node's packed 2-, 4- or 8-bit B (read by it alone, constant scales and zero points, no g_idx) as
     a float [K, N] parameter under B's name; its NBitsParam, or None when it does not qualify."""
     b, scales, zeros = _slot(node, 1), _slot(node, 2), _slot(node, 3)
+    bits = int(node.attrs.get("bits", 4))
     if (b not in tensors or readers.get(b) != 1 or tensors[b].dtype != np.uint8 or scales not in tensors
-            or (zeros is not None and zeros not in tensors) or _slot(node, 4) is not None
-            or int(node.attrs.get("bits", 4)) != 4):
+            or (zeros is not None and zeros not in tensors) or _slot(node, 4) is not None or bits not in NBITS):
         return None
     k, n, block_size = int(node.attrs["K"]), int(node.attrs["N"]), int(node.attrs["block_size"])
     blocks = -(-k // block_size)
-    if tensors[b].size * 2 != n * blocks * block_size:
+    if tensors[b].size * 8 != n * blocks * block_size * bits:
         return None
-    scale, zero = nbits_scales_and_zeros(tensors[scales], tensors.get(zeros) if zeros else None, n, blocks)
-    param = nbits_param(b, tensors[b], scale, zero, k, block_size)
+    scale, zero = nbits_scales_and_zeros(tensors[scales], tensors.get(zeros) if zeros else None, n, blocks, bits)
+    param = nbits_param(b, tensors[b], scale, zero, k, block_size, bits)
     tensors[b] = param.dequantize(tensors[b])
     return param
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .ir import Model, Node
+from .ir import Model, NBitsParam, Node
 from .ops.registry import registry_key
 from .quantization import FOUR_BIT_TYPES
 
@@ -232,16 +232,20 @@ def _outside_layers(model: Model, layers: list[Layer]) -> dict:
 def _quantization_format(model: Model) -> str | None:
     """Which of onnxruntime's quantized formats the file is in: 'qoperator' (quantized operators), 'dynamic'
     (activations quantized per input at run time), 'int4-weights' (weight-only, 4-bit blocks behind
-    DequantizeLinear), 'qdq' (weights behind DequantizeLinear, activations fake-quantized); None for a float
-    model."""
+    DequantizeLinear or in MatMulNBits; 'int8-weights', 'int2-weights' for MatMulNBits of those widths), 'qdq'
+    (weights behind DequantizeLinear, activations fake-quantized); None for a float model."""
     op_types = {node.op_type for node in model.nodes}
     if op_types & {key.split("::")[-1] for key in QLINEAR_OPS}:
         return "qoperator"
     if model.per_input_ranges or op_types & {"ConvInteger", "MatMulInteger"}:  # DynamicQuantizeMatMul too
         return "dynamic"
-    if "MatMulNBits" in op_types or (model.quantized and not op_types & {"QuantizeLinear"} and any(
-            q.dtype in FOUR_BIT_TYPES for q in model.quantized.values())):
-        return "int4-weights"  # onnxruntime's MatMulNBitsQuantizer, either format
+    if "MatMulNBits" in op_types:  # onnxruntime's MatMulNBitsQuantizer: 4 bits unless told 2 or 8
+        widths = sorted({q.bits for q in model.quantized.values() if isinstance(q, NBitsParam)}
+                        or {int(n.attrs.get("bits", 4)) for n in model.nodes if n.op_type == "MatMulNBits"})
+        return "/".join(f"int{b}" for b in widths) + "-weights"
+    if model.quantized and not op_types & {"QuantizeLinear"} and any(
+            q.dtype in FOUR_BIT_TYPES for q in model.quantized.values()):
+        return "int4-weights"  # the same quantizer's QDQ format
     return "qdq" if model.quantized or "DequantizeLinear" in op_types else None
 
 

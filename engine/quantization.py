@@ -72,14 +72,23 @@ def dequantize_values(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, 
     return ((q.astype(np.float32) - zero) * scale).astype(np.float32)
 
 
-def unpack_4bit(packed: np.ndarray) -> np.ndarray:
-    """uint8 bytes holding two 4-bit values each (the low nibble first, as MatMulNBits stores its weights
-    and zero points) -> uint8 values, twice as many along the last axis."""
+def unpack_bits(packed: np.ndarray, bits: int = 4) -> np.ndarray:
+    """uint8 bytes holding 8 / `bits` values each (2, 4 or 8 bits; the lowest bits first, as MatMulNBits
+    stores its weights and zero points) -> uint8 values, that many times as many along the last axis."""
     packed = np.asarray(packed, np.uint8)
-    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    if bits == 8:
+        return packed.copy()
+    low = (1 << bits) - 1
+    parts = [(packed >> (bits * i)) & low for i in range(8 // bits)]
+    return np.stack(parts, axis=-1).reshape(*packed.shape[:-1], -1).astype(np.uint8)
 
 
-def pack_4bit(values: np.ndarray) -> np.ndarray:
-    """The inverse of `unpack_4bit`: pairs of 4-bit values (an even count along the last axis) into bytes."""
+def pack_bits(values: np.ndarray, bits: int = 4) -> np.ndarray:
+    """The inverse of `unpack_bits`: groups of 8 / `bits` values (a whole number of groups along the last
+    axis) into bytes."""
     values = np.asarray(values, np.uint8)
-    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+    per = 8 // bits
+    packed = np.zeros(values.shape[:-1] + (values.shape[-1] // per,), np.uint8)
+    for i in range(per):
+        packed |= (values[..., i::per] << (bits * i)).astype(np.uint8)
+    return packed

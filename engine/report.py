@@ -42,6 +42,8 @@ QUANTIZATION_LINES = {
     "qoperator": "QOperator (quantized operators, computed as onnxruntime's integer kernels; weight neurons only)",
     "dynamic": "dynamic (activations quantized over each input's own range at run time: inputs run one at a time)",
     "int4-weights": "4-bit weights in blocks (DequantizeLinear or MatMulNBits; weight-only: activations in float)",
+    "int8-weights": "8-bit weights in blocks (MatMulNBits; weight-only: activations in float)",
+    "int2-weights": "2-bit weights in blocks (MatMulNBits; weight-only: activations in float)",
 }
 
 
@@ -62,7 +64,8 @@ def inspect_tables(info: dict, console) -> None:
         "parameters": info["parameters"], "channel neurons": info["channel_neurons"],
         "weight neurons": info["weight_neurons"],
         "parameters outside layers": _outside_line(info["outside_layers"]),
-        "quantized format": QUANTIZATION_LINES.get(info["quantization"], "none (float)"),
+        "quantized format": (QUANTIZATION_LINES.get(info["quantization"], info["quantization"]) if info["quantization"]
+                             else "none (float)"),
         "batch": ("free" if not info["batch"]["fixed"] else
                   f"fixed at {info['batch']['fixed']}" + (" and written into the graph (runs vmapped over groups of it)"
                                                            if info["batch"]["hard_coded"] else " (runs on any batch)"))

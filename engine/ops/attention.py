@@ -22,13 +22,13 @@ def _heads(x, heads: int):
 
 @register("Attention")
 def attention(inputs, attrs, ctx):
-    """softmax(softcap(Q K^T x scale) + mask) V over heads (query heads grouped over fewer key/value heads,
-    each repeated), 3-D inputs split into heads by q_num_heads / kv_num_heads; a past key and value are
-    prepended (present_key, present_value); nonpad_kv_seqlen (keys per input) masks the keys after an
-    input's count; is_causal masks keys after each query's position (offset by the past length, or with
-    nonpad_kv_seqlen by the input's count less the query length); a boolean mask attends where True, a float one is added; a query row with every key
-    masked gives zeros. Scale (default 1/sqrt(head size)) multiplies Q and K by its square root each.
-    Outputs Y, present_key, present_value and the QK product (qk_matmul_output_mode 0-3)."""
+    """softmax(softcap(Q K^T x scale) + mask) V over heads (query heads grouped over fewer key/value heads, each
+    repeated), 3-D inputs split into heads by q_num_heads / kv_num_heads; a past key and value are prepended
+    (present_key, present_value); nonpad_kv_seqlen (keys per input) masks the keys after an input's count; is_causal
+    masks keys after each query's position (offset by the past length, or with nonpad_kv_seqlen by the input's count
+    less the query length); a boolean mask attends where True, a float one is added; a query row with every key
+    masked gives zeros. Scale (default 1/sqrt(head size)) multiplies Q and K by its square root each. Outputs Y,
+    present_key, present_value and the QK product (qk_matmul_output_mode 0-3)."""
     q, k, v = inputs[0], inputs[1], inputs[2]
     mask = inputs[3] if len(inputs) > 3 else None
     past_key = inputs[4] if len(inputs) > 4 else None

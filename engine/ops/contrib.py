@@ -137,11 +137,11 @@ def skip_layer_norm(inputs, attrs, ctx):
 
 
 def _attend(q, k, v, attrs, ctx, op: str, key_mask=None, attention_bias=None):
-    """onnxruntime's CPU attention over heads split already, q [batch, heads, queries, size], k and v
-    [batch, heads, keys, size]: scores Q K^T x scale (default 1/sqrt(head size)); a key mask of key lengths
-    [batch] (right padding), of 0/1 per key [batch, keys] or per query and key [batch, queries, keys] adds
-    mask_filter_value (default -10000) where it masks, `unidirectional` masks later keys, an attention_bias is added; softmax; output [batch, queries,
-    heads x v size]."""
+    """onnxruntime's CPU attention over heads split already, q [batch, heads, queries, size], k and v [batch, heads,
+    keys, size]: scores Q K^T x scale (default 1/sqrt(head size)); a key mask of key lengths [batch] (right
+    padding), of 0/1 per key [batch, keys] or per query and key [batch, queries, keys] adds mask_filter_value
+    (default -10000) where it masks, `unidirectional` masks later keys, an attention_bias is added; softmax; output
+    [batch, queries, heads x v size]."""
     batch, queries, keys = q.shape[0], q.shape[2], k.shape[2]
     scale = attrs.get("scale") or 1.0 / np.sqrt(q.shape[-1])
     scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2), precision=lax.Precision.HIGHEST) * np.float32(scale)
@@ -228,14 +228,14 @@ def quantized_attention(inputs, attrs, ctx):
 
 @register("MultiHeadAttention", domain=MS)
 def multi_head_attention(inputs, attrs, ctx):
-    """onnxruntime's multi-head self or cross attention on projected Q, K and V (its transformer optimiser's
-    fusion with use_multi_head_attention; diffusion and CLIP models): query [batch, sequence, hidden] with key
-    and value [batch, keys, hidden] or already in heads [batch, heads, keys, size], or packed QKV [batch,
-    sequence, heads, 3, size], or packed KV [batch, keys, heads, 2, size] (re-laid only: onnxruntime's CPU
-    kernel refuses packing, so a bias with them, whose use there could not be checked, is refused); the
-    projections' bias [Q | K | V] added to 3-D parts; then `_attend` with the key padding mask (lengths, or
-    0/1 per key or per query and key) and attention bias. Outputs: the result and present_key / present_value (K and V in heads). Past states and the qk
-    output are refused."""
+    """onnxruntime's multi-head self or cross attention on projected Q, K and V (its transformer optimiser's fusion
+    with use_multi_head_attention; diffusion and CLIP models): query [batch, sequence, hidden] with key and value
+    [batch, keys, hidden] or already in heads [batch, heads, keys, size], or packed QKV [batch, sequence, heads, 3,
+    size], or packed KV [batch, keys, heads, 2, size] (re-laid only: onnxruntime's CPU kernel refuses packing, so a
+    bias with them, whose use there could not be checked, is refused); the projections' bias [Q | K | V] added to
+    3-D parts; then `_attend` with the key padding mask (lengths, or 0/1 per key or per query and key) and attention
+    bias. Outputs: the result and present_key / present_value (K and V in heads). Past states and the qk output are
+    refused."""
     op = "com.microsoft MultiHeadAttention"
     if any(_optional(inputs, slot) is not None for slot in (6, 7, 8, 9)):
         raise BadInputError(f"node {ctx.node_name!r} ({op}): past key/value, past_sequence_length and "
