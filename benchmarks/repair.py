@@ -114,6 +114,7 @@ class Row:
             fields = dict(fields, seed=recipe_seed)
             self.name, self.description = f"{name}-s{recipe_seed}", f"{self.description} (recipe seed {recipe_seed})"
         self.restore, self.restore_seconds = None, 0.0  # one trigger restoration per row, shared
+        self.peel = 0  # further triggers peeled per flagged class after the restoration (--peel)
         self.outcomes: dict = {}  # outcomes of CLEAN_DATA_ONLY defences, shared by the settings
         self.recipe = Recipe(**fields)
         start = time.perf_counter()
@@ -143,7 +144,8 @@ class Row:
         for part in (Path(restore_module.__file__).read_bytes(), Path(self.built.model).read_bytes(),
                      np.ascontiguousarray(self.case.x_clean).tobytes(), str(seed).encode()):
             digest.update(part)
-        return Path(self.built.model).parent / f"restore-{digest.hexdigest()[:16]}.npz"
+        return Path(self.built.model).parent / (f"restore-{digest.hexdigest()[:16]}"
+                                                + (f"-peel{self.peel}" if self.peel else "") + ".npz")
 
     def load_restore(self, seed: int) -> None:
         """Take the trigger restoration of an earlier run from the cache (with the seconds it took then)."""
@@ -156,10 +158,13 @@ class Row:
             return
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
+            peeled = {int(row): [{**figures, "mask": data[f"peeled_{row}_{i}_mask"],
+                                  "pattern": data[f"peeled_{row}_{i}_pattern"]} for i, figures in enumerate(found)]
+                      for row, found in meta.get("peeled", {}).items()}
             self.restore = RestoreResult(data["masks"], data["patterns"], data["norms"], data["attack_rates"],
                                          data["anomaly"], meta["flagged"], meta["threshold"], meta["details"],
                                          meta["kind"], tuple(meta["bounds"]), meta["also_flagged"],
-                                         meta.get("sources"), meta.get("targets"))
+                                         meta.get("sources"), meta.get("targets"), peeled)
         self.restore_seconds = float(meta["seconds"])
 
     def save_restore(self, seed: int) -> None:
@@ -172,10 +177,14 @@ class Row:
         meta = {"flagged": r.flagged, "threshold": r.threshold, "details": r.details, "kind": r.kind,
                 "bounds": [float(b) for b in r.bounds], "also_flagged": [int(c) for c in r.also_flagged],
                 "sources": r.sources, "targets": r.targets,
+                "peeled": {str(row): [{k: v for k, v in p.items() if k not in ("mask", "pattern")} for p in found]
+                           for row, found in r.peeled.items()},
                 "seconds": self.restore_seconds}
+        arrays = {f"peeled_{row}_{i}_{part}": p[part] for row, found in r.peeled.items()
+                  for i, p in enumerate(found) for part in ("mask", "pattern")}
         buffer = io.BytesIO()
         np.savez(buffer, masks=r.masks, patterns=r.patterns, norms=r.norms, attack_rates=r.attack_rates,
-                 anomaly=r.anomaly, meta=np.asarray(json.dumps(meta)))
+                 anomaly=r.anomaly, meta=np.asarray(json.dumps(meta)), **arrays)
         write_bytes_atomic(self.restore_cache(seed), buffer.getvalue())
 
     def case_for(self, setting: str):
@@ -246,6 +255,16 @@ def run_setting(row: Row, setting: str, methods: tuple[str, ...], seed: int, pro
         if method.startswith("lancet-"):
             if located is None and setting == "clean":
                 row.load_restore(seed)  # restored in an earlier run: only the pairs onwards run
+                if row.restore is None and row.peel:  # restored and peeled here, then cached as usual
+                    from lancet.case import num_classes
+                    from lancet.locate.restore import peel_triggers, restore_triggers
+
+                    tick = time.perf_counter()
+                    row.restore = restore_triggers(row.forward, row.case.x_clean, num_classes(row.model) or 10,
+                                                   seed=seed, y_clean=row.case.y_clean)
+                    peel_triggers(row.forward, row.case.x_clean, row.restore, seed=seed, rounds=row.peel)
+                    row.restore_seconds = time.perf_counter() - tick
+                    row.save_restore(seed)
 
             def score_candidate(attempt: dict, candidate_params) -> None:
                 attempt["heldout"] = row.figures(candidate_params)
@@ -432,6 +451,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "the same recipes, to check that the table's figures are not one model's luck")
     parser.add_argument("--max-acc-drop", type=float, default=2.0,
                         help="AI-Lancet's accuracy bound in points on the defender's clean images (the tool's default 2)")
+    parser.add_argument("--peel", type=int, default=0,
+                        help="with clean data only, peel up to N further triggers per flagged class after the "
+                             "restoration (lancet.locate.restore.peel_triggers; opt-in, off in the tool)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/repair[-quick or -seedN].json)")
     parser.add_argument("--markdown", default=None, help="markdown path (default docs/repair-benchmark[-quick or -seedN].md)")
     parser.add_argument("--plot", default=None, help="PNG path (default next to the JSON)")
@@ -453,7 +475,8 @@ def main(argv: list[str] | None = None) -> dict:
         f" --settings {' '.join(args.settings)}" if tuple(args.settings) != SETTINGS else "") + (
         f" --methods {' '.join(args.methods)}" if tuple(args.methods) != METHODS else "") + (
         f" --recipe-seed {args.recipe_seed}" if args.recipe_seed else "") + (
-        f" --max-acc-drop {args.max_acc_drop:g}" if args.max_acc_drop != 2.0 else "")
+        f" --max-acc-drop {args.max_acc_drop:g}" if args.max_acc_drop != 2.0 else "") + (
+        f" --peel {args.peel}" if args.peel else "")
     data = {"quick": args.quick, "command": command, "environment": environment(), "rows": {}, "seconds": 0.0}
     start = time.perf_counter()
     bar = tqdm(total=len(rows) * len(args.settings) * len(args.methods), desc="repair benchmark")
@@ -468,6 +491,7 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.write(f"{row.name:32s} {setting:5s} {record['method']:16s} C-Acc {_pct(record['after']['c_acc']):>5s} "
                           f"ASR {_pct(record['after']['asr']):>5s} R-Acc {_pct(record['after']['r_acc']):>5s} "
                           f"{record['seconds']:7.1f} s")
+            row.peel = args.peel
             records = run_setting(row, setting, tuple(args.methods), args.seed, progress, args.max_acc_drop)
             # Merged tables mix runs: each cell names the code that produced it and the CPU its model was
             # trained on (a recipe trains different models on AVX2 and AVX-512 machines).

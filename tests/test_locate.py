@@ -380,6 +380,54 @@ def test_restored_pairs_cover_every_flagged_class():
     assert np.array_equal(x_companion[:20], x[y != 2])
 
 
+def test_restored_pairs_stamp_the_peeled_union():
+    """A flagged class with a trigger peeled after it: the pairs hold its first trigger alone and then the
+    union of both (each stamped over the other's pixels), on the clean inputs not of that class."""
+    from lancet.locate.restore import RestoreResult, restored_pairs_inputs
+
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 1, 4, 4)).astype(np.float32)
+    y = np.arange(20) % 2
+    masks = np.zeros((2, 1, 4, 4), np.float32)
+    masks[:, :, 0, 0] = 1
+    patterns = np.full((2, 1, 4, 4), 5.0, np.float32)
+    second = np.zeros((1, 4, 4), np.float32)
+    second[:, 3, 3] = 1
+    peeled = {1: [{"mask": second, "pattern": np.full((1, 4, 4), 9.0, np.float32), "norm": 1.0,
+                   "anomaly_index": 3.0, "attack_rate": 1.0}]}
+    result = RestoreResult(masks, patterns, np.ones(2), np.ones(2), np.zeros(2), flagged=1, threshold=2.0,
+                           peeled=peeled)
+    x_error, y_right, x_companion = restored_pairs_inputs(result, x, y)
+    assert len(x_error) == 20 and np.all(y_right != 1) and np.array_equal(x_companion[10:], x[y != 1])
+    assert np.all(x_error[:, 0, 0, 0] == 5.0)
+    assert np.array_equal(x_error[:10, 0, 3, 3], x[y != 1][:, 0, 3, 3]) and np.all(x_error[10:, 0, 3, 3] == 9.0)
+    assert result.summary()["peeled"] == {"1": [{"norm": 1.0, "anomaly_index": 3.0, "attack_rate": 1.0}]}
+
+
+def test_peeled_triggers_avoid_the_pixels_found_before(setup):
+    """Peeling on the test model's restoration: each further trigger's mask is zero on every pixel an
+    earlier one took, and what is kept is anomalous against the unflagged classes and flips most inputs;
+    the restoration's optimiser honours `allowed` exactly."""
+    from lancet.locate.restore import PEEL_TAKEN, _optimise, peel_triggers, restore_triggers
+
+    model, case, _ = setup
+    forward = Forward(model)
+    allowed = np.ones((1, 1, 28, 28), np.float32)
+    allowed[..., 20:, 20:] = 0
+    masks, _, norms, *_ = _optimise(forward, case.x_clean, [0], "mask", steps=20, batch=32, lr=None, lam=None,
+                                    seed=0, progress=None, allowed=allowed)
+    assert np.all(masks[0][..., 20:, 20:] == 0) and norms[0] == pytest.approx(masks[0].sum(), rel=1e-5)
+    result = restore_triggers(forward, case.x_clean, 10, kind="mask", steps=200)
+    assert result.flagged == 0
+    result.peeled.clear()
+    peel_triggers(forward, case.x_clean, result, steps=200, batch=64, lr=None, seed=0, min_attack_rate=0.8)
+    taken = result.masks[0] > PEEL_TAKEN
+    for part in result.peeled.get(0, []):
+        assert np.all(part["mask"][taken] == 0)
+        assert part["anomaly_index"] > result.threshold and part["attack_rate"] >= 0.8
+        taken |= part["mask"] > PEEL_TAKEN
+
+
 def test_per_layer_scopes_of_a_transformer_match_the_full_graph(digits, tmp_path, torch_threads):
     """A ViT's per-layer scopes run the graph from the layer on, on cached prefix tensors; shape arithmetic
     that crosses the cut (a Reshape's target shape) is held as a constant. With nothing ablated, every

@@ -64,6 +64,8 @@ INITIAL_LAMBDA = {"mask": 0.02, "additive": 0.1}
 TRACE_EVERY = 25
 FLAG_INPUTS = 8192  # stamped inputs predicted at once when rating the restored triggers
 PAIRWISE_BATCH = 8  # inputs per (source, target) row and step in the source-specific restoration
+PEEL_ROUNDS = 3  # further triggers peeled per flagged class at most (`peel_triggers`)
+PEEL_TAKEN = 0.3  # a mask value above which a pixel counts as the trigger's (forbidden to the next)
 
 
 @dataclass
@@ -85,6 +87,9 @@ class RestoreResult:
     # targets[r], and the rows (not the classes) are rated and flagged. None: row r is class r, all sources.
     sources: list[int] | None = None
     targets: list[int] | None = None
+    # Per flagged row, the further triggers peeled after it (`peel_triggers`): each one's mask, pattern,
+    # norm, anomaly index against the unflagged rows and attack rate, in the order found.
+    peeled: dict[int, list[dict]] = field(default_factory=dict)
 
     @property
     def flagged_classes(self) -> list[int]:
@@ -100,12 +105,16 @@ class RestoreResult:
         """The class row `row`'s trigger sends inputs to."""
         return row if self.targets is None else int(self.targets[row])
 
-    def apply(self, x: np.ndarray, target: int) -> np.ndarray:
-        """Stamp row `target`'s restored trigger (class `target`'s, unless source-specific) on `x`."""
+    def apply(self, x: np.ndarray, target: int, peeled: int = 0) -> np.ndarray:
+        """Stamp row `target`'s restored trigger (class `target`'s, unless source-specific) on `x`, and over it
+        the first `peeled` triggers peeled after it (their union: the parts of one trigger)."""
         if self.kind == "additive":
             return np.clip(x + self.patterns[target], *self.bounds).astype(np.float32)
-        mask = self.masks[target]
-        return ((1 - mask) * x + mask * self.patterns[target]).astype(np.float32)
+        stamps = [(self.masks[target], self.patterns[target])]
+        stamps += [(p["mask"], p["pattern"]) for p in self.peeled.get(target, [])[:peeled]]
+        for mask, pattern in stamps:
+            x = (1 - mask) * x + mask * pattern
+        return np.asarray(x, np.float32)
 
     def summary(self) -> dict:
         """JSON-ready figures (no arrays but the per-class norms)."""
@@ -117,7 +126,11 @@ class RestoreResult:
                 "anomaly_index": [round(float(a), 3) for a in self.anomaly],
                 "mask_l1" if self.kind == "mask" else "perturbation_l2": [round(float(n), 2) for n in self.norms],
                 "attack_rate": [round(float(r), 3) for r in self.attack_rates],
-                "backdoor_found": self.flagged is not None, **self.details}
+                "backdoor_found": self.flagged is not None,
+                **({"peeled": {self.label(r): [{k: round(float(p[k]), 3) for k in ("norm", "anomaly_index", "attack_rate")}
+                                               for p in found] for r, found in self.peeled.items()}}
+                   if self.peeled else {}),
+                **self.details}
 
 
 def anomaly_index(norms: np.ndarray) -> np.ndarray:
@@ -246,6 +259,62 @@ def _flag(forward: Forward, result: RestoreResult, x_clean: np.ndarray, y_clean:
     return result
 
 
+def peel_triggers(forward: Forward, x_clean: np.ndarray, result: RestoreResult, *, steps: int = 500,
+                  batch: int = 64, lr: float | None = None, seed: int = 0, min_attack_rate: float = 0.8,
+                  rounds: int | None = None) -> RestoreResult:
+    """For each flagged class of a (per-target) mask restoration, restore its trigger again with the pixels
+    of the triggers found so far forbidden, while what is found stays anomalous against the unflagged
+    classes' norms (index above the threshold) and works (attack rate): the parts of a trigger that the
+    first, smallest mask left out. Kept in `result.peeled` (at most `rounds` per class, default
+    PEEL_ROUNDS); `restored_pairs_inputs` then stamps their union too. Opt-in: pass the result to
+    `repair(restore=...)` or `locate(restore=...)`; `restore_triggers` does not peel.
+
+    Why: the restored trigger is the smallest mask that flips the model, often a part of the real one, and
+    fine-tuning on it alone can leave the rest working. On a Keras GRU reading the rows (Fashion, BadNets
+    4x4 patch at rows 23-26, columns 23-26; recipe seed 1) the restored mask had 7 px near the patch; with
+    them forbidden the next had 14.7 px in rows 23-27, columns 23-26 (index 2.8), the one after 43.3 px
+    spread out (index 0.9: peeling stops). Repaired with clean data only, held-out ASR 22.5 -> 4.3 %
+    (fine-tuning) and 3.7 -> 0.8 % (flip, then within the goal). Why not by default: on 18 benchmark cells
+    (9 models with clean data only, flip and fine-tuning; AVX-512 EPYC) it met the goal in 6 against 4, but
+    on the int4 ViT, where two classes are flagged and each peels three more small triggers, fine-tuning on
+    the unions cost 18.9 points (rejected) where the plain restoration lost 1.0; peeling only the most
+    anomalous class once lost 11.7 there and 3.2 on the QDQ LeNet. See README, "Peeled triggers"."""
+    rounds = PEEL_ROUNDS if rounds is None else rounds
+    if result.kind != "mask" or result.sources is not None:
+        return result
+    honest = [r for r in range(len(result.norms)) if r not in result.flagged_classes]
+    if len(honest) < 2:
+        return result
+    logs = np.log(np.maximum(np.asarray(result.norms, np.float64)[honest], 1e-12))
+    median = np.median(logs)
+    mad = MAD_CONSISTENCY * np.median(np.abs(logs - median)) + 1e-12
+    channel, _ = spatial_axes(x_clean.shape[1:])
+    for row in result.flagged_classes:
+        taken = _own_mask(result.masks[row], channel) > PEEL_TAKEN
+        found: list[dict] = []
+        for attempt in range(rounds):
+            masks, patterns, norms, _, _, _, _, _ = _optimise(
+                forward, x_clean, [row], "mask", steps=steps, batch=batch, lr=lr, lam=None,
+                seed=seed + 1 + attempt, progress=None, allowed=(~taken)[None].astype(np.float32))
+            index = float((median - np.log(max(float(norms[0]), 1e-12))) / mad)
+            mask, pattern = masks[0], patterns[0]
+            stamped = ((1 - mask) * x_clean + mask * pattern).astype(np.float32)  # this part alone
+            rate = float(np.mean(predict_labels(forward, stamped) == row))
+            if index <= result.threshold or rate < min_attack_rate:
+                break
+            found.append({"mask": mask, "pattern": pattern, "norm": float(norms[0]), "anomaly_index": index,
+                          "attack_rate": rate})
+            taken |= _own_mask(mask, channel) > PEEL_TAKEN
+        if found:
+            result.peeled[row] = found
+    return result
+
+
+def _own_mask(mask: np.ndarray, channel: int | None) -> np.ndarray:
+    """A restored mask without its (repeated) channel axis: one value per pixel, as optimised."""
+    return np.asarray(mask).max(axis=channel, keepdims=True) if channel is not None else np.asarray(mask)
+
+
 def residual_trigger(forward: Forward, x_clean: np.ndarray, restore: RestoreResult, params, *,
                      steps: int | None = None, seed: int = 1, y_clean: np.ndarray | None = None) -> dict:
     """After a repair, restore the flagged classes' triggers again on the repaired `params` (the same trigger
@@ -301,8 +370,9 @@ def _restore_step(forward: Forward, kind: str, lr: float):
     logits_fn = make_logits_fn(forward)
     optimizer = optax.adam(lr)
 
-    def stamp_and_size(theta, x, bounds):
-        """Stamped inputs [rows, inputs, ...] and each row's trigger size (norm, penalised size)."""
+    def stamp_and_size(theta, x, bounds, allowed):
+        """Stamped inputs [rows, inputs, ...] and each row's trigger size (norm, penalised size); the mask
+        is zero outside `allowed` (per row, the mask's shape)."""
         low, high = bounds[0], bounds[1]
         if kind == "additive":
             # d_t in units of the input range: the same steps and cost for pixels in 0..255 as in 0..1
@@ -311,16 +381,16 @@ def _restore_step(forward: Forward, kind: str, lr: float):
             size = jnp.sqrt(jnp.sum(theta["delta"].reshape(rows, -1) ** 2, axis=1) + 1e-12)
             return stamped, size, size
         rows, pixels = theta["mask"].shape[0], np.prod(theta["mask"].shape[1:])
-        mask = jax.nn.sigmoid(theta["mask"])[:, None]
+        mask = (jax.nn.sigmoid(theta["mask"]) * allowed)[:, None]
         pattern = low + (high - low) * jax.nn.sigmoid(theta["pattern"])[:, None]
         norm = jnp.sum(mask.reshape(rows, -1), axis=1)
         return (1 - mask) * x + mask * pattern, norm, norm / pixels * 100.0
 
-    def total_loss(theta, lam, x, params, classes, bounds):
+    def total_loss(theta, lam, x, params, classes, bounds, allowed):
         # All rows in one batch of rows x inputs (cheaper than vmapping the model over rows); each row's
         # trigger only reaches its own slice, so the gradients stay per row. x: [1 or rows, inputs, ...]
         # (the same inputs for every row, or each row's own).
-        stamped, norm, penalty = stamp_and_size(theta, x, bounds)
+        stamped, norm, penalty = stamp_and_size(theta, x, bounds, allowed)
         rows = classes.shape[0]
         logits = logits_fn(params, stamped.reshape(-1, *x.shape[2:])).reshape(rows, x.shape[1], -1)
         log_probs = jax.nn.log_softmax(logits)
@@ -329,9 +399,9 @@ def _restore_step(forward: Forward, kind: str, lr: float):
         return jnp.sum(ce + lam * penalty), (norm, flipped)
 
     @jax.jit
-    def step(state, x, params, classes, bounds):
+    def step(state, x, params, classes, bounds, allowed):
         theta, opt_state, lam, best = state
-        grads, (norm, rate) = jax.grad(total_loss, has_aux=True)(theta, lam, x, params, classes, bounds)
+        grads, (norm, rate) = jax.grad(total_loss, has_aux=True)(theta, lam, x, params, classes, bounds, allowed)
         updates, opt_state = optimizer.update(grads, opt_state, theta)
         # Neural Cleanse's cost schedule, per row and per step: a row whose trigger already flips the
         # batch gets a stronger penalty, one that does not a weaker one; the smallest trigger that
@@ -349,10 +419,12 @@ def _restore_step(forward: Forward, kind: str, lr: float):
 
 def _optimise(forward: Forward, x_clean: np.ndarray, targets: list[int], kind: str, *, steps: int, batch: int,
               lr: float | None, lam: float | None, seed: int, progress, params=None,
-              sources: list[int] | None = None, y_clean: np.ndarray | None = None):
+              sources: list[int] | None = None, y_clean: np.ndarray | None = None,
+              allowed: np.ndarray | None = None):
     """Optimise one trigger per entry of `targets` at once; (masks, patterns, norms, trace, input bounds,
     mask shape, lr, initial lambda). With `sources` (and `y_clean`), entry r's trigger is optimised on
-    class sources[r]'s inputs only (each step draws `batch` of them per entry), else on all of x_clean."""
+    class sources[r]'s inputs only (each step draws `batch` of them per entry), else on all of x_clean.
+    `allowed` (mask model; per entry, the mask's shape, 0 or 1): the pixels its mask may use (default all)."""
     num_classes = len(targets)
     shape = x_clean.shape[1:]
     channel, _ = spatial_axes(shape)
@@ -371,6 +443,7 @@ def _optimise(forward: Forward, x_clean: np.ndarray, targets: list[int], kind: s
     else:
         theta = {"delta": jnp.zeros((num_classes, *shape))}
 
+    allowed = jnp.ones((num_classes, *mask_shape)) if allowed is None else jnp.asarray(allowed, jnp.float32)
     state = (theta, optimizer.init(theta), jnp.full((num_classes,), lam),
              {"norm": jnp.full((num_classes,), jnp.inf), **theta})
     rng = np.random.default_rng(seed)
@@ -384,7 +457,7 @@ def _optimise(forward: Forward, x_clean: np.ndarray, targets: list[int], kind: s
             x = x_clean[rng.choice(len(x_clean), size=size, replace=False)][None]
         else:
             x = np.stack([x_clean[rng.choice(m, size=size, replace=False)] for m in members])
-        state = step(state, jnp.asarray(x), params, classes, bounds)
+        state = step(state, jnp.asarray(x), params, classes, bounds, allowed)
         if progress is not None:
             progress(index)
         if (index + 1) % TRACE_EVERY == 0:
@@ -399,10 +472,10 @@ def _optimise(forward: Forward, x_clean: np.ndarray, targets: list[int], kind: s
         masks = np.ones((num_classes, *shape), np.float32)
         norms = np.sqrt((relative.reshape(num_classes, -1) ** 2).sum(axis=1))  # in units of the input range
     else:
-        masks = np.asarray(jax.nn.sigmoid(theta["mask"]))
-        masks = np.broadcast_to(masks, (num_classes, *shape)).astype(np.float32)
+        own = np.asarray(jax.nn.sigmoid(theta["mask"]) * allowed)
+        masks = np.broadcast_to(own, (num_classes, *shape)).astype(np.float32)
         patterns = np.asarray(low + (high - low) * jax.nn.sigmoid(theta["pattern"]), np.float32)
-        norms = np.asarray(jax.nn.sigmoid(theta["mask"])).reshape(num_classes, -1).sum(axis=1)
+        norms = own.reshape(num_classes, -1).sum(axis=1)
     return masks, patterns, norms, trace, (low, high), mask_shape, lr, lam
 
 
@@ -417,6 +490,9 @@ def restored_pairs_inputs(result: RestoreResult, x_clean: np.ndarray, y_clean: n
     for row in result.flagged_classes:
         keep = y_clean != result.target_of(row)
         parts.append((result.apply(x_clean[keep], row), y_clean[keep], x_clean[keep]))
+        if result.peeled.get(row):  # the trigger with every part peeled after it: its union
+            parts.append((result.apply(x_clean[keep], row, peeled=len(result.peeled[row])), y_clean[keep],
+                          x_clean[keep]))
     return tuple(np.concatenate(column) for column in zip(*parts))
 
 
