@@ -399,7 +399,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
            progress: bool = True, finetune_epochs: int = 30, finetune_candidates: int = FINETUNE_CANDIDATES,
            reuse: LocateResult | None = None,
            observe: Callable[[dict, Mapping[str, Any]], None] | None = None,
-           restore: RestoreResult | None = None, output: str | None = None) -> RepairResult:
+           restore: RestoreResult | None = None, output: str | None = None, restore_peel: int = 0) -> RepairResult:
     """Locate, fix, export and evaluate; write `out` only when accepted (or `force`) and verified.
 
     `method`: "finetune" (the default: on the repair benchmark's held-out data it meets the goal, ASR <= 2 %
@@ -416,6 +416,8 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     `_finetune_rounds`; 1 trains the search's set alone, the fastest, at the cost measured in
     docs/fine-tuning-pick.md).
     `output`: the graph output holding the class scores (default: the first float one; `load_model`).
+    `restore_peel`: clean data only, peel up to this many further triggers per flagged class after the
+    restoration (`locate`; off by default, see `restore.peel_triggers` for what it did on the benchmark).
     `observe`: called with each fine-tuned candidate's entry of `details["finetune_tried"]` and its
     parameters, after the residual check, or with each flip option's entry of `details["flip"]["options"]`
     and its flipped parameters; what it adds to the entry goes into the report (the repair benchmark scores
@@ -441,7 +443,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
     tick = time.perf_counter()
     located = locate(model, case, granularity=granularity, target_fix=SEARCH_TARGET[method],
                      max_acc_drop=max_acc_drop, factor=SEARCH_FACTOR[method], seed=seed, progress=progress,
-                     forward=forward, reuse=reuse, restore=restore)
+                     forward=forward, reuse=reuse, restore=restore, restore_peel=restore_peel)
     seconds["locate"] = time.perf_counter() - tick
     if located.status == "no_backdoor":
         seconds["total"] = time.perf_counter() - start

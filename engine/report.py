@@ -105,6 +105,10 @@ def locate_tables(report: dict, console, top: int = 20) -> None:
         facts["restored trigger: flagged classes"] = ", ".join(map(str, flagged)) or "none"
         facts["trigger model"] = restore["trigger_kind"]
         facts["anomaly index (max)"] = max(restore["anomaly_index"])
+        if restore.get("peeled"):
+            facts["peeled parts"] = "; ".join(
+                f"class {label}: " + ", ".join(f"{p['norm']:.1f} px (index {p['anomaly_index']:.2f})" for p in parts)
+                for label, parts in restore["peeled"].items())
     if report.get("pairs"):
         pairs = report["pairs"]
         facts["pairs"] = f"{pairs['used']} used of {pairs['given']} ({pairs['source']}), {pairs['dropped']} dropped"

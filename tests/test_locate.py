@@ -504,3 +504,27 @@ def test_global_scope_starts_at_the_first_layer_holding_a_candidate(setup, monke
         np.testing.assert_allclose(fix, full_fix)
         np.testing.assert_allclose(accuracy, full_accuracy)
     assert not full._prefix
+
+
+def test_cli_locate_peels_when_asked(backdoor_case, tmp_path):
+    """`lancet locate --peel 2` with clean data only: the report lists each peeled part (its size, anomaly
+    index and attack rate), at most two per flagged class, and the table names them; without --peel none."""
+    from click.testing import CliRunner
+
+    from lancet.cli import main
+
+    data = np.load(backdoor_case.case)
+    clean = tmp_path / "clean.npz"
+    np.savez(clean, x_clean=data["x_clean"], y_clean=data["y_clean"])
+    runs = {}
+    for peel in (0, 2):
+        report = tmp_path / f"peel{peel}.json"
+        run = CliRunner().invoke(main, ["locate", str(backdoor_case.model), "--data", str(clean), "--peel", str(peel),
+                                        "--report", str(report)])
+        assert run.exit_code == 0, run.output
+        runs[peel] = (json.loads(report.read_text())["restore"], run.output)
+    assert "peeled" not in runs[0][0] and "peeled parts" not in runs[0][1]
+    peeled = runs[2][0].get("peeled", {})
+    assert all(1 <= len(parts) <= 2 and all(p["anomaly_index"] > 2 and p["attack_rate"] >= 0.8 for p in parts)
+               for parts in peeled.values())
+    assert ("peeled parts" in runs[2][1]) == bool(peeled)
