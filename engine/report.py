@@ -106,9 +106,7 @@ def locate_tables(report: dict, console, top: int = 20) -> None:
         facts["trigger model"] = restore["trigger_kind"]
         facts["anomaly index (max)"] = max(restore["anomaly_index"])
         if restore.get("peeled"):
-            facts["peeled parts"] = "; ".join(
-                f"class {label}: " + ", ".join(f"{p['norm']:.1f} px (index {p['anomaly_index']:.2f})" for p in parts)
-                for label, parts in restore["peeled"].items())
+            facts["peeled parts"] = _peeled_line(restore["peeled"])
     if report.get("pairs"):
         pairs = report["pairs"]
         facts["pairs"] = f"{pairs['used']} used of {pairs['given']} ({pairs['source']}), {pairs['dropped']} dropped"
@@ -130,6 +128,12 @@ def locate_tables(report: dict, console, top: int = 20) -> None:
     for rank, ein in enumerate(report["eins"][:top], 1):
         table.add_row(str(rank), ein[key], str(ein["index"]), f"{ein['score']:.4g}")
     console.print(table)
+
+
+def _peeled_line(peeled: dict) -> str:
+    """The trigger parts peeled after each flagged class's (`--peel`): size and anomaly index of each."""
+    return "; ".join(f"class {label}: " + ", ".join(f"{p['norm']:.1f} px (index {p['anomaly_index']:.2f})"
+                                                    for p in parts) for label, parts in peeled.items())
 
 
 def repair_tables(report: dict, console) -> None:
@@ -161,6 +165,9 @@ def repair_tables(report: dict, console) -> None:
         facts["error inputs held back"] = (
             f"{held['fixed']}/{held['inputs']} fixed (never trained on; at 95 % confidence at most "
             f"{100 * held['unfixed_upper_95']:.1f} % of such inputs stay wrong)")
+    peeled = (report.get("locate", {}).get("restore") or {}).get("peeled")
+    if peeled:
+        facts["peeled trigger parts"] = _peeled_line(peeled)
     if "residual_trigger" in report:
         residual = report["residual_trigger"]
         facts["residual trigger"] = "; ".join(

@@ -70,3 +70,22 @@ def test_candidates_table_shows_the_residual_trigger_only_when_restored():
     console = Console(record=True, width=200)
     finetune_candidates_table([{**attempt("fc0.weight", True), "depth": 1, "reads_pixels": True}], console)
     assert "1 (on pixels)" in console.export_text()  # why an MLP's first layer outranks deeper sets
+
+
+def test_repair_table_names_the_peeled_trigger_parts():
+    """A clean-data repair run with --peel: the outcome table lists each peeled part's size and index."""
+    from rich.console import Console
+
+    from lancet.report import repair_tables
+
+    report = {**many_class_report(10), "ein_count": 3, "changed_parameter_count": 3, "pairs_used": 9,
+              "pairs_dropped": 0, "written": False, "output": None, "reasons": [], "seconds": {"total": 1.0},
+              "locate": {"restore": {"peeled": {"0": [{"norm": 14.7, "anomaly_index": 2.77, "attack_rate": 0.99}]}}}}
+    console = Console(record=True, width=300)
+    repair_tables(report, console)
+    text = console.export_text()
+    assert "peeled trigger parts" in text and "class 0: 14.7 px (index 2.77)" in text
+    del report["locate"]
+    console = Console(record=True, width=300)
+    repair_tables(report, console)
+    assert "peeled" not in console.export_text()
