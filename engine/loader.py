@@ -317,8 +317,8 @@ def _folded(tensors: dict[str, np.ndarray], name: str, scale: np.ndarray, zero: 
 
 
 def _folded_nbits(node: Node, tensors: dict[str, np.ndarray], readers: dict[str, int]) -> NBitsParam | None:
-    """A MatMulNBits node's packed 2-, 4- or 8-bit B (read by it alone, constant scales and zero points, no g_idx) as
-    a float [K, N] parameter under B's name; its NBitsParam, or None when it does not qualify."""
+    """A MatMulNBits node's packed 2-, 4- or 8-bit B (read by it alone, constant scales and zero points, no
+    g_idx) as a float [K, N] parameter under B's name; its NBitsParam, or None when it does not qualify."""
     b, scales, zeros = _slot(node, 1), _slot(node, 2), _slot(node, 3)
     bits = int(node.attrs.get("bits", 4))
     if (b not in tensors or readers.get(b) != 1 or tensors[b].dtype != np.uint8 or scales not in tensors
@@ -345,7 +345,7 @@ def _fold_integer_weights(nodes: list[Node], tensors: dict[str, np.ndarray]) -> 
     * the QOperator format: a QLinearConv, QLinearMatMul or QGemm weight with the scale and zero point
       beside it, and its int32 bias (scale: input scale x weight scale); the ops divide by those scales
       (ops/qlinear.py);
-    * 4-bit weight-only quantization: a com.microsoft MatMulNBits weight, unpacked from its blocks
+    * weight-only quantization: a com.microsoft MatMulNBits weight (2, 4 or 8 bits), unpacked from its blocks
       (`_folded_nbits`; the op multiplies by it as it is, ops/nbits.py).
     The weight is read by that node alone, its zero point and scales constant."""
     readers: dict[str, int] = {}

@@ -40,7 +40,7 @@ QLINEAR_OPS = {"QLinearConv": (3, 8), "QLinearMatMul": (3, None), "com.microsoft
 FUSED_OPS = {"com.microsoft::FusedConv": (1, 2), "com.microsoft::FusedGemm": (1, 2),
              "com.microsoft::FusedMatMul": (1, None), "com.microsoft::Attention": (1, 2),
              "com.microsoft::DynamicQuantizeMatMul": (1, 4), "com.microsoft::QAttention": (1, 2)}
-# 4-bit weight-only MatMul (its B folded into a float [K, N] weight; ops/nbits.py)
+# weight-only quantized MatMul, 2, 4 or 8 bits (its B folded into a float [K, N] weight; ops/nbits.py)
 NBITS_OPS = {"com.microsoft::MatMulNBits": (1, 5)}
 WEIGHT_ONLY_OPS = {**QLINEAR_OPS, **FUSED_OPS, **NBITS_OPS}
 RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
@@ -141,7 +141,7 @@ def _weight_only_layer(model: Model, node: Node) -> list[Layer]:
 def find_layers(model: Model, weight_only: bool = False) -> list[Layer]:
     """All neuron layers of the model, in graph order; with `weight_only`, the layers with weight neurons
     only too (recurrent nodes' W and R, the weight matrices an If, Loop or Scan reads, quantized-operator
-    and 4-bit layers: weight granularity)."""
+    and MatMulNBits layers: weight granularity)."""
     consumers = model.consumers_of()
     layers = []
     for node in model.nodes:

@@ -300,12 +300,13 @@ def _pick_flip(options: list[FlipOption], max_acc_drop: float, target_fix: float
 
 def _flip_set(forward: Forward, located: LocateResult, case: Case, max_acc_drop: float,
               max_class_drop: float | None, class_accuracy_before: Mapping[str, float],
-              observe: Callable[[dict, Mapping[str, Any]], None] | None = None) -> tuple[list[dict], dict]:
+              observe: Callable[[dict, Mapping[str, Any]], None] | None = None,
+              layers: list[Layer] | None = None) -> tuple[list[dict], dict]:
     """The neurons to flip and how they were chosen: FLIP_MARGINS x k of every successful scope, each
     flipped and evaluated on the pairs and x_clean in one batched call per scope, picked by `_pick_flip`
     (each option's largest class drop measured against `class_accuracy_before`). Without a successful
     scope, the located EINs as they are. `observe`: called with each option's entry and its flipped
-    parameters (as `repair`'s)."""
+    parameters (as `repair`'s; `layers`: the model's, for the flips)."""
     good = [r for r in located.scopes if r.success and r.k]
     fallback = (located.eins, {"scope": located.chosen.scope if located.chosen else None, "margin": 1.0,
                                "neurons": len(located.eins), "options": []})
@@ -333,7 +334,7 @@ def _flip_set(forward: Forward, located: LocateResult, case: Case, max_acc_drop:
     picked = _pick_flip(options, max_acc_drop, SEARCH_TARGET["flip"], max_class_drop)
     entries = [vars(o) for o in options]
     if observe is not None:
-        layers = find_layers(forward.model)
+        layers = layers if layers is not None else find_layers(forward.model)
         for option, entry in zip(options, entries):
             changed = forward.model.stored(flip(forward.model, forward.model.params, layers,
                                                 ablator.eins(ranks_of[option.scope], option.k), located.granularity))
@@ -477,7 +478,7 @@ def repair(model_path: str | Path, data: str | Path | Case, out: str | Path | No
 
     if method == "flip":
         flipped, details["flip"] = _flip_set(forward, located, case, max_acc_drop, max_class_drop,
-                                             before["clean_class_accuracy"], observe)
+                                             before["clean_class_accuracy"], observe, layers)
         changed, repaired = checked(flip(model, model.params, layers, flipped, granularity))
         after, reasons = _judge(forward, repaired, case, x_error, y_error, before, before_pred, max_acc_drop,
                                 target_fix, max_class_drop)

@@ -66,6 +66,7 @@ FLAG_INPUTS = 8192  # stamped inputs predicted at once when rating the restored 
 PAIRWISE_BATCH = 8  # inputs per (source, target) row and step in the source-specific restoration
 PEEL_ROUNDS = 3  # further triggers peeled per flagged class at most (`peel_triggers`)
 PEEL_TAKEN = 0.3  # a mask value above which a pixel counts as the trigger's (forbidden to the next)
+PEELED_FIGURES = ("norm", "anomaly_index", "attack_rate")  # what the summary gives of each peeled part
 
 
 @dataclass
@@ -127,17 +128,18 @@ class RestoreResult:
                 "mask_l1" if self.kind == "mask" else "perturbation_l2": [round(float(n), 2) for n in self.norms],
                 "attack_rate": [round(float(r), 3) for r in self.attack_rates],
                 "backdoor_found": self.flagged is not None,
-                **({"peeled": {self.label(r): [{k: round(float(p[k]), 3) for k in ("norm", "anomaly_index", "attack_rate")}
-                                               for p in found] for r, found in self.peeled.items()}}
-                   if self.peeled else {}),
+                **({"peeled": {self.label(r): [{k: round(float(p[k]), 3) for k in PEELED_FIGURES} for p in found]
+                               for r, found in self.peeled.items()}} if self.peeled else {}),
                 **self.details}
 
 
-def anomaly_index(norms: np.ndarray) -> np.ndarray:
-    """Median-absolute-deviation anomaly index of the log norms, positive for norms below the median."""
+def anomaly_index(norms: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Median-absolute-deviation anomaly index of the log norms, positive for norms below the median; the
+    median and MAD are those of `reference`'s log norms (default: `norms` themselves)."""
     logs = np.log(np.maximum(np.asarray(norms, np.float64), 1e-12))
-    median = np.median(logs)
-    mad = MAD_CONSISTENCY * np.median(np.abs(logs - median)) + 1e-12
+    ref = logs if reference is None else np.log(np.maximum(np.asarray(reference, np.float64), 1e-12))
+    median = np.median(ref)
+    mad = MAD_CONSISTENCY * np.median(np.abs(ref - median)) + 1e-12
     return (median - logs) / mad
 
 
@@ -266,8 +268,9 @@ def peel_triggers(forward: Forward, x_clean: np.ndarray, result: RestoreResult, 
     of the triggers found so far forbidden, while what is found stays anomalous against the unflagged
     classes' norms (index above the threshold) and works (attack rate): the parts of a trigger that the
     first, smallest mask left out. Kept in `result.peeled` (at most `rounds` per class, default
-    PEEL_ROUNDS); `restored_pairs_inputs` then stamps their union too. Opt-in: pass the result to
-    `repair(restore=...)` or `locate(restore=...)`; `restore_triggers` does not peel.
+    PEEL_ROUNDS); `restored_pairs_inputs` then stamps their union too. Opt-in (`restore_triggers` does not
+    peel): `lancet repair --peel N`, `repair(restore_peel=N)` / `locate(restore_peel=N)`, or a peeled result
+    passed as `restore=`.
 
     Why: the restored trigger is the smallest mask that flips the model, often a part of the real one, and
     fine-tuning on it alone can leave the rest working. On a Keras GRU reading the rows (Fashion, BadNets
@@ -278,16 +281,13 @@ def peel_triggers(forward: Forward, x_clean: np.ndarray, result: RestoreResult, 
     (9 models with clean data only, flip and fine-tuning; AVX-512 EPYC) it met the goal in 6 against 4, but
     on the int4 ViT, where two classes are flagged and each peels three more small triggers, fine-tuning on
     the unions cost 18.9 points (rejected) where the plain restoration lost 1.0; peeling only the most
-    anomalous class once lost 11.7 there and 3.2 on the QDQ LeNet. See README, "Peeled triggers"."""
+    anomalous class once lost 11.7 there and 3.2 on the QDQ LeNet (README, "How it compares")."""
     rounds = PEEL_ROUNDS if rounds is None else rounds
     if result.kind != "mask" or result.sources is not None:
         return result
-    honest = [r for r in range(len(result.norms)) if r not in result.flagged_classes]
+    honest = np.asarray(result.norms)[[r for r in range(len(result.norms)) if r not in result.flagged_classes]]
     if len(honest) < 2:
         return result
-    logs = np.log(np.maximum(np.asarray(result.norms, np.float64)[honest], 1e-12))
-    median = np.median(logs)
-    mad = MAD_CONSISTENCY * np.median(np.abs(logs - median)) + 1e-12
     channel, _ = spatial_axes(x_clean.shape[1:])
     for row in result.flagged_classes:
         taken = _own_mask(result.masks[row], channel) > PEEL_TAKEN
@@ -296,7 +296,7 @@ def peel_triggers(forward: Forward, x_clean: np.ndarray, result: RestoreResult, 
             masks, patterns, norms, _, _, _, _, _ = _optimise(
                 forward, x_clean, [row], "mask", steps=steps, batch=batch, lr=lr, lam=None,
                 seed=seed + 1 + attempt, progress=None, allowed=(~taken)[None].astype(np.float32))
-            index = float((median - np.log(max(float(norms[0]), 1e-12))) / mad)
+            index = float(anomaly_index(norms[:1], reference=honest)[0])
             mask, pattern = masks[0], patterns[0]
             stamped = ((1 - mask) * x_clean + mask * pattern).astype(np.float32)  # this part alone
             rate = float(np.mean(predict_labels(forward, stamped) == row))

@@ -55,14 +55,14 @@ def attention(inputs, attrs, ctx):
         if pad > 0:
             mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)], constant_values=False if is_bool else -np.inf)
         bias = bias + (jnp.where(mask, 0.0, -jnp.inf) if is_bool else mask)
-    if nonpad is not None:  # per input, keys from its count on are padding: bias [batch, 1, queries, keys]
-        counts = jnp.asarray(nonpad).reshape(-1, 1, 1, 1)
+    counts = None if nonpad is None else jnp.asarray(nonpad).reshape(-1, 1, 1, 1)  # valid keys per input
+    if counts is not None:  # keys from an input's count on are padding: bias [batch, 1, queries, keys]
         bias = jnp.where(jnp.arange(kv_len) < counts, bias, -jnp.inf)
     if attrs.get("is_causal", 0):
         # each query sees the keys up to its own position, counted from the last valid key (a static cache)
         offset = past_key.shape[2] if past_key is not None else 0
-        if nonpad is not None:
-            offset = jnp.asarray(nonpad).reshape(-1, 1, 1, 1) - q_len
+        if counts is not None:
+            offset = counts - q_len
         allowed = jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None] + offset
         bias = jnp.where(allowed, bias, -jnp.inf)
     if q.shape[1] != k.shape[1]:

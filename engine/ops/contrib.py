@@ -16,6 +16,7 @@ import numpy as np
 from jax import lax
 
 from ..errors import BadInputError
+from .attention import _heads
 from .registry import register, spec_of, xp
 
 MS = "com.microsoft"
@@ -168,11 +169,6 @@ def _attend(q, k, v, attrs, ctx, op: str, key_mask=None, attention_bias=None):
     return jnp.transpose(y, (0, 2, 1, 3)).reshape(batch, queries, -1)
 
 
-def _split_heads(t, heads: int):
-    """[batch, length, heads x size] -> [batch, heads, length, size]."""
-    return jnp.transpose(t.reshape(t.shape[0], t.shape[1], heads, -1), (0, 2, 1, 3))
-
-
 def _split_qkv(qkv, bias, attrs):
     """Q, K and V split into heads from one projection (plus its bias), cut by `qkv_hidden_sizes` (default
     three equal parts)."""
@@ -180,7 +176,7 @@ def _split_qkv(qkv, bias, attrs):
     if bias is not None:
         qkv = qkv + bias
     sizes = [int(s) for s in attrs.get("qkv_hidden_sizes") or [qkv.shape[-1] // 3] * 3]
-    return [_split_heads(t, heads) for t in jnp.split(qkv, np.cumsum(sizes)[:2], axis=-1)]
+    return [_heads(t, heads) for t in jnp.split(qkv, np.cumsum(sizes)[:2], axis=-1)]
 
 
 def _optional(inputs, slot: int):
@@ -258,7 +254,7 @@ def multi_head_attention(inputs, attrs, ctx):
         q_bias = k_bias = v_bias = None
         if bias is not None:
             q_bias, k_bias, v_bias = bias[:hidden], bias[hidden:2 * hidden], bias[2 * hidden:]
-        q = _split_heads(query if q_bias is None else query + q_bias, heads)
+        q = _heads(query if q_bias is None else query + q_bias, heads)
         if key.ndim == 5:  # packed KV [batch, keys, heads, 2, size]
             if value is not None:
                 raise BadInputError(f"node {ctx.node_name!r} ({op}): packed KV with a separate value")
@@ -268,8 +264,8 @@ def multi_head_attention(inputs, attrs, ctx):
         elif key.ndim == 4:  # already in heads [batch, heads, keys, size]: no bias is added to them
             k, v = key, value
         else:
-            k = _split_heads(key if k_bias is None else key + k_bias, heads)
-            v = _split_heads(value if v_bias is None else value + v_bias, heads)
+            k = _heads(key if k_bias is None else key + k_bias, heads)
+            v = _heads(value if v_bias is None else value + v_bias, heads)
     y = _attend(q, k, v, attrs, ctx, op, _optional(inputs, 4), _optional(inputs, 5))
     outputs = (y, k, v)
     return outputs[: ctx.num_outputs] if ctx.num_outputs > 1 else y

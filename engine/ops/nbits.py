@@ -4,8 +4,8 @@ QDQ format's blocked DequantizeLinear + MatMul into it).
 
 B holds the weight's transpose [N, K] as bytes [N, blocks, block_size x bits / 8], 8 / bits values each
 (the lowest bits first), with a scale per row and block and an optional zero point (packed the same way,
-or float; 2^(bits - 1) without one). The loader folds B into a float [K, N] parameter (`ir.NBitsParam`), so the op is
-A @ B + bias; an unfolded B (read by several nodes) is unpacked here. That is onnxruntime's result at
+or float; 2^(bits - 1) without one). The loader folds B into a float [K, N] parameter (`ir.NBitsParam`),
+so the op is A @ B + bias; an unfolded B (read by several nodes) is unpacked here. That is onnxruntime's result at
 accuracy_level 0 (equal to 1e-5). At accuracy_level 4, what its optimiser writes, its CPU kernel rounds A to
 int8 per block of K (steps of max|a| / 127) and accumulates in integers. The engine stays in float, as for
 the QDQ format's fused kernels. Measured on the optimised test ViT (1,000 inputs): in float the logits are
@@ -29,7 +29,8 @@ MS = "com.microsoft"
 NBITS = (2, 4, 8)  # the bit widths onnxruntime's kernel takes
 
 
-def nbits_scales_and_zeros(scales, zero_points, n: int, blocks: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def nbits_scales_and_zeros(scales, zero_points, n: int, blocks: int,
+                           bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Per row and block [N, blocks]: the scales, and the zero points unpacked (2^(bits - 1) when absent)."""
     scale = np.asarray(scales, np.float32).reshape(n, blocks)
     if zero_points is None:
